@@ -1,0 +1,82 @@
+"""The contract every framework's model honours. Imports no framework.
+
+Each `impls/<framework>_hourglass.py` module exposes:
+
+    FRAMEWORK: str                      # "torch" | "tensorflow" | "jax"
+    EXECUTIONS: tuple[str, ...]         # execution modes, the first is the default
+    PRECISIONS: tuple[str, ...]         # ("fp32", "bf16")
+    def build(config, weights=None, *, device="cpu", precision="fp32", execution=<default>, **options)
+        -> AbstractHourglassModel
+    def runtime_info() -> dict          # version, devices, threads and the settings that change speed
+    def gpu_available() -> bool
+
+Precision "bf16" means the whole model runs in bfloat16: parameters, activations and BN are cast to
+bfloat16 (pure bf16, not mixed precision), inputs are cast on the way in and outputs come back as float32.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable
+
+import numpy as np
+
+from impls.config import HourglassConfig
+
+PHASES: tuple[str, ...] = ("forward", "forward_backward")
+
+
+class AbstractHourglassModel(abc.ABC):
+    """A built Stacked Hourglass network in one framework, with one execution mode and precision.
+
+    Arrays cross this interface as numpy in canonical layouts: inputs (N, H, W, 3) float32, heatmaps
+    (stacks, N, H/4, W/4, K), kernels (kh, kw, c_in, c_out). Everything framework-specific stays inside.
+    """
+
+    config: HourglassConfig
+    framework: str
+    execution: str
+    precision: str
+    device: str
+
+    @abc.abstractmethod
+    def num_params(self) -> int:
+        """Trainable parameters, counted from the framework's own variables."""
+
+    @abc.abstractmethod
+    def predict(self, x: np.ndarray, train_mode: bool = False) -> np.ndarray:
+        """Heatmaps of every stack, (stacks, N, H/4, W/4, K) float32.
+
+        Eval-mode BN (running statistics) by default; `train_mode=True` normalises with batch statistics
+        and updates the running statistics as a training step would.
+        """
+
+    @abc.abstractmethod
+    def loss_and_grads(self, x: np.ndarray, target: np.ndarray) -> tuple[float, dict[str, np.ndarray]]:
+        """Train-mode loss, sum over stacks of mean((heatmaps_s - target)^2), and the gradient of every
+        trainable parameter under its canonical name and layout. Updates the BN running statistics."""
+
+    @abc.abstractmethod
+    def export_weights(self) -> dict[str, np.ndarray]:
+        """All parameters and BN statistics as float32 numpy under canonical names and layouts."""
+
+    @abc.abstractmethod
+    def benchmark_step(self, phase: str, batch_size: int, seed: int = 0) -> Callable[[], None]:
+        """A zero-argument callable that runs one `phase` step on inputs already on the device.
+
+        The inputs are made once here, before any timing. Each call ends with a device synchronisation
+        (the result is complete when it returns), so a clock read right after it is honest.
+        `forward`: eval-mode BN, no gradients. `forward_backward`: train-mode BN, the loss over all stacks
+        and the gradients of every trainable parameter, no optimizer update.
+        """
+
+    def reset_peak_memory(self) -> None:
+        """Reset the allocator's peak counter (no-op where the framework has none)."""
+
+    def peak_memory_bytes(self) -> int | None:
+        """Allocator peak since the last reset for this model's device, or None where not measurable."""
+        return None
+
+    def settings(self) -> dict[str, object]:
+        """Settings of this model that change speed (layout, compile mode, precision details)."""
+        return {"execution": self.execution, "precision": self.precision, "device": self.device}

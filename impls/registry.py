@@ -1,0 +1,69 @@
+"""Which frameworks exist, which are installed (without importing them), and lazy loading."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from types import ModuleType
+
+FRAMEWORKS: tuple[str, ...] = ("torch", "tensorflow", "jax")
+
+ALIASES: dict[str, str] = {"pytorch": "torch", "tf": "tensorflow"}
+
+# The module each framework needs importable, and the extra that installs it.
+_REQUIRED_MODULES: dict[str, tuple[str, ...]] = {
+    "torch": ("torch",),
+    "tensorflow": ("tensorflow",),
+    "jax": ("jax", "flax"),
+}
+
+_IMPL_MODULES: dict[str, str] = {
+    "torch": "impls.torch_hourglass",
+    "tensorflow": "impls.tensorflow_hourglass",
+    "jax": "impls.jax_hourglass",
+}
+
+
+class UnknownFrameworkError(ValueError):
+    """A framework name that is neither a framework id nor an alias."""
+
+
+class FrameworkNotInstalledError(ImportError):
+    """The framework's package is missing; the message carries the pip command that installs it."""
+
+
+def canonical_name(name: str) -> str:
+    """The framework id for `name` (accepts aliases, any case), or UnknownFrameworkError."""
+    key = name.strip().lower()
+    key = ALIASES.get(key, key)
+    if key not in FRAMEWORKS:
+        raise UnknownFrameworkError(
+            f"unknown framework {name!r}; choose one of: {', '.join(FRAMEWORKS)} (aliases: {', '.join(ALIASES)})"
+        )
+    return key
+
+
+def install_command(framework: str) -> str:
+    """The pip command that installs `framework` for this project."""
+    return f"pip install '.[{canonical_name(framework)}]'"
+
+
+def is_installed(framework: str) -> bool:
+    """True when every package the framework needs can be imported; nothing is imported to find out."""
+    return all(importlib.util.find_spec(m) is not None for m in _REQUIRED_MODULES[canonical_name(framework)])
+
+
+def installed_frameworks() -> tuple[str, ...]:
+    """The installed frameworks, in FRAMEWORKS order."""
+    return tuple(f for f in FRAMEWORKS if is_installed(f))
+
+
+def load(framework: str) -> ModuleType:
+    """Import and return the implementation module of `framework` (an id or an alias)."""
+    name = canonical_name(framework)
+    if not is_installed(name):
+        missing = [m for m in _REQUIRED_MODULES[name] if importlib.util.find_spec(m) is None]
+        raise FrameworkNotInstalledError(
+            f"framework {name!r} is not installed (missing: {', '.join(missing)}); install it with: {install_command(name)}"
+        )
+    return importlib.import_module(_IMPL_MODULES[name])

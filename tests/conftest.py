@@ -1,0 +1,75 @@
+"""Shared fixtures: small configs, per-framework parametrisation, fresh random inputs, closeness checks."""
+
+from __future__ import annotations
+
+import secrets
+
+import numpy as np
+import pytest
+
+import impls
+from impls import HourglassConfig
+
+# Small configs that still exercise every seam: both block variants, both paddings, both stem pools,
+# conv biases on and off, and a non-square input (the heatmap is 8x12).
+SMALL_CONFIGS: dict[str, HourglassConfig] = {
+    "tiny": impls.PRESETS["tiny"],
+    "tiny_preact": impls.PRESETS["tiny"].replace(block="preact", stem_pool="max", padding="symmetric", conv_bias=True),
+    "nonsquare_postact": HourglassConfig(num_stacks=2, depth=2, channels=16, num_keypoints=3, input_hw=(32, 48)),
+    "nonsquare_preact": HourglassConfig(
+        num_stacks=3, depth=1, channels=24, num_keypoints=4, input_hw=(40, 24), block="preact",
+        stem_pool="max", padding="symmetric", conv_bias=True,
+    ),
+}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "gpu: needs a GPU; skipped when none is visible")
+
+
+@pytest.fixture(params=impls.FRAMEWORKS)
+def backend(request: pytest.FixtureRequest):
+    """Each installed framework's implementation module; skipped cleanly when not installed."""
+    name = request.param
+    if not impls.is_installed(name):
+        pytest.skip(f"{name} is not installed ({impls.install_command(name)})")
+    return impls.load(name)
+
+
+@pytest.fixture(params=list(SMALL_CONFIGS))
+def config(request: pytest.FixtureRequest) -> HourglassConfig:
+    return SMALL_CONFIGS[request.param]
+
+
+class Draw:
+    """Fresh random arrays for one test; the seed is kept so a failure can be reproduced."""
+
+    def __init__(self) -> None:
+        self.seed = secrets.randbits(32)
+        self.rng = np.random.default_rng(self.seed)
+
+    def inputs(self, config: HourglassConfig, batch_size: int = 2) -> tuple[np.ndarray, np.ndarray]:
+        """(x, target): x (N, H, W, 3) and target (N, H/4, W/4, K), standard normal float32, never zeros."""
+        h, w = config.input_hw
+        x = self.rng.standard_normal((batch_size, h, w, 3)).astype(np.float32)
+        target = self.rng.standard_normal((batch_size, h // 4, w // 4, config.num_keypoints)).astype(np.float32)
+        return x, target
+
+
+@pytest.fixture
+def draw() -> Draw:
+    return Draw()
+
+
+def rel_err(a: np.ndarray, b: np.ndarray) -> float:
+    """||a - b|| / ||b|| in float64."""
+    a64, b64 = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a64 - b64) / np.linalg.norm(b64))
+
+
+def assert_close(a: np.ndarray, b: np.ndarray, tol: float, what: str) -> None:
+    """Fail with the measured relative error when ||a-b||/||b|| > tol (shapes must match)."""
+    assert np.shape(a) == np.shape(b), f"{what}: shape {np.shape(a)} != {np.shape(b)}"
+    assert np.all(np.isfinite(a)), f"{what}: non-finite values"
+    err = rel_err(a, b)
+    assert err <= tol, f"{what}: relative error {err:.3e} > {tol:.0e}"

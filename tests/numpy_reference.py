@@ -1,0 +1,97 @@
+"""A slow, plain-numpy forward pass of the canonical network: the oracle the frameworks are checked against.
+
+Written from the architecture description, in float64, independently of any framework. Only the
+forward pass (eval-mode or train-mode BN); gradients are checked across frameworks instead.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from impls.config import HourglassConfig
+from impls.spec import BN_EPSILON, conv_padding
+
+
+class NumpyHourglass:
+    """Forward pass over canonical weights; activations NHWC float64."""
+
+    def __init__(self, config: HourglassConfig, weights: dict[str, np.ndarray], train_mode: bool = False) -> None:
+        self.config = config
+        self.w = {k: v.astype(np.float64) for k, v in weights.items()}
+        self.train_mode = train_mode
+
+    def conv(self, name: str, x: np.ndarray, stride: int = 1) -> np.ndarray:
+        kernel = self.w[f"{name}.kernel"]  # (k, k, c_in, c_out)
+        k = kernel.shape[0]
+        pad = conv_padding(self.config, x.shape[1:3], k, stride)
+        x = np.pad(x, ((0, 0), pad[0], pad[1], (0, 0)))
+        windows = np.lib.stride_tricks.sliding_window_view(x, (k, k), axis=(1, 2))[:, ::stride, ::stride]
+        # windows: (N, H_out, W_out, C_in, k, k)
+        y = np.einsum("nhwcij,ijco->nhwo", windows, kernel, optimize=True)
+        bias = self.w.get(f"{name}.bias")
+        return y + bias if bias is not None else y
+
+    def bn(self, name: str, x: np.ndarray) -> np.ndarray:
+        if self.train_mode:
+            mean, var = x.mean(axis=(0, 1, 2)), x.var(axis=(0, 1, 2))  # biased variance, as every framework
+        else:
+            mean, var = self.w[f"{name}.mean"], self.w[f"{name}.var"]
+        return (x - mean) / np.sqrt(var + BN_EPSILON) * self.w[f"{name}.scale"] + self.w[f"{name}.bias"]
+
+    def residual(self, name: str, x: np.ndarray) -> np.ndarray:
+        relu = _relu
+        has_skip = f"{name}.skip_conv.kernel" in self.w
+        if self.config.block == "postact":
+            y = relu(self.bn(f"{name}.bn1", self.conv(f"{name}.conv1", x)))
+            y = relu(self.bn(f"{name}.bn2", self.conv(f"{name}.conv2", y)))
+            y = relu(self.bn(f"{name}.bn3", self.conv(f"{name}.conv3", y)))
+            skip = relu(self.bn(f"{name}.skip_bn", self.conv(f"{name}.skip_conv", x))) if has_skip else x
+            return relu(y + skip)
+        y = self.conv(f"{name}.conv1", relu(self.bn(f"{name}.bn1", x)))
+        y = self.conv(f"{name}.conv2", relu(self.bn(f"{name}.bn2", y)))
+        y = self.conv(f"{name}.conv3", relu(self.bn(f"{name}.bn3", y)))
+        skip = self.conv(f"{name}.skip_conv", x) if has_skip else x
+        return y + skip
+
+    def hourglass(self, name: str, x: np.ndarray, depth: int) -> np.ndarray:
+        up1 = self.residual(f"{name}.up1", x)
+        low1 = self.residual(f"{name}.low1", _max_pool(x))
+        low2 = self.hourglass(f"{name}.low2", low1, depth - 1) if depth > 1 else self.residual(f"{name}.low2", low1)
+        low3 = self.residual(f"{name}.low3", low2)
+        return up1 + low3.repeat(2, axis=1).repeat(2, axis=2)
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        cfg = self.config
+        x = x.astype(np.float64)
+        x = _relu(self.bn("stem.bn", self.conv("stem.conv", x, stride=2)))
+        x = self.residual("stem.res1", x)
+        x = _avg_pool(x) if cfg.stem_pool == "avg" else _max_pool(x)
+        x = self.residual("stem.res2", x)
+        x = self.residual("stem.res3", x)
+        outputs = []
+        for i in range(cfg.num_stacks):
+            y = self.hourglass(f"hourglass_{i}", x, cfg.depth)
+            y = self.residual(f"head_{i}.res", y)
+            previous = _relu(self.bn(f"head_{i}.lin_bn", self.conv(f"head_{i}.lin_conv", y)))
+            heatmaps = self.conv(f"head_{i}.heatmap_conv", previous)
+            outputs.append(heatmaps)
+            if i < cfg.num_stacks - 1:
+                x = x + self.conv(f"merge_{i}.feature_conv", previous) + self.conv(f"merge_{i}.heatmap_conv", heatmaps)
+        return np.stack(outputs)  # (stacks, N, H/4, W/4, K)
+
+
+def _relu(x: np.ndarray) -> np.ndarray:
+    return np.maximum(x, 0.0)
+
+
+def _pool_windows(x: np.ndarray) -> np.ndarray:
+    n, h, w, c = x.shape
+    return x.reshape(n, h // 2, 2, w // 2, 2, c)
+
+
+def _max_pool(x: np.ndarray) -> np.ndarray:
+    return _pool_windows(x).max(axis=(2, 4))
+
+
+def _avg_pool(x: np.ndarray) -> np.ndarray:
+    return _pool_windows(x).mean(axis=(2, 4))
