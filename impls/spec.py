@@ -45,6 +45,7 @@ class ConvSpec:
     pad: Pad
     in_hw: tuple[int, int]
     out_hw: tuple[int, int]
+    feeds_bn: bool = False  # the conv's output goes straight into a BN (its bias is then redundant)
 
     @property
     def macs_per_image(self) -> int:
@@ -86,10 +87,13 @@ class _Walker:
         self.config = config
         self.layers: list[ConvSpec | BatchNormSpec] = []
 
-    def conv(self, name: str, in_hw: tuple[int, int], c_in: int, c_out: int, k: int, stride: int, bias: bool) -> tuple[int, int]:
+    def conv(
+        self, name: str, in_hw: tuple[int, int], c_in: int, c_out: int, k: int, stride: int, bias: bool,
+        feeds_bn: bool = False,
+    ) -> tuple[int, int]:
         pad = conv_padding(self.config, in_hw, k, stride)
         out_hw = tuple((in_hw[a] + sum(pad[a]) - k) // stride + 1 for a in range(2))
-        self.layers.append(ConvSpec(name, k, stride, c_in, c_out, bias, pad, in_hw, out_hw))  # type: ignore[arg-type]
+        self.layers.append(ConvSpec(name, k, stride, c_in, c_out, bias, pad, in_hw, out_hw, feeds_bn))  # type: ignore[arg-type]
         return out_hw  # type: ignore[return-value]
 
     def bn(self, name: str, channels: int) -> None:
@@ -99,21 +103,21 @@ class _Walker:
         cb = self.config.conv_bias
         if self.config.block == "postact":
             mid = c_out // 4  # seed: conv-BN-ReLU x3 with a c/4 bottleneck
-            self.conv(f"{name}.conv1", hw, c_in, mid, 1, 1, cb)
+            self.conv(f"{name}.conv1", hw, c_in, mid, 1, 1, cb, feeds_bn=True)
             self.bn(f"{name}.bn1", mid)
-            self.conv(f"{name}.conv2", hw, mid, mid, 3, 1, cb)
+            self.conv(f"{name}.conv2", hw, mid, mid, 3, 1, cb, feeds_bn=True)
             self.bn(f"{name}.bn2", mid)
-            self.conv(f"{name}.conv3", hw, mid, c_out, 1, 1, cb)
+            self.conv(f"{name}.conv3", hw, mid, c_out, 1, 1, cb, feeds_bn=True)
             self.bn(f"{name}.bn3", c_out)
             if c_in != c_out:
-                self.conv(f"{name}.skip_conv", hw, c_in, c_out, 1, 1, cb)
+                self.conv(f"{name}.skip_conv", hw, c_in, c_out, 1, 1, cb, feeds_bn=True)
                 self.bn(f"{name}.skip_bn", c_out)
         else:
             mid = c_out // 2  # paper: BN-ReLU-conv x3 with a c/2 bottleneck
             self.bn(f"{name}.bn1", c_in)
-            self.conv(f"{name}.conv1", hw, c_in, mid, 1, 1, cb)
+            self.conv(f"{name}.conv1", hw, c_in, mid, 1, 1, cb, feeds_bn=True)
             self.bn(f"{name}.bn2", mid)
-            self.conv(f"{name}.conv2", hw, mid, mid, 3, 1, cb)
+            self.conv(f"{name}.conv2", hw, mid, mid, 3, 1, cb, feeds_bn=True)
             self.bn(f"{name}.bn3", mid)
             self.conv(f"{name}.conv3", hw, mid, c_out, 1, 1, cb)
             if c_in != c_out:
@@ -134,7 +138,7 @@ class _Walker:
         cfg = self.config
         c, k = cfg.channels, cfg.num_keypoints
         c_stem, c_half = cfg.stem_channels
-        hw = self.conv("stem.conv", cfg.input_hw, 3, c_stem, 7, 2, cfg.conv_bias)
+        hw = self.conv("stem.conv", cfg.input_hw, 3, c_stem, 7, 2, cfg.conv_bias, feeds_bn=True)
         self.bn("stem.bn", c_stem)
         self.residual("stem.res1", hw, c_stem, c_half)
         hw = (hw[0] // 2, hw[1] // 2)  # 2x2 stride-2 pool
@@ -143,7 +147,7 @@ class _Walker:
         for i in range(cfg.num_stacks):
             self.hourglass(f"hourglass_{i}", hw, cfg.depth)
             self.residual(f"head_{i}.res", hw, c, c)
-            self.conv(f"head_{i}.lin_conv", hw, c, c, 1, 1, cfg.conv_bias)
+            self.conv(f"head_{i}.lin_conv", hw, c, c, 1, 1, cfg.conv_bias, feeds_bn=True)
             self.bn(f"head_{i}.lin_bn", c)
             self.conv(f"head_{i}.heatmap_conv", hw, c, k, 1, 1, True)
             if i < cfg.num_stacks - 1:
@@ -179,6 +183,15 @@ def param_shapes(config: HourglassConfig) -> dict[str, tuple[tuple[int, ...], bo
 def trainable_names(config: HourglassConfig) -> list[str]:
     """Names of the trainable parameters (those that get gradients), in forward order."""
     return [name for name, (_, trainable) in param_shapes(config).items() if trainable]
+
+
+def bn_cancelled_biases(config: HourglassConfig) -> list[str]:
+    """Conv biases fed straight into a BN: their gradient is zero in train mode, since the BN subtracts
+    the batch mean and so removes any per-channel constant. Only present with conv_bias=True (the newell
+    preset keeps them because the Torch7 network has them; they still count as parameters). In
+    pre-activation networks more biases vanish: a constant passes identity skips, 1x1 convs and pooling
+    unchanged into a later BN."""
+    return [f"{cv.name}.bias" for cv in convs(config) if cv.bias and cv.feeds_bn]
 
 
 def _residual_params(config: HourglassConfig, c_in: int, c_out: int) -> int:

@@ -14,7 +14,7 @@ import pytest
 
 import impls
 from impls import spec
-from tests.conftest import SMALL_CONFIGS, Draw, assert_close
+from tests.conftest import SMALL_CONFIGS, Draw, assert_close, assert_grads_close, require_gpu, vanishing_grads
 from tests.numpy_reference import NumpyHourglass
 
 HEATMAP_TOL = 1e-4  # ||a-b||/||b|| on all stacks' heatmaps, fp32 against float64 or another framework
@@ -62,26 +62,43 @@ def test_grads_cover_every_trainable_parameter(backend, config, draw: Draw) -> N
         assert g.shape == shapes[name][0], name
         assert g.dtype == np.float32, name
         assert np.all(np.isfinite(g)), name
-    # A parameter that the loss does not reach would get an all-zero gradient.
-    assert [n for n, g in grads.items() if not np.any(g)] == []
+    # A parameter the loss does not reach gets a zero gradient. Only biases may vanish: those fed straight
+    # into a train-mode BN always do; in pre-activation networks a per-channel constant also passes
+    # identity skips, 1x1 convs and pooling unchanged into a later BN. Post-activation ReLUs stop that.
+    vanishing = set(vanishing_grads(grads))
+    assert set(spec.bn_cancelled_biases(config)) <= vanishing
+    assert all(n.endswith(".bias") for n in vanishing), sorted(vanishing)
+    assert not any(n.startswith("head_") and n.endswith("heatmap_conv.bias") for n in vanishing)
+    if config.block == "postact":
+        assert vanishing == set(spec.bn_cancelled_biases(config))
 
 
 def test_grads_match_finite_difference_of_numpy_reference(backend, draw: Draw) -> None:
-    """The gradient is right, not only consistent: <grad, d> equals a float64 central difference along d."""
+    """The gradient is right, not only consistent: <grad, d> equals a float64 difference quotient along d.
+
+    ReLU and max pooling make the loss piecewise smooth, and a random direction often crosses a kink
+    within 1e-7 of the weights (rarely within 1e-9). Where the two one-sided slopes agree, the central difference is
+    used; where they do not, a kink lies on one side and the other side's slope is the derivative at the
+    weights themselves, so the gradient must match one of them.
+    """
     config = SMALL_CONFIGS["tiny"]
     weights = impls.init_weights(config, seed=2)
     x, target = draw.inputs(config)
     _, grads = backend.build(config, weights=weights).loss_and_grads(x, target)
+    eps = 1e-9  # float64 reference: rounding stays near 1e-5 of the slope, and few kinks lie this close
     direction = {n: draw.rng.standard_normal(weights[n].shape) for n in grads}
-    eps = 1e-4
 
     def loss_at(step: float) -> float:
         moved = {n: (w.astype(np.float64) + step * direction[n] if n in direction else w) for n, w in weights.items()}
         return spec.loss_numpy(NumpyHourglass(config, moved, train_mode=True)(x), target)
 
-    numeric = (loss_at(eps) - loss_at(-eps)) / (2 * eps)
+    f_minus, f_zero, f_plus = loss_at(-eps), loss_at(0.0), loss_at(eps)
+    forward, backward = (f_plus - f_zero) / eps, (f_zero - f_minus) / eps
+    smooth = abs(forward - backward) <= 1e-4 * abs(forward + backward)
+    candidates = [(f_plus - f_minus) / (2 * eps)] if smooth else [forward, backward]
     analytic = sum(float(np.sum(grads[n].astype(np.float64) * direction[n])) for n in grads)
-    assert abs(analytic - numeric) / abs(numeric) <= GRAD_TOL, f"{analytic} vs {numeric} (seed {draw.seed})"
+    errors = [abs(analytic - c) / abs(c) for c in candidates]
+    assert min(errors) <= GRAD_TOL, f"<grad, d> = {analytic} vs {candidates} (seed {draw.seed})"
 
 
 def test_frameworks_agree_on_heatmaps_loss_and_grads(config, draw: Draw) -> None:
@@ -103,8 +120,7 @@ def test_frameworks_agree_on_heatmaps_loss_and_grads(config, draw: Draw) -> None
         assert_close(ea, eb, HEATMAP_TOL, f"eval heatmaps {tag}")
         assert_close(ta, tb, HEATMAP_TOL, f"train heatmaps {tag}")
         assert abs(la - lb) / abs(lb) <= GRAD_TOL, f"loss {la} vs {lb}, {tag}"
-        for param in ga:
-            assert_close(ga[param], gb[param], GRAD_TOL, f"grad {param} {tag}")
+        assert_grads_close(ga, gb, GRAD_TOL, tag)
 
 
 def _compiled_modes() -> list[tuple[str, str]]:
@@ -130,15 +146,14 @@ def test_compiled_mode_matches_eager(framework: str, execution: str, draw: Draw)
     loss_c, grads_c = compiled.loss_and_grads(x, target)
     loss_e, grads_e = eager.loss_and_grads(x, target)
     assert abs(loss_c - loss_e) / abs(loss_e) <= GRAD_TOL, tag
-    for param in grads_e:
-        assert_close(grads_c[param], grads_e[param], GRAD_TOL, f"grad {param} {tag}")
+    assert_grads_close(grads_c, grads_e, GRAD_TOL, tag)
 
 
 def test_compiled_mode_jax_jit_matches_unjitted(draw: Draw) -> None:
     """JAX's only mode is jit; check it against the same functions run op by op."""
     if not impls.is_installed("jax"):
         pytest.skip("jax is not installed")
-    import jax  # noqa: PLC0415  (only this test needs it)
+    import jax  # only this test needs it
 
     backend = impls.load("jax")
     config = SMALL_CONFIGS["tiny"]
@@ -148,8 +163,7 @@ def test_compiled_mode_jax_jit_matches_unjitted(draw: Draw) -> None:
     with jax.disable_jit():
         plain = backend.build(config, weights=weights).loss_and_grads(x, target)
     assert abs(jitted[0] - plain[0]) / abs(plain[0]) <= GRAD_TOL
-    for param in plain[1]:
-        assert_close(jitted[1][param], plain[1][param], GRAD_TOL, f"grad {param} (seed {draw.seed})")
+    assert_grads_close(jitted[1], plain[1], GRAD_TOL, f"jit vs op by op (seed {draw.seed})")
 
 
 def test_export_weights_round_trips_exactly(backend, config) -> None:
@@ -221,8 +235,7 @@ def test_benchmark_step_never_updates_parameters(backend, phase: str) -> None:
 
 @pytest.mark.gpu
 def test_gpu_predict_matches_cpu(backend, draw: Draw) -> None:
-    if not backend.gpu_available():
-        pytest.skip(f"no GPU visible to {backend.FRAMEWORK}")
+    require_gpu(backend)
     config = SMALL_CONFIGS["tiny"]
     weights = impls.init_weights(config, seed=9)
     x, _ = draw.inputs(config)

@@ -1,0 +1,388 @@
+"""Runs a planned benchmark: each cell in a fresh worker process, one at a time, rows written as they finish.
+
+Order of a run: equivalence check (one worker per framework), conv calibration (one worker per
+framework), then every cell. Faults are data: a worker that crashes, runs out of memory or passes
+--timeout becomes a row with that status and the tail of its output (see bench.launch), and the run
+goes on.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from rich.markup import escape
+
+from bench import console as out
+from bench import envinfo
+from bench import settings as settings_mod
+from bench.calibration import dominant_conv3x3
+from bench.equivalence import compare
+from bench.launch import WorkerOutcome, run_worker
+from bench.results import RunStore
+from bench.settings import ALLOCATOR_ENV, MIN_ITERS, Cell, RunSettings
+from bench.stats import summarize
+from impls import count_flops, install_command
+
+FAILED_STATUSES = ("failed", "timeout", "oom")
+BUSY_LOAD_PER_CORE = 0.5  # a 1-minute load above this share of the usable cores triggers a warning
+
+
+# ---------------------------------------------------------------- rows
+
+
+def _base_row(cell: Cell, kind: str, settings: RunSettings) -> dict[str, Any]:
+    cfg = settings.config
+    return {
+        "cell_id": cell.cell_id,
+        "kind": kind,
+        **cell.to_dict(),
+        "device": settings.device,
+        "preset": settings.preset,
+        "num_stacks": cfg.num_stacks,
+        "depth": cfg.depth,
+        "channels": cfg.channels,
+        "num_keypoints": cfg.num_keypoints,
+        "input_height": cfg.input_hw[0],
+        "input_width": cfg.input_hw[1],
+    }
+
+
+def _measured_row(
+    base: dict[str, Any], outcome: WorkerOutcome, result: Mapping[str, Any], flops: int
+) -> dict[str, Any]:
+    """A row from a worker result: status, error, statistics of its samples, memory and timings."""
+    row = {**base, "status": outcome.status, "error": outcome.error, "worker_wall_s": outcome.wall_s}
+    for key in ("device", "first_call_ms", "warmup_calls", "import_s", "build_s", "setup_s", "gpu_allocator_peak_bytes",
+                "nvml_process_used_bytes", "nvml_device_used_bytes", "host_peak_rss_bytes"):  # fmt: skip
+        if result.get(key) is not None:
+            row[key] = result[key]
+    samples = result.get("samples_ns") or []
+    if outcome.status == "ok" and samples:
+        row["gflop_per_step"] = flops / 1e9
+        row.update(summarize(samples, int(base["batch_size"]), flops))
+    return row
+
+
+def _num(value: Any) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def conv_ceilings(rows: Iterable[Mapping[str, Any]]) -> dict[tuple[str, int], float]:
+    """(precision, batch size) -> the fastest framework's 3x3 conv GFLOP/s among calibration rows."""
+    best: dict[tuple[str, int], float] = {}
+    for row in rows:
+        rate = _num(row.get("achieved_gflop_per_s"))
+        if row.get("kind") == "calibration" and row.get("status") == "ok" and not math.isnan(rate):
+            key = (str(row["precision"]), int(_num(row["batch_size"])))
+            best[key] = max(best.get(key, 0.0), rate)
+    return best
+
+
+def exit_code(rows: Iterable[Mapping[str, Any]], equivalence: Mapping[str, Mapping[str, Any]]) -> int:
+    """1 when any cell failed, timed out or ran out of memory, or a framework disagreed; else 0."""
+    if any(str(row.get("status")) in FAILED_STATUSES for row in rows):
+        return 1
+    return (
+        1
+        if any(
+            entry.get("equivalent") is False or entry.get("status") in FAILED_STATUSES for entry in equivalence.values()
+        )
+        else 0
+    )
+
+
+# ---------------------------------------------------------------- the run
+
+
+def new_run_dir(out_dir: str, device: str) -> Path:
+    """results/<UTC time>-<device>[-n]: sortable, and never reuses an existing directory."""
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    base = Path(out_dir).resolve() / f"{stamp}-{device}"
+    candidate, n = base, 1
+    while candidate.exists():
+        n += 1
+        candidate = base.with_name(f"{base.name}-{n}")
+    candidate.mkdir(parents=True)
+    return candidate
+
+
+class Runner:
+    """One run (new or resumed): plans the remaining work, runs it and records it."""
+
+    def __init__(self, settings: RunSettings, store: RunStore, record: dict[str, Any]) -> None:
+        self.settings = settings
+        self.store = store
+        self.record = record
+        self.console = out.make_console()
+        self.installed = {fw: settings_mod.is_installed(fw) for fw in settings.frameworks}
+        self.active = [fw for fw in settings.frameworks if self.installed[fw]]
+        self.conv_shape = dominant_conv3x3(settings.config)
+        self._workdir: Path | None = None
+
+    # -- helpers
+
+    def _worker(self, spec: dict[str, Any], name: str) -> WorkerOutcome:
+        assert self._workdir is not None
+        common = {"config": self.settings.config.to_dict(), "device": self.settings.device,
+                  "device_requested": self.settings.device_requested, "seed": self.settings.seed}  # fmt: skip
+        return run_worker(
+            {**common, **spec},
+            workdir=self._workdir,
+            name=name,
+            log_path=self.store.logs_dir / f"{name}.log",
+            timeout_s=self.settings.timeout_s,
+        )
+
+    def _loop_spec(self) -> dict[str, Any]:
+        s = self.settings
+        return {"warmup": s.warmup, "iters": s.iters or settings_mod.MAX_ITERS, "min_time_s": s.min_time_s,
+                "min_iters": MIN_ITERS if s.min_time_s is not None else 1}  # fmt: skip
+
+    def _save_record(self) -> None:
+        self.store.write_run_json(self.record)
+
+    def _note_runtime(self, framework: str, result: Mapping[str, Any]) -> None:
+        info = result.get("runtime_info")
+        if info and framework not in self.record["frameworks"]:
+            self.record["frameworks"][framework] = info
+            if "error" in info:
+                text = f"{framework}'s runtime_info() failed, so its settings are not recorded: {info['error']}"
+                out.warn(self.console, text)
+                self.record["warnings"].append(text)
+
+    # -- stages
+
+    def check_equivalence(self, progress: Any, task: Any) -> None:
+        """Heatmaps of every installed framework on one input, compared; disagreement is shouted."""
+        s = self.settings
+        rng = np.random.default_rng(s.seed)
+        x = rng.standard_normal((1, *s.config.input_hw, 3)).astype(np.float32)  # (1, H, W, 3)
+        assert self._workdir is not None
+        input_path = self._workdir / "equivalence_input.npy"
+        np.save(input_path, x)
+        heatmaps: dict[str, np.ndarray] = {}
+        entries: dict[str, dict[str, Any]] = {}
+        for fw in self.active:
+            progress.update(task, description=f"{fw}: equivalence check")
+            execution = settings_mod.EXECUTIONS[fw][0]
+            output = self._workdir / f"equivalence_{fw}.npy"
+            outcome = self._worker({"mode": "equivalence", "framework": fw, "execution": execution,
+                                    "input_npy": str(input_path), "output_npy": str(output)}, f"{fw}-equivalence")  # fmt: skip
+            self._note_runtime(fw, outcome.result)
+            entries[fw] = {
+                "status": outcome.status,
+                "error": outcome.error,
+                "execution": execution,
+                "precision": "fp32",
+            }
+            if outcome.status == "ok":
+                heatmaps[fw] = np.load(output)
+            progress.advance(task)
+        for fw, verdict in compare(heatmaps, s.equivalence_rtol).items():
+            entries[fw].update(verdict)
+        self.record["equivalence"] = {
+            "rtol": s.equivalence_rtol,
+            "input_shape": list(x.shape),
+            "weights": "impls.init_weights(config, seed=0)",
+            "frameworks": entries,
+        }
+        self._save_record()
+        self._report_equivalence(entries)
+
+    def _report_equivalence(self, entries: Mapping[str, Mapping[str, Any]]) -> None:
+        for fw, entry in entries.items():
+            if entry["status"] != "ok":
+                last = (entry["error"] or "").splitlines()[-1:] or [""]
+                out.alarm(
+                    self.console,
+                    f"EQUIVALENCE CHECK {entry['status'].upper()}: {fw}",
+                    f"{fw} could not predict heatmaps: {last[0]}",
+                )
+            elif entry.get("equivalent") is False:
+                out.alarm(
+                    self.console,
+                    f"FRAMEWORK DISAGREES: {fw}",
+                    f"{fw}'s heatmaps differ from {entry['reference']}: largest relative error "
+                    f"{entry['max_rel_err']:.3g} > {self.settings.equivalence_rtol:g}. Its timings are recorded, "
+                    "but they do not measure the same network.",
+                )
+        checked = {fw: e["max_rel_err"] for fw, e in entries.items() if e.get("max_rel_err") is not None}
+        if checked:
+            text = ", ".join(f"{fw} {err:.1e}" for fw, err in checked.items())
+            self.console.print(f"equivalence (largest relative error of heatmaps): {text}")
+
+    def _warn_threads(self) -> None:
+        """Frameworks that use different thread counts are not compared like for like: say so.
+
+        0 or None means "the framework's own default" (TF reports 0); those are recorded but not compared.
+        """
+        for key in ("intra_op_threads", "inter_op_threads"):
+            counts = {fw: info.get(key) for fw, info in self.record["frameworks"].items() if info.get(key)}
+            if len(set(map(str, counts.values()))) > 1:
+                text = f"frameworks use different {key}: " + ", ".join(f"{fw} {n}" for fw, n in counts.items())
+                out.warn(self.console, text)
+                self.record["warnings"].append(text)
+
+    def _warn_busy(self) -> None:
+        """Other processes on the cores distort every figure (torch's OpenMP threads most): say so up front."""
+        load, cores = envinfo.load_average(), self.record["environment"].get("cpu_cores_usable")
+        if load and cores and load[0] > BUSY_LOAD_PER_CORE * cores:
+            text = f"the machine is busy (1-minute load {load[0]:.1f} on {cores} cores); timings will be slow and noisy"
+            out.warn(self.console, text)
+            self.record["warnings"].append(text)
+
+    def calibrate(self, framework: str) -> list[dict[str, Any]]:
+        """Calibration rows of one framework: its 3x3 conv GFLOP/s per precision and batch size."""
+        s = self.settings
+        spec = {"mode": "calibrate", "framework": framework, "conv_shape": self.conv_shape.to_dict(),
+                "batch_sizes": list(s.batch_sizes), "precisions": list(s.precisions), **self._loop_spec()}  # fmt: skip
+        outcome = self._worker(spec, f"{framework}-calibration")
+        self._note_runtime(framework, outcome.result)
+        measured = {(m["precision"], m["batch_size"]): m for m in outcome.result.get("measurements", [])}
+        rows = []
+        for precision in s.precisions:
+            for batch in s.batch_sizes:
+                base = _base_row(Cell(framework, "conv_benchmark", precision, batch, "conv3x3"), "calibration", s)
+                found = measured.get((precision, batch), {})
+                entry = outcome
+                if outcome.status == "ok" and not found:
+                    entry = WorkerOutcome(
+                        "failed", "the worker returned no measurement for this cell", wall_s=outcome.wall_s
+                    )
+                row = _measured_row(base, entry, {**outcome.result, **found}, self.conv_shape.flops(batch))
+                self.store.add(row, found.get("samples_ns", []) if entry.status == "ok" else [])
+                rows.append(row)
+        return rows
+
+    def run_cell(self, cell: Cell) -> dict[str, Any]:
+        """Measure one cell (or record why it is skipped) and store its row and samples."""
+        s = self.settings
+        base = _base_row(cell, "model", s)
+        if not self.installed[cell.framework]:
+            row = {
+                **base,
+                "status": "skipped",
+                "error": f"framework {cell.framework!r} is not installed; install it with: {install_command(cell.framework)}",
+            }
+            self.store.add(row)
+            return row
+        spec = {"mode": "cell", **cell.to_dict(), **self._loop_spec()}
+        outcome = self._worker(spec, cell.cell_id)
+        self._note_runtime(cell.framework, outcome.result)
+        if outcome.result.get("model_settings"):
+            self.record.setdefault("cell_settings", {})[cell.cell_id] = outcome.result["model_settings"]
+            self._save_record()
+        flops = count_flops(s.config, cell.batch_size, cell.phase)
+        row = _measured_row(base, outcome, outcome.result, flops)
+        equivalence = self.record.get("equivalence", {}).get("frameworks", {}).get(cell.framework, {})
+        row["equivalence_max_rel_err"] = equivalence.get("max_rel_err")
+        row["equivalent"] = equivalence.get("equivalent")
+        ceiling = conv_ceilings(self.store.rows()).get((cell.precision, cell.batch_size))
+        if ceiling and row.get("achieved_gflop_per_s") is not None:
+            row["conv_ceiling_gflop_per_s"] = ceiling
+            row["ceiling_fraction"] = row["achieved_gflop_per_s"] / ceiling
+        self.store.add(row, outcome.result.get("samples_ns", []) if outcome.status == "ok" else [])
+        return row
+
+    def execute(self) -> int:
+        """Run everything not yet done; print the table; return the exit code."""
+        s, done = self.settings, self.store.done_cell_ids()
+        cells = [cell for cell in s.cells() if cell.cell_id not in done]
+        need_equivalence = not self.record.get("equivalence") and bool(self.active)
+        calibrations = [fw for fw in self.active
+                        if any(Cell(fw, "conv_benchmark", p, b, "conv3x3").cell_id not in done for p in s.precisions for b in s.batch_sizes)]  # fmt: skip
+        total = len(cells) + len(calibrations) + (len(self.active) if need_equivalence else 0)
+        self.console.print(
+            f"hgbench run [bold]{self.record['run_id']}[/]: {len(cells)} cells to measure on {s.device} "
+            f"(preset {s.preset}, input {s.config.input_hw[0]}x{s.config.input_hw[1]}), results in {escape(str(self.store.run_dir))}"
+        )
+        self._warn_busy()
+        started = time.perf_counter()
+        with tempfile.TemporaryDirectory(prefix="hgbench-") as workdir, out.make_progress(self.console) as progress:
+            self._workdir = Path(workdir)
+            task = progress.add_task("starting", total=total)
+            if need_equivalence:
+                self.check_equivalence(progress, task)
+                self._warn_threads()
+            for fw in calibrations:
+                progress.update(task, description=f"{fw}: 3x3 conv calibration")
+                self.calibrate(fw)
+                progress.advance(task)
+            self._save_record()
+            for cell in cells:
+                progress.update(task, description=cell.cell_id)
+                row = self.run_cell(cell)
+                if row["status"] != "ok":
+                    progress.console.print(f"[red]{row['status']}[/] {cell.cell_id}")
+                progress.advance(task)
+            progress.update(task, description="done")
+        self.record["bench_wall_s"] = self.record.get("bench_wall_s", 0.0) + time.perf_counter() - started
+        self.record["status"] = "complete"
+        self.record["load_average_at_end"] = envinfo.load_average()
+        self.record["finished_utc"] = envinfo.utc_now()
+        self._save_record()
+        rows = self.store.rows()
+        self.console.print(out.summary_table(rows, f"hgbench {self.record['run_id']} ({s.device}, {s.preset})"))
+        out.print_problems(self.console, rows)
+        self.console.print(f"wall time {self.record['bench_wall_s']:.0f} s; results: {escape(str(self.store.run_dir))}")
+        return exit_code(rows, self.record.get("equivalence", {}).get("frameworks", {}))
+
+
+def start(settings: RunSettings, args: list[str]) -> int:
+    """A new run of `settings` in a fresh results directory."""
+    run_dir = new_run_dir(settings.out_dir, settings.device)
+    record: dict[str, Any] = {
+        "run_id": run_dir.name,
+        "status": "running",
+        "started_utc": envinfo.utc_now(),
+        "command_line": envinfo.command_line(args),
+        "settings": settings.to_dict(),
+        "allocator_env": dict(ALLOCATOR_ENV),
+        "phases": {
+            "forward": "eval-mode BN (running statistics), no gradients",
+            "forward_backward": "train-mode BN (batch statistics), loss summed over all stacks, gradients of every trainable parameter, no optimizer update",
+        },
+        "environment": envinfo.collect(args),
+        "frameworks": {},
+        "equivalence": {},
+        "calibration": {
+            "conv_shape": dominant_conv3x3(settings.config).to_dict(),
+            "note": "3x3 stride-1 conv, the model's dominant shape",
+        },
+        "warnings": [],
+        "resumes": [],
+    }
+    return _execute(Runner(settings, RunStore(run_dir), record))
+
+
+def resume(run_dir: Path, args: list[str]) -> int:
+    """Complete an interrupted run with the settings it recorded."""
+    store = RunStore(run_dir)
+    record = store.read_run_json()
+    settings = RunSettings.from_dict(record["settings"])
+    record["resumes"].append({"utc_time": envinfo.utc_now(), "command_line": envinfo.command_line(args)})
+    record["status"] = "running"
+    return _execute(Runner(settings, store, record))
+
+
+def _execute(runner: Runner) -> int:
+    runner.store.write_run_json(runner.record)
+    try:
+        return runner.execute()
+    except KeyboardInterrupt:
+        runner.record["status"] = "interrupted"
+        runner.store.write_run_json(runner.record)
+        runner.console.print(
+            f"[red]interrupted[/]: finished cells are in {escape(str(runner.store.run_dir))}; complete the run with: "
+            f"python -m bench run --resume {escape(str(runner.store.run_dir))}"
+        )
+        return 130

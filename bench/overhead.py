@@ -1,0 +1,55 @@
+"""`python -m bench overhead`: does the harness add measurable time? Harness loop vs bare loop, one process.
+
+A worker builds one cell's model and alternates rounds of the harness's sampling loop (`bench.timing`)
+with a bare `perf_counter` loop on the same step; the medians of both are printed with their difference.
+The full cell (fresh worker, the run's own path) is measured too, for comparison with a run's row.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from rich.markup import escape
+
+from bench import console as out
+from bench.launch import run_worker
+from bench.settings import RunSettings
+
+
+def measure_overhead(settings: RunSettings, rounds: int = 20) -> int:
+    """Print harness, bare-loop and full-cell medians for the first cell of `settings`; 1 if a worker failed."""
+    console = out.make_console()
+    cell = settings.cells()[0]
+    common = {**cell.to_dict(), "config": settings.config.to_dict(), "device": settings.device,
+              "device_requested": settings.device_requested, "seed": settings.seed, "warmup": settings.warmup}  # fmt: skip
+    chunk = settings.iters or 5
+    with tempfile.TemporaryDirectory(prefix="hgbench-overhead-") as workdir:
+
+        def worker(spec: dict[str, object], name: str) -> dict[str, object] | None:
+            outcome = run_worker(
+                {**common, **spec},
+                workdir=Path(workdir),
+                name=name,
+                log_path=Path(workdir) / f"{name}.log",
+                timeout_s=settings.timeout_s,
+            )
+            if outcome.status != "ok":
+                console.print(f"[red]{outcome.status}[/] {name}: {escape(outcome.error)}")
+                return None
+            return outcome.result
+
+        paired = worker({"mode": "overhead", "iters": chunk, "rounds": rounds}, "overhead")
+        full = worker({"mode": "cell", "iters": chunk * rounds, "min_time_s": None, "min_iters": 1}, "cell")
+    if paired is None or full is None:
+        return 1
+    harness = float(np.median(paired["harness_samples_ns"])) / 1e6  # type: ignore[arg-type]
+    bare = float(np.median(paired["bare_samples_ns"])) / 1e6  # type: ignore[arg-type]
+    cell_median = float(np.median(full["samples_ns"])) / 1e6  # type: ignore[arg-type]
+    console.print(
+        f"{cell.cell_id}, preset {settings.preset}, {chunk * rounds} samples each ({rounds} alternating rounds of {chunk}):\n"
+        f"  harness loop {harness:.3f} ms vs bare loop {bare:.3f} ms in one process: {(harness / bare - 1) * 100:+.2f}%\n"
+        f"  full cell worker (a fresh process, as in a run) {cell_median:.3f} ms: {(cell_median / bare - 1) * 100:+.2f}% vs that bare loop"
+    )
+    return 0

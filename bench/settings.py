@@ -1,0 +1,391 @@
+"""What a run measures: the frozen RunSettings, parsed and validated from the command line's strings.
+
+Every user mistake becomes a SettingsError whose message names the flag, the value given and the fix;
+the CLI prints it on one line and exits 2. Defaults depend on the device (see `_DEFAULTS`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from bench import nvml
+from impls import FRAMEWORKS, PHASES, ConfigError, HourglassConfig, get_preset, install_command, is_installed
+from impls.registry import UnknownFrameworkError, canonical_name
+
+# Allocator knobs, set in this one place for every worker and recorded in run.json: JAX would otherwise
+# preallocate 75% of the GPU and TF map all of it, so the memory figures would describe the allocator's
+# policy, not the model. TF_CPP_MIN_LOG_LEVEL=2 keeps TF's info banners out of the error tails.
+ALLOCATOR_ENV: dict[str, str] = {
+    "XLA_PYTHON_CLIENT_PREALLOCATE": "false",
+    "TF_FORCE_GPU_ALLOW_GROWTH": "true",
+    "TF_CPP_MIN_LOG_LEVEL": "2",
+}
+
+# Each framework's execution modes, default first. The impls modules import their framework at module
+# level, so the parent keeps this copy; the worker checks it against the module's own EXECUTIONS.
+EXECUTIONS: dict[str, tuple[str, ...]] = {
+    "torch": ("eager", "compile"),
+    "tensorflow": ("eager", "function", "xla"),
+    "jax": ("jit",),
+}
+PRECISIONS: tuple[str, ...] = ("fp32", "bf16")
+DEVICES: tuple[str, ...] = ("auto", "cpu", "gpu")
+PROTOCOLS: tuple[str, ...] = ("default", "seed")
+CONFIG_FLAGS: dict[str, str] = {  # CLI option -> HourglassConfig field
+    "stacks": "num_stacks",
+    "depth": "depth",
+    "channels": "channels",
+    "keypoints": "num_keypoints",
+}
+
+MAX_ITERS = 10_000  # cap on timed iterations when only --min-time bounds the loop
+MIN_ITERS = 5  # a time budget still collects this many samples, so the spread means something
+EQUIVALENCE_RTOL = 1e-3  # fp32 heatmaps of the seed preset agree to ~1e-5; 1e-3 flags real disagreement
+
+
+@dataclass(frozen=True)
+class _Defaults:
+    """What a plain `python -m bench run` measures on one kind of device."""
+
+    batch_sizes: tuple[int, ...]
+    executions: dict[str, tuple[str, ...]]
+    warmup: int
+    iters: int | None
+    min_time_s: float | None
+
+
+_DEFAULTS: dict[str, _Defaults] = {
+    # 2-core CPU: batch 1 of the seed model is ~13.6 GFLOP forward, 0.13-0.5 s per step, and every cell pays
+    # process start, import, build and compile. The defaults keep `--framework all` under 10 minutes there
+    # (measured: 4.4 min at load ~4, 9.0 min at load ~6): each framework's default execution plus the
+    # compiled variants that compile in seconds to a minute (TF function and XLA). torch.compile took 38 s
+    # (forward) and 117 s (forward_backward) for even the tiny preset here, so it is left to `--execution all`.
+    "cpu": _Defaults(
+        batch_sizes=(1,),
+        executions={"torch": ("eager",), "tensorflow": ("eager", "function", "xla"), "jax": ("jit",)},
+        warmup=2,
+        iters=30,
+        min_time_s=3.0,
+    ),
+    # GPU: the seed's batch of 16, every execution, a warm-up long enough for autotuning.
+    "gpu": _Defaults(batch_sizes=(16,), executions=dict(EXECUTIONS), warmup=10, iters=500, min_time_s=3.0),
+}
+
+# `--protocol seed`: the seed's loop exactly: batch 16, 10 untimed burn-in calls (our first call plus 9
+# warm-ups), 100 timed calls, on the seed preset.
+_SEED_PROTOCOL = {"preset": "seed", "batch_sizes": (16,), "warmup": 9, "iters": 100, "min_time_s": None}
+
+
+class SettingsError(ValueError):
+    """A command-line value is invalid; the message names the flag, the value and the fix."""
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One measurement: a framework's execution mode at one precision, batch size and phase."""
+
+    framework: str
+    execution: str
+    precision: str
+    batch_size: int
+    phase: str
+
+    @property
+    def cell_id(self) -> str:
+        """Stable key of the cell in CSVs, logs and resume."""
+        return f"{self.framework}-{self.execution}-{self.precision}-b{self.batch_size}-{self.phase}"
+
+    def to_dict(self) -> dict[str, object]:
+        """Plain dict for JSON and CSV rows."""
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """Everything a run measures and how; frozen, so what was measured is kept apart from the measurement."""
+
+    frameworks: tuple[str, ...]  # in FRAMEWORKS order; may include ones not installed (then skipped)
+    framework_selection: str  # "all" or the explicit list as given, so skipping is only done under "all"
+    preset: str
+    config: HourglassConfig
+    batch_sizes: tuple[int, ...]
+    phases: tuple[str, ...]
+    executions: Mapping[str, tuple[str, ...]]  # per framework, in that framework's order
+    precisions: tuple[str, ...]
+    device: str  # "cpu" or "gpu", resolved from --device
+    device_requested: str  # what --device said: auto, cpu or gpu
+    warmup: int  # untimed calls after the (separately timed) first call
+    iters: int | None  # at most this many timed calls; exactly this many when min_time_s is None
+    min_time_s: float | None  # time calls until this much time has passed (at least MIN_ITERS calls)
+    timeout_s: float  # per cell, worker start to result
+    out_dir: str
+    protocol: str = "default"
+    seed: int = 0  # seeds inputs, canonical weights and the bootstrap
+    equivalence_rtol: float = EQUIVALENCE_RTOL
+
+    def cells(self) -> list[Cell]:
+        """Every cell of the run, in a stable order: framework, execution, precision, batch, phase."""
+        return [
+            Cell(fw, ex, pr, bs, ph)
+            for fw in self.frameworks
+            for ex, pr, bs, ph in itertools.product(self.executions[fw], self.precisions, self.batch_sizes, self.phases)
+        ]
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready record (run.json), readable back by `from_dict`."""
+        d = dataclasses.asdict(self)
+        d["config"] = self.config.to_dict()
+        d["executions"] = {fw: list(ex) for fw, ex in self.executions.items()}
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> RunSettings:
+        """Inverse of `to_dict` (used by --resume)."""
+        fields = dict(d)
+        config = dict(fields["config"])
+        config["input_hw"] = tuple(config["input_hw"])
+        fields["config"] = HourglassConfig(**config)
+        fields["executions"] = {fw: tuple(ex) for fw, ex in fields["executions"].items()}
+        for key in ("frameworks", "batch_sizes", "phases", "precisions"):
+            fields[key] = tuple(fields[key])
+        return cls(**fields)
+
+
+# ---------------------------------------------------------------- parsing of single values and lists
+
+
+def _items(flag: str, text: str, example: str) -> list[str]:
+    """Comma list -> stripped items; an empty item (a stray comma) is a malformed list."""
+    items = [item.strip() for item in str(text).split(",")]
+    if not text or not str(text).strip() or any(not item for item in items):
+        raise SettingsError(f"{flag} must be a comma-separated list such as {example}, got {text!r}")
+    return list(dict.fromkeys(items))  # drop repeats, keep order
+
+
+def parse_positive_int(flag: str, text: str, minimum: int = 1) -> int:
+    """An integer >= `minimum` (1 for sizes and counts, 0 for --warmup)."""
+    try:
+        value = int(str(text).strip())
+    except ValueError:
+        value = None
+    if value is None or value < minimum:
+        kind = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+        raise SettingsError(f"{flag} must be {kind}, got {text!r}")
+    return value
+
+
+def parse_positive_float(flag: str, text: str) -> float:
+    """A finite number of seconds > 0."""
+    try:
+        value = float(str(text).strip())
+    except ValueError:
+        value = float("nan")
+    if not value > 0 or value == float("inf"):
+        raise SettingsError(f"{flag} must be a positive number of seconds, got {text!r}")
+    return value
+
+
+def parse_int_list(flag: str, text: str) -> tuple[int, ...]:
+    """'1,8,16' -> (1, 8, 16); every item a positive integer."""
+    items = _items(flag, text, "1,8,16")
+    return tuple(parse_positive_int(flag, item) for item in items)
+
+
+def parse_choices(flag: str, text: str, choices: tuple[str, ...]) -> tuple[str, ...]:
+    """A comma list of names from `choices`, or 'all'; returned in `choices` order."""
+    items = _items(flag, text, ",".join(choices))
+    if items == ["all"]:
+        return choices
+    for item in items:
+        if item not in choices:
+            raise SettingsError(f"{flag}: unknown value {item!r}; choose from {', '.join(choices)} or all")
+    return tuple(c for c in choices if c in items)
+
+
+def parse_frameworks(text: str) -> tuple[str, ...]:
+    """'all' or a comma list of framework ids/aliases -> ids in FRAMEWORKS order."""
+    items = _items("--framework", text, "torch,jax")
+    if [i.lower() for i in items] == ["all"]:
+        return FRAMEWORKS
+    try:
+        chosen = {canonical_name(item) for item in items}
+    except UnknownFrameworkError as err:
+        raise SettingsError(f"--framework: {err}, or all") from None
+    return tuple(fw for fw in FRAMEWORKS if fw in chosen)
+
+
+def parse_executions(text: str, frameworks: tuple[str, ...]) -> dict[str, tuple[str, ...]]:
+    """'default', 'all', or a comma list of 'name' (every framework that has it) and 'framework:name'."""
+    items = _items("--execution", text, "eager,xla or torch:compile")
+    if items == ["default"]:
+        return {fw: EXECUTIONS[fw][:1] for fw in frameworks}
+    if items == ["all"]:
+        return {fw: EXECUTIONS[fw] for fw in frameworks}
+    wanted: dict[str, set[str]] = {fw: set() for fw in frameworks}
+    known = sorted({ex for fw in frameworks for ex in EXECUTIONS[fw]})
+    for item in items:
+        fw_text, _, name = item.rpartition(":")
+        if fw_text:
+            try:
+                fw = canonical_name(fw_text)
+            except UnknownFrameworkError as err:
+                raise SettingsError(f"--execution: {err}") from None
+            if fw not in frameworks:
+                raise SettingsError(
+                    f"--execution {item!r} names {fw}, which is not in --framework; add it there or drop it"
+                )
+            if name not in EXECUTIONS[fw]:
+                raise SettingsError(
+                    f"--execution: {fw} has no execution {name!r}; choose from {', '.join(EXECUTIONS[fw])}"
+                )
+            wanted[fw].add(name)
+            continue
+        if name == "default":
+            for fw in frameworks:
+                wanted[fw].add(EXECUTIONS[fw][0])
+            continue
+        owners = [fw for fw in frameworks if name in EXECUTIONS[fw]]
+        if not owners:
+            raise SettingsError(
+                f"--execution: unknown execution {name!r}; choose from {', '.join(known)}, default or all"
+            )
+        for fw in owners:
+            wanted[fw].add(name)
+    for fw in frameworks:
+        if not wanted[fw]:
+            raise SettingsError(
+                f"--execution {text!r} gives {fw} nothing to run (its executions: {', '.join(EXECUTIONS[fw])}); "
+                f"add one, e.g. {fw}:{EXECUTIONS[fw][0]}"
+            )
+    return {fw: tuple(ex for ex in EXECUTIONS[fw] if ex in wanted[fw]) for fw in frameworks}
+
+
+def parse_input_size(text: str) -> tuple[int, int]:
+    """'256' -> (256, 256); '256x192' -> (height 256, width 192)."""
+    parts = str(text).lower().replace("*", "x").split("x")
+    if len(parts) not in (1, 2) or not all(p.strip().isdigit() for p in parts):
+        raise SettingsError(f"--input-size must be SIZE or HEIGHTxWIDTH such as 256 or 256x192, got {text!r}")
+    sizes = [parse_positive_int("--input-size", p) for p in parts]
+    return (sizes[0], sizes[-1])
+
+
+def resolve_device(requested: str) -> str:
+    """'auto' -> 'gpu' when NVML sees a GPU, else 'cpu'; 'gpu' without one is a user error."""
+    if requested not in DEVICES:
+        raise SettingsError(f"--device must be one of {', '.join(DEVICES)}, got {requested!r}")
+    if requested == "cpu":
+        return "cpu"
+    present = nvml.gpu_present()
+    if requested == "gpu" and not present:
+        raise SettingsError("--device gpu: no GPU is visible (NVML found none); use --device cpu or --device auto")
+    return "gpu" if present else "cpu"
+
+
+# ---------------------------------------------------------------- the whole run
+
+
+def build_settings(
+    *,
+    framework: str = "all",
+    preset: str | None = None,
+    stacks: str | None = None,
+    depth: str | None = None,
+    channels: str | None = None,
+    keypoints: str | None = None,
+    input_size: str | None = None,
+    batch_size: str | None = None,
+    phase: str | None = None,
+    execution: str | None = None,
+    precision: str | None = None,
+    device: str = "auto",
+    warmup: str | None = None,
+    iters: str | None = None,
+    min_time: str | None = None,
+    timeout: str | None = None,
+    out: str = "results",
+    protocol: str = "default",
+    **_ignored: object,
+) -> RunSettings:
+    """RunSettings from the `run` command's option strings (None = not given); raises SettingsError."""
+    frameworks = parse_frameworks(framework)
+    explicit = [i.strip().lower() for i in framework.split(",")] != ["all"]
+    if explicit:
+        missing = [fw for fw in frameworks if not is_installed(fw)]
+        if missing:
+            fw = missing[0]
+            raise SettingsError(f"framework {fw!r} is not installed; install it with: {install_command(fw)}")
+
+    if protocol not in PROTOCOLS:
+        raise SettingsError(f"--protocol must be one of {', '.join(PROTOCOLS)}, got {protocol!r}")
+    if protocol == "seed":
+        given = {
+            "--preset": preset, "--batch-size": batch_size, "--warmup": warmup, "--iters": iters,
+            "--min-time": min_time, "--stacks": stacks, "--depth": depth, "--channels": channels,
+            "--keypoints": keypoints, "--input-size": input_size,
+        }  # fmt: skip
+        clash = [flag for flag, value in given.items() if value is not None]
+        if clash:
+            raise SettingsError(
+                f"--protocol seed fixes the preset, batch size and loop counts; drop {', '.join(clash)}"
+            )
+
+    resolved_device = resolve_device(device)
+    defaults = _DEFAULTS[resolved_device]
+
+    preset_name = preset if preset is not None else "seed"
+    try:
+        config = get_preset(preset_name)
+    except ConfigError as err:
+        raise SettingsError(f"--preset: {err}") from None
+    changes: dict[str, object] = {}
+    overrides = {"stacks": stacks, "depth": depth, "channels": channels, "keypoints": keypoints}
+    for flag, field in CONFIG_FLAGS.items():
+        value = overrides[flag]
+        if value is not None:
+            changes[field] = parse_positive_int(f"--{flag}", value)
+    if input_size is not None:
+        changes["input_hw"] = parse_input_size(input_size)
+    try:
+        config = config.replace(**changes)
+    except ConfigError as err:
+        raise SettingsError(f"{err} (check --preset, --depth, --channels and --input-size)") from None
+
+    if protocol == "seed":
+        batch_sizes = _SEED_PROTOCOL["batch_sizes"]
+        warmup_n, iters_n, min_time_s = _SEED_PROTOCOL["warmup"], _SEED_PROTOCOL["iters"], _SEED_PROTOCOL["min_time_s"]
+    else:
+        batch_sizes = parse_int_list("--batch-size", batch_size) if batch_size is not None else defaults.batch_sizes
+        warmup_n = parse_positive_int("--warmup", warmup, minimum=0) if warmup is not None else defaults.warmup
+        if iters is None and min_time is None:
+            iters_n, min_time_s = defaults.iters, defaults.min_time_s
+        else:
+            iters_n = parse_positive_int("--iters", iters) if iters is not None else MAX_ITERS
+            min_time_s = parse_positive_float("--min-time", min_time) if min_time is not None else None
+
+    if execution is not None:
+        executions = parse_executions(execution, frameworks)
+    else:
+        executions = {fw: defaults.executions[fw] for fw in frameworks}
+
+    return RunSettings(
+        frameworks=frameworks,
+        framework_selection=framework if explicit else "all",
+        preset=preset_name,
+        config=config,
+        batch_sizes=batch_sizes,  # type: ignore[arg-type]
+        phases=parse_choices("--phase", phase, PHASES) if phase is not None else PHASES,
+        executions=executions,
+        precisions=parse_choices("--precision", precision, PRECISIONS) if precision is not None else ("fp32",),
+        device=resolved_device,
+        device_requested=device,
+        warmup=warmup_n,  # type: ignore[arg-type]
+        iters=iters_n,  # type: ignore[arg-type]
+        min_time_s=min_time_s,  # type: ignore[arg-type]
+        timeout_s=parse_positive_float("--timeout", timeout) if timeout is not None else 900.0,
+        out_dir=out,
+        protocol=protocol,
+    )

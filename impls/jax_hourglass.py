@@ -1,0 +1,422 @@
+"""Stacked Hourglass in JAX with Flax NNX: the module tree of impls.spec, run through plain jax.jit.
+
+The modules mirror the PyTorch implementation attribute for attribute, so an nnx state path such as
+('hourglass_0', 'up1', 'conv1', 'kernel') is the canonical name "hourglass_0.up1.conv1.kernel" and
+nnx's HWIO kernels are already the canonical layout. The model is split once into
+(graphdef, params, stats); the jitted functions are pure in those and merge the module inside the trace,
+so calls pay no nnx graph traversal.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Callable
+
+import flax
+import jax
+import jax.numpy as jnp
+import jaxlib
+import numpy as np
+from flax import nnx
+
+from impls import spec
+from impls.base import PHASES, AbstractHourglassModel
+from impls.config import HourglassConfig
+
+FRAMEWORK = "jax"
+EXECUTIONS: tuple[str, ...] = ("jit",)
+PRECISIONS: tuple[str, ...] = ("fp32", "bf16")
+_DTYPES = {"fp32": jnp.float32, "bf16": jnp.bfloat16}
+
+HW = tuple[int, int]
+# Kernels start at zero: the real weights always come from a canonical dict (impls.spec.init_weights),
+# and a random initialiser would compile one XLA program per kernel shape (seconds at build time).
+_ZEROS = nnx.initializers.zeros_init()
+
+
+# ----------------------------------------------------------------------------------------------- modules
+def _conv(config: HourglassConfig, hw: HW, c_in: int, c_out: int, k: int, *, rngs: nnx.Rngs,
+          stride: int = 1, bias: bool = True) -> nnx.Conv:
+    """An nnx.Conv with the explicit padding of impls.spec (frameworks disagree on SAME for stride 2)."""
+    pad = spec.conv_padding(config, hw, k, stride)
+    return nnx.Conv(c_in, c_out, (k, k), strides=stride, padding=pad, use_bias=bias, rngs=rngs, kernel_init=_ZEROS)
+
+
+def _bn(channels: int, *, rngs: nnx.Rngs) -> nnx.BatchNorm:
+    """BatchNorm with the spec's decay (flax momentum 0.9 = torch 0.1) and epsilon.
+
+    use_fast_variance=False: two-pass variance, E[(x - mean)^2], as PyTorch and the numpy oracle do;
+    flax's default E[x^2] - E[x]^2 loses digits when activations have a large mean.
+    """
+    return nnx.BatchNorm(channels, momentum=spec.BN_DECAY, epsilon=spec.BN_EPSILON,
+                         use_fast_variance=False, rngs=rngs)
+
+
+def _max_pool(x: jax.Array) -> jax.Array:
+    return nnx.max_pool(x, (2, 2), strides=(2, 2), padding="VALID")  # (N, H/2, W/2, C)
+
+
+def _avg_pool(x: jax.Array) -> jax.Array:
+    return nnx.avg_pool(x, (2, 2), strides=(2, 2), padding="VALID")  # (N, H/2, W/2, C)
+
+
+def _upsample_nearest_2x(x: jax.Array) -> jax.Array:
+    n, h, w, c = x.shape
+    x = jnp.broadcast_to(x[:, :, None, :, None, :], (n, h, 2, w, 2, c))
+    return x.reshape(n, 2 * h, 2 * w, c)  # (N, 2H, 2W, C)
+
+
+class Residual(nnx.Module):
+    """Bottleneck residual block: "postact" (conv-BN-ReLU x3, c/4) or "preact" (BN-ReLU-conv x3, c/2)."""
+
+    def __init__(self, config: HourglassConfig, hw: HW, c_in: int, c_out: int, *, rngs: nnx.Rngs) -> None:
+        self.preact = config.block == "preact"
+        cb = config.conv_bias
+        mid = c_out // 2 if self.preact else c_out // 4
+        self.conv1 = _conv(config, hw, c_in, mid, 1, bias=cb, rngs=rngs)
+        self.bn1 = _bn(c_in if self.preact else mid, rngs=rngs)  # preact normalises the block's input
+        self.conv2 = _conv(config, hw, mid, mid, 3, bias=cb, rngs=rngs)
+        self.bn2 = _bn(mid, rngs=rngs)
+        self.conv3 = _conv(config, hw, mid, c_out, 1, bias=cb, rngs=rngs)
+        self.bn3 = _bn(mid if self.preact else c_out, rngs=rngs)
+        self.has_skip = c_in != c_out
+        if self.has_skip:
+            self.skip_conv = _conv(config, hw, c_in, c_out, 1, bias=cb, rngs=rngs)
+            if not self.preact:
+                self.skip_bn = _bn(c_out, rngs=rngs)
+
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        ura = not train
+        relu = jax.nn.relu
+        if self.preact:
+            y = self.conv1(relu(self.bn1(x, use_running_average=ura)))
+            y = self.conv2(relu(self.bn2(y, use_running_average=ura)))
+            y = self.conv3(relu(self.bn3(y, use_running_average=ura)))
+            skip = self.skip_conv(x) if self.has_skip else x
+            return y + skip
+        y = relu(self.bn1(self.conv1(x), use_running_average=ura))
+        y = relu(self.bn2(self.conv2(y), use_running_average=ura))
+        y = relu(self.bn3(self.conv3(y), use_running_average=ura))
+        skip = relu(self.skip_bn(self.skip_conv(x), use_running_average=ura)) if self.has_skip else x
+        return relu(y + skip)
+
+
+class Hourglass(nnx.Module):
+    """One hourglass level: a full-resolution branch plus pool -> (nested hourglass) -> upsample."""
+
+    def __init__(self, config: HourglassConfig, hw: HW, depth: int, *, rngs: nnx.Rngs) -> None:
+        c = config.channels
+        low_hw = (hw[0] // 2, hw[1] // 2)
+        self.up1 = Residual(config, hw, c, c, rngs=rngs)
+        self.low1 = Residual(config, low_hw, c, c, rngs=rngs)
+        self.low2 = (Hourglass(config, low_hw, depth - 1, rngs=rngs) if depth > 1
+                     else Residual(config, low_hw, c, c, rngs=rngs))
+        self.low3 = Residual(config, low_hw, c, c, rngs=rngs)
+
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        up1 = self.up1(x, train)  # (N, H, W, C)
+        low = self.low1(_max_pool(x), train)  # (N, H/2, W/2, C)
+        low = self.low3(self.low2(low, train), train)
+        return up1 + _upsample_nearest_2x(low)
+
+
+class Stem(nnx.Module):
+    """7x7/2 conv-BN-ReLU, residual, 2x2 pool, two residuals: (N, H, W, 3) -> (N, H/4, W/4, C)."""
+
+    def __init__(self, config: HourglassConfig, *, rngs: nnx.Rngs) -> None:
+        c_stem, c_half = config.stem_channels
+        hw = config.heatmap_hw
+        conv_hw = (hw[0] * 2, hw[1] * 2)
+        self.conv = _conv(config, config.input_hw, 3, c_stem, 7, stride=2, bias=config.conv_bias, rngs=rngs)
+        self.bn = _bn(c_stem, rngs=rngs)
+        self.res1 = Residual(config, conv_hw, c_stem, c_half, rngs=rngs)
+        self.pool = _avg_pool if config.stem_pool == "avg" else _max_pool
+        self.res2 = Residual(config, hw, c_half, c_half, rngs=rngs)
+        self.res3 = Residual(config, hw, c_half, config.channels, rngs=rngs)
+
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        x = jax.nn.relu(self.bn(self.conv(x), use_running_average=not train))  # (N, H/2, W/2, C/4)
+        x = self.res1(x, train)  # (N, H/2, W/2, C/2)
+        x = self.pool(x)  # (N, H/4, W/4, C/2)
+        return self.res3(self.res2(x, train), train)  # (N, H/4, W/4, C)
+
+
+class Head(nnx.Module):
+    """Residual, 1x1 conv-BN-ReLU, then the linear 1x1 heatmap conv."""
+
+    def __init__(self, config: HourglassConfig, *, rngs: nnx.Rngs) -> None:
+        c, hw = config.channels, config.heatmap_hw
+        self.res = Residual(config, hw, c, c, rngs=rngs)
+        self.lin_conv = _conv(config, hw, c, c, 1, bias=config.conv_bias, rngs=rngs)
+        self.lin_bn = _bn(c, rngs=rngs)
+        self.heatmap_conv = _conv(config, hw, c, config.num_keypoints, 1, rngs=rngs)
+
+    def __call__(self, x: jax.Array, train: bool) -> tuple[jax.Array, jax.Array]:
+        y = self.res(x, train)
+        previous = jax.nn.relu(self.lin_bn(self.lin_conv(y), use_running_average=not train))  # (N, h, w, C)
+        return previous, self.heatmap_conv(previous)  # heatmaps (N, h, w, K)
+
+
+class Merge(nnx.Module):
+    """Feeds a stack's features and heatmaps back into the next stack's input."""
+
+    def __init__(self, config: HourglassConfig, *, rngs: nnx.Rngs) -> None:
+        c, k, hw = config.channels, config.num_keypoints, config.heatmap_hw
+        self.feature_conv = _conv(config, hw, c, c, 1, rngs=rngs)
+        self.heatmap_conv = _conv(config, hw, k, c, 1, rngs=rngs)
+
+    def __call__(self, x: jax.Array, previous: jax.Array, heatmaps: jax.Array) -> jax.Array:
+        return x + self.feature_conv(previous) + self.heatmap_conv(heatmaps)
+
+
+class StackedHourglass(nnx.Module):
+    """Stem, then num_stacks hourglass+head pairs joined by merges; returns every stack's heatmaps."""
+
+    def __init__(self, config: HourglassConfig, *, rngs: nnx.Rngs) -> None:
+        self.num_stacks = config.num_stacks
+        self.stem = Stem(config, rngs=rngs)
+        for i in range(config.num_stacks):
+            setattr(self, f"hourglass_{i}", Hourglass(config, config.heatmap_hw, config.depth, rngs=rngs))
+            setattr(self, f"head_{i}", Head(config, rngs=rngs))
+            if i < config.num_stacks - 1:
+                setattr(self, f"merge_{i}", Merge(config, rngs=rngs))
+
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        x = self.stem(x, train)  # (N, h, w, C)
+        outputs = []
+        for i in range(self.num_stacks):
+            y = getattr(self, f"hourglass_{i}")(x, train)
+            previous, heatmaps = getattr(self, f"head_{i}")(y, train)
+            outputs.append(heatmaps)
+            if i < self.num_stacks - 1:
+                x = getattr(self, f"merge_{i}")(x, previous, heatmaps)
+        return jnp.stack(outputs)  # (S, N, h, w, K)
+
+
+# ------------------------------------------------------------------------------------ state <-> canonical
+def _canonical(path: tuple) -> str:
+    """nnx state path -> canonical name: the attribute names are the canonical ones, so join with dots."""
+    return ".".join(str(part) for part in path)
+
+
+def _fill_state(template: nnx.State, weights: dict[str, np.ndarray], dtype, device) -> nnx.State:
+    """`template`'s paths and Variable types holding the canonical `weights`, as `dtype`, on `device`."""
+    return nnx.from_flat_state([
+        (path, var.copy(jax.device_put(np.asarray(weights[_canonical(path)]).astype(dtype), device)))
+        for path, var in nnx.to_flat_state(template)
+    ])
+
+
+def _to_numpy(state: nnx.State) -> dict[str, np.ndarray]:
+    """Canonical name -> float32 numpy for every variable of `state`."""
+    return {_canonical(path): np.asarray(var.get_value(), np.float32) for path, var in nnx.to_flat_state(state)}
+
+
+# ------------------------------------------------------------------------------------------------- model
+class JaxHourglass(AbstractHourglassModel):
+    """A StackedHourglass held as (graphdef, params, stats) with its jitted pure functions."""
+
+    framework = FRAMEWORK
+
+    def __init__(self, config: HourglassConfig, weights: dict[str, np.ndarray], device: str,
+                 precision: str, execution: str) -> None:
+        self.config, self.device, self.precision, self.execution = config, device, precision, execution
+        self._device = jax.devices(device)[0]
+        self._dtype = _DTYPES[precision]
+        with jax.default_device(self._device):  # the placeholder zeros never touch another device
+            module = StackedHourglass(config, rngs=nnx.Rngs(0))
+        graphdef, init_params, init_stats = nnx.split(module, nnx.Param, nnx.BatchStat)
+        names = {_canonical(p) for p, _ in [*nnx.to_flat_state(init_params), *nnx.to_flat_state(init_stats)]}
+        differ = sorted(names ^ set(spec.param_shapes(config)))
+        if differ:  # a bug in the module tree, not a user error
+            raise RuntimeError(f"nnx state paths differ from impls.spec's canonical names: {differ[:5]}")
+        self._params = _fill_state(init_params, weights, self._dtype, self._device)
+        self._stats = _fill_state(init_stats, weights, self._dtype, self._device)
+        self._forward_eval, self._forward_train, self._loss_and_grads = _jitted_functions(graphdef)
+
+    def num_params(self) -> int:
+        """Elements of every nnx.Param leaf (BN running statistics are nnx.BatchStat, not counted)."""
+        return sum(leaf.size for leaf in jax.tree.leaves(self._params))
+
+    def _input(self, x: np.ndarray, what: str, shape: tuple[int, ...]) -> jax.Array:
+        """`x` checked against `shape` (any batch size), cast to the model's dtype, on its device."""
+        x = np.asarray(x)
+        if x.ndim != len(shape) or tuple(x.shape[1:]) != shape[1:]:
+            raise ValueError(f"{what} must have shape (N, {', '.join(map(str, shape[1:]))}), got {tuple(x.shape)}; "
+                             f"the model was built for input_hw={self.config.input_hw}")
+        return jax.device_put(x.astype(self._dtype), self._device)
+
+    def _x_shape(self, n: int) -> tuple[int, ...]:
+        return (n, *self.config.input_hw, 3)
+
+    def _target_shape(self, n: int) -> tuple[int, ...]:
+        return (n, *self.config.heatmap_hw, self.config.num_keypoints)
+
+    def predict(self, x: np.ndarray, train_mode: bool = False) -> np.ndarray:
+        """Heatmaps (S, N, h, w, K) float32; train mode uses batch statistics and updates the running ones."""
+        xd = self._input(x, "x", self._x_shape(len(x)))
+        if train_mode:
+            heatmaps, self._stats = self._forward_train(self._params, self._stats, xd)
+        else:
+            heatmaps = self._forward_eval(self._params, self._stats, xd)
+        return np.asarray(heatmaps.astype(jnp.float32))
+
+    def loss_and_grads(self, x: np.ndarray, target: np.ndarray) -> tuple[float, dict[str, np.ndarray]]:
+        """Train-mode loss and canonical float32 gradients of every nnx.Param; updates running stats."""
+        xd = self._input(x, "x", self._x_shape(len(x)))
+        td = self._input(target, "target", self._target_shape(len(x)))
+        loss, grads, self._stats = self._loss_and_grads(self._params, self._stats, xd, td)
+        return float(loss), _to_numpy(grads)
+
+    def export_weights(self) -> dict[str, np.ndarray]:
+        """Parameters and running statistics as canonical float32 numpy."""
+        return {**_to_numpy(self._params), **_to_numpy(self._stats)}
+
+    def benchmark_step(self, phase: str, batch_size: int, seed: int = 0) -> Callable[[], None]:
+        """One jitted step on inputs already on the device, ending in jax.block_until_ready.
+
+        forward_backward computes the train-mode new running statistics and returns them from the jitted
+        function (so XLA cannot drop that work) but does not store them: no state update is timed.
+        """
+        if phase not in PHASES:
+            raise ValueError(f"phase must be one of {', '.join(PHASES)}, got {phase!r}")
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        rng = np.random.default_rng(seed)
+        x = self._input(rng.standard_normal(self._x_shape(batch_size), np.float32), "x", self._x_shape(batch_size))
+        params, stats = self._params, self._stats  # bound now: no attribute lookups inside the timed call
+        if phase == "forward":
+            forward = self._forward_eval
+
+            def step() -> None:
+                jax.block_until_ready(forward(params, stats, x))
+            return step
+        shape = self._target_shape(batch_size)
+        target = self._input(rng.standard_normal(shape, np.float32), "target", shape)
+        loss_and_grads = self._loss_and_grads
+
+        def step() -> None:
+            jax.block_until_ready(loss_and_grads(params, stats, x, target))  # loss, grads and new stats
+        return step
+
+    def peak_memory_bytes(self) -> int | None:
+        """XLA allocator peak on the GPU since process start (JAX has no reset); None on CPU."""
+        if self.device == "cpu":
+            return None
+        memory = self._device.memory_stats()  # None where the backend keeps no allocator statistics
+        return None if memory is None else int(memory.get("peak_bytes_in_use", 0))
+
+    def reset_peak_memory(self) -> None:
+        """No-op: JAX exposes no peak reset, so the peak counts from process start (one process per cell)."""
+
+    def settings(self) -> dict[str, object]:
+        """Layout, jit mode, dtype and XLA settings that change speed."""
+        return {
+            **super().settings(),
+            "layout": "NHWC activations, HWIO kernels",
+            "compile": "jax.jit of pure functions over (params, stats), made at build time, compiled on the "
+                       "first call per input shape; nnx.merge runs only at trace time",
+            "dtype": str(jnp.dtype(self._dtype)),
+            "bn": "flax nnx.BatchNorm, two-pass variance (use_fast_variance=False)",
+            "matmul_precision": jax.config.jax_default_matmul_precision,
+            "tf32": ("XLA may use TF32 for fp32 convs on Ampere+ GPUs at the default precision"
+                     if self.device == "gpu" and self.precision == "fp32" else "n/a"),
+            "jax_enable_x64": bool(jax.config.jax_enable_x64),
+            "platform": self._device.platform,
+            "xla_flags": os.environ.get("XLA_FLAGS"),
+            "peak_memory": "device.memory_stats()['peak_bytes_in_use'] since process start (no reset in JAX)",
+            **_thread_info(),
+        }
+
+
+def _jitted_functions(graphdef: nnx.GraphDef) -> tuple[Callable, Callable, Callable]:
+    """forward_eval, forward_train and loss_and_grads as jax.jit of pure functions of (params, stats, ...)."""
+
+    def forward(params, stats, x, train: bool):
+        # copy=True: fresh Variables at this trace level, so BN may update its stats inside value_and_grad
+        model = nnx.merge(graphdef, params, stats, copy=True)
+        with warnings.catch_warnings():
+            # bf16: flax computes batch statistics in float32 and writes them into the bf16 running stats,
+            # which JAX warns is an implicit downcast. That rounding is what pure bf16 means; it also keeps
+            # the stats' dtype, so the next call does not retrace.
+            warnings.filterwarnings("ignore", "scatter inputs have incompatible types", FutureWarning)
+            heatmaps = model(x, train=train)  # (S, N, h, w, K)
+        return heatmaps, nnx.state(model, nnx.BatchStat)
+
+    def loss_fn(params, stats, x, target):
+        heatmaps, new_stats = forward(params, stats, x, True)
+        loss = jnp.sum(jnp.mean(jnp.square(heatmaps - target), axis=(1, 2, 3, 4)))  # sum over stacks
+        return loss, new_stats
+
+    def loss_and_grads(params, stats, x, target):
+        (loss, new_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, stats, x, target)
+        return loss, grads, new_stats
+
+    def forward_eval(params, stats, x):
+        return forward(params, stats, x, False)[0]
+
+    def forward_train(params, stats, x):
+        return forward(params, stats, x, True)
+
+    return jax.jit(forward_eval), jax.jit(forward_train), jax.jit(loss_and_grads)
+
+
+# ------------------------------------------------------------------------------------------ module level
+def gpu_available() -> bool:
+    """True when JAX sees at least one GPU."""
+    try:
+        return len(jax.devices("gpu")) > 0
+    except RuntimeError:  # no GPU backend (CPU-only jaxlib or no driver)
+        return False
+
+
+def build(config: HourglassConfig, weights: dict[str, np.ndarray] | None = None, *, device: str = "cpu",
+          precision: str = "fp32", execution: str = EXECUTIONS[0], **options: object) -> JaxHourglass:
+    """A JaxHourglass on `device` holding `weights` (default impls.spec.init_weights(config, seed=0))."""
+    if options:
+        raise ValueError(f"unknown option(s) {sorted(options)} for jax; it takes none")
+    if execution not in EXECUTIONS:
+        raise ValueError(f"execution must be one of {', '.join(EXECUTIONS)}, got {execution!r}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if device not in ("cpu", "gpu"):
+        raise ValueError(f"device must be 'cpu' or 'gpu', got {device!r}")
+    if device == "gpu" and not gpu_available():
+        raise RuntimeError("no GPU visible to jax; use --device cpu")
+    if weights is None:
+        weights = spec.init_weights(config, seed=0)
+    else:
+        spec.check_weights(config, weights)
+    return JaxHourglass(config, weights, device, precision, execution)
+
+
+def _thread_info() -> dict[str, object]:
+    """XLA:CPU runs its own pool, one thread per schedulable core unless XLA_FLAGS says otherwise.
+
+    JAX has no thread setting of its own; inter-op parallelism is XLA's internal business (None here).
+    """
+    flags = os.environ.get("XLA_FLAGS") or ""
+    thread_flags = [f for f in flags.split() if "multi_thread_eigen" in f or "intra_op_parallelism" in f]
+    schedulable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {"intra_op_threads": schedulable, "inter_op_threads": None, "cpu_count": os.cpu_count(),
+            "xla_thread_flags": thread_flags}
+
+
+def runtime_info() -> dict[str, object]:
+    """JAX, jaxlib and flax versions, devices and the environment settings that change speed."""
+    return {
+        "framework": FRAMEWORK,
+        "version": jax.__version__,
+        "jaxlib_version": jaxlib.__version__,
+        "flax_version": flax.__version__,
+        "devices": [str(d) for d in jax.devices()],
+        "platform": jax.default_backend(),
+        "gpu_available": gpu_available(),
+        **_thread_info(),
+        "xla_flags": os.environ.get("XLA_FLAGS"),
+        "xla_python_client_preallocate": os.environ.get("XLA_PYTHON_CLIENT_PREALLOCATE"),
+        "xla_python_client_mem_fraction": os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION"),
+        "jax_default_matmul_precision": jax.config.jax_default_matmul_precision,
+        "jax_enable_x64": bool(jax.config.jax_enable_x64),
+    }

@@ -1,0 +1,415 @@
+"""Stacked Hourglass in TensorFlow: small tf.Module layers, NHWC activations, HWIO kernels, explicit padding.
+
+Executions: "eager" (op by op), "function" (one tf.function graph per pass, optimised by Grappler) and
+"xla" (the same functions with jit_compile=True). Keras is not used: Keras 3 adds per-layer overhead in
+eager mode and hides the padding and BN momentum conventions that impls.spec fixes explicitly.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # must precede the import: hides TF's info logs
+
+import numpy as np
+import tensorflow as tf
+
+from impls import spec
+from impls.base import PHASES, AbstractHourglassModel
+from impls.config import HourglassConfig
+
+FRAMEWORK = "tensorflow"
+EXECUTIONS: tuple[str, ...] = ("eager", "function", "xla")
+PRECISIONS: tuple[str, ...] = ("fp32", "bf16")
+_DTYPES = {"fp32": tf.float32, "bf16": tf.bfloat16}
+_DEVICES = {"cpu": "/CPU:0", "gpu": "/GPU:0"}
+
+
+class _Context:
+    """What every layer constructor needs: the layer specs by canonical name, the weights and the dtype."""
+
+    def __init__(self, config: HourglassConfig, weights: dict[str, np.ndarray], dtype: tf.DType) -> None:
+        self.config = config
+        self.specs = {layer.name: layer for layer in spec.layers(config)}
+        self.weights = weights
+        self.dtype = dtype
+
+    def variable(self, name: str, trainable: bool = True) -> tf.Variable:
+        """A variable holding canonical weight `name`; its TF name is the canonical one with '/' for '.'."""
+        value = tf.cast(self.weights[name], self.dtype)  # fp32 -> fp32 is a no-op: the bits are kept
+        return tf.Variable(value, trainable=trainable, name=name.replace(".", "/"))
+
+
+class Conv2d(tf.Module):
+    """2-D convolution with the spec's explicit (possibly asymmetric) padding; kernel (kh, kw, c_in, c_out)."""
+
+    def __init__(self, name: str, ctx: _Context) -> None:
+        super().__init__(name=name.rsplit(".", 1)[-1])
+        conv: spec.ConvSpec = ctx.specs[name]
+        self.kernel = ctx.variable(f"{name}.kernel")
+        self.bias = ctx.variable(f"{name}.bias") if conv.bias else None
+        self.stride = conv.stride
+        (top, bottom), (left, right) = conv.pad
+        self.padding = [[0, 0], [top, bottom], [left, right], [0, 0]]
+
+    def __call__(self, x: tf.Tensor) -> tf.Tensor:
+        y = tf.nn.conv2d(x, self.kernel, self.stride, self.padding)
+        return y if self.bias is None else tf.nn.bias_add(y, self.bias)
+
+
+class BatchNorm2d(tf.Module):
+    """Batch norm over (N, H, W): batch statistics (biased variance) in training, running ones otherwise."""
+
+    def __init__(self, name: str, ctx: _Context) -> None:
+        super().__init__(name=name.rsplit(".", 1)[-1])
+        self.scale = ctx.variable(f"{name}.scale")
+        self.bias = ctx.variable(f"{name}.bias")
+        self.mean = ctx.variable(f"{name}.mean", trainable=False)
+        self.var = ctx.variable(f"{name}.var", trainable=False)
+
+    def __call__(self, x: tf.Tensor, training: bool) -> tf.Tensor:
+        if training:
+            mean, var = tf.nn.moments(x, axes=[0, 1, 2])  # (C,) each; moments' variance is the biased one
+            # new = 0.9 * old + 0.1 * batch (Keras momentum 0.9 = PyTorch momentum 0.1)
+            self.mean.assign(spec.BN_DECAY * self.mean + (1.0 - spec.BN_DECAY) * mean)
+            self.var.assign(spec.BN_DECAY * self.var + (1.0 - spec.BN_DECAY) * var)
+        else:
+            mean, var = self.mean, self.var
+        return tf.nn.batch_normalization(x, mean, var, self.bias, self.scale, spec.BN_EPSILON)
+
+
+class Residual(tf.Module):
+    """Bottleneck residual block, post-activation (seed) or pre-activation (Newell) per config.block."""
+
+    def __init__(self, name: str, ctx: _Context) -> None:
+        super().__init__(name=name.rsplit(".", 1)[-1])
+        self.preact = ctx.config.block == "preact"
+        self.conv1, self.bn1 = Conv2d(f"{name}.conv1", ctx), BatchNorm2d(f"{name}.bn1", ctx)
+        self.conv2, self.bn2 = Conv2d(f"{name}.conv2", ctx), BatchNorm2d(f"{name}.bn2", ctx)
+        self.conv3, self.bn3 = Conv2d(f"{name}.conv3", ctx), BatchNorm2d(f"{name}.bn3", ctx)
+        # The spec lists a skip conv only where c_in != c_out; only post-activation blocks normalise it.
+        self.skip_conv = Conv2d(f"{name}.skip_conv", ctx) if f"{name}.skip_conv" in ctx.specs else None
+        self.skip_bn = BatchNorm2d(f"{name}.skip_bn", ctx) if f"{name}.skip_bn" in ctx.specs else None
+
+    def __call__(self, x: tf.Tensor, training: bool) -> tf.Tensor:
+        relu = tf.nn.relu
+        if self.preact:
+            y = self.conv1(relu(self.bn1(x, training)))
+            y = self.conv2(relu(self.bn2(y, training)))
+            y = self.conv3(relu(self.bn3(y, training)))
+            return y + (x if self.skip_conv is None else self.skip_conv(x))
+        y = relu(self.bn1(self.conv1(x), training))
+        y = relu(self.bn2(self.conv2(y), training))
+        y = relu(self.bn3(self.conv3(y), training))
+        skip = x if self.skip_conv is None else relu(self.skip_bn(self.skip_conv(x), training))
+        return relu(y + skip)
+
+
+class Hourglass(tf.Module):
+    """One hourglass level: a full-resolution branch plus a half-resolution branch that recurses."""
+
+    def __init__(self, name: str, depth: int, ctx: _Context) -> None:
+        super().__init__(name=name.rsplit(".", 1)[-1])
+        self.up1 = Residual(f"{name}.up1", ctx)
+        self.low1 = Residual(f"{name}.low1", ctx)
+        self.low2 = Hourglass(f"{name}.low2", depth - 1, ctx) if depth > 1 else Residual(f"{name}.low2", ctx)
+        self.low3 = Residual(f"{name}.low3", ctx)
+
+    def __call__(self, x: tf.Tensor, training: bool) -> tf.Tensor:
+        up1 = self.up1(x, training)
+        low = self.low1(tf.nn.max_pool2d(x, 2, 2, "VALID"), training)  # (N, H/2, W/2, C)
+        low = self.low3(self.low2(low, training), training)
+        return up1 + _upsample_nearest_2x(low)  # (N, H, W, C)
+
+
+class Stem(tf.Module):
+    """7x7/2 conv-BN-ReLU, a residual, a 2x2 pool and two residuals: (N, H, W, 3) -> (N, H/4, W/4, C)."""
+
+    def __init__(self, name: str, ctx: _Context) -> None:
+        super().__init__(name=name)
+        self.conv, self.bn = Conv2d(f"{name}.conv", ctx), BatchNorm2d(f"{name}.bn", ctx)
+        self.res1 = Residual(f"{name}.res1", ctx)
+        self.res2 = Residual(f"{name}.res2", ctx)
+        self.res3 = Residual(f"{name}.res3", ctx)
+        self.pool = tf.nn.avg_pool2d if ctx.config.stem_pool == "avg" else tf.nn.max_pool2d
+
+    def __call__(self, x: tf.Tensor, training: bool) -> tf.Tensor:
+        x = tf.nn.relu(self.bn(self.conv(x), training))  # (N, H/2, W/2, C/4)
+        x = self.res1(x, training)  # (N, H/2, W/2, C/2)
+        x = self.pool(x, 2, 2, "VALID")  # (N, H/4, W/4, C/2)
+        return self.res3(self.res2(x, training), training)  # (N, H/4, W/4, C)
+
+
+class Head(tf.Module):
+    """Per-stack output: features for the next stack (`previous`) and K heatmaps."""
+
+    def __init__(self, name: str, ctx: _Context) -> None:
+        super().__init__(name=name)
+        self.res = Residual(f"{name}.res", ctx)
+        self.lin_conv, self.lin_bn = Conv2d(f"{name}.lin_conv", ctx), BatchNorm2d(f"{name}.lin_bn", ctx)
+        self.heatmap_conv = Conv2d(f"{name}.heatmap_conv", ctx)
+
+    def __call__(self, x: tf.Tensor, training: bool) -> tuple[tf.Tensor, tf.Tensor]:
+        previous = tf.nn.relu(self.lin_bn(self.lin_conv(self.res(x, training)), training))  # (N, h, w, C)
+        return previous, self.heatmap_conv(previous)  # heatmaps (N, h, w, K)
+
+
+class Merge(tf.Module):
+    """Feeds a stack's features and heatmaps back into the next stack's input."""
+
+    def __init__(self, name: str, ctx: _Context) -> None:
+        super().__init__(name=name)
+        self.feature_conv = Conv2d(f"{name}.feature_conv", ctx)
+        self.heatmap_conv = Conv2d(f"{name}.heatmap_conv", ctx)
+
+    def __call__(self, x: tf.Tensor, previous: tf.Tensor, heatmaps: tf.Tensor) -> tf.Tensor:
+        return x + self.feature_conv(previous) + self.heatmap_conv(heatmaps)
+
+
+class StackedHourglass(tf.Module):
+    """The whole network: stem, then num_stacks x (hourglass, head), merged between stacks."""
+
+    def __init__(self, ctx: _Context) -> None:
+        super().__init__(name="stacked_hourglass")
+        self.num_stacks = ctx.config.num_stacks
+        self.stem = Stem("stem", ctx)
+        for i in range(self.num_stacks):
+            setattr(self, f"hourglass_{i}", Hourglass(f"hourglass_{i}", ctx.config.depth, ctx))
+            setattr(self, f"head_{i}", Head(f"head_{i}", ctx))
+            if i < self.num_stacks - 1:
+                setattr(self, f"merge_{i}", Merge(f"merge_{i}", ctx))
+
+    def __call__(self, x: tf.Tensor, training: bool) -> tf.Tensor:
+        x = self.stem(x, training)  # (N, h, w, C) with h, w = H/4, W/4
+        outputs = []
+        for i in range(self.num_stacks):
+            y = getattr(self, f"hourglass_{i}")(x, training)
+            previous, heatmaps = getattr(self, f"head_{i}")(y, training)
+            outputs.append(heatmaps)
+            if i < self.num_stacks - 1:
+                x = getattr(self, f"merge_{i}")(x, previous, heatmaps)
+        return tf.stack(outputs)  # (S, N, h, w, K)
+
+
+def _upsample_nearest_2x(x: tf.Tensor) -> tf.Tensor:
+    """Nearest-neighbour 2x upsampling as tile + reshape (its gradient is a plain reduce-sum)."""
+    _, h, w, c = x.shape  # static under every execution: only the batch dimension may be unknown
+    y = tf.tile(x[:, :, None, :, None, :], [1, 1, 2, 1, 2, 1])  # (N, h, 2, w, 2, C)
+    return tf.reshape(y, [-1, 2 * h, 2 * w, c])  # (N, 2h, 2w, C)
+
+
+def _loss(heatmaps: tf.Tensor, target: tf.Tensor) -> tf.Tensor:
+    """Sum over stacks of mean((heatmaps_s - target)^2); heatmaps (S, N, h, w, K), target (N, h, w, K)."""
+    return tf.reduce_sum(tf.reduce_mean(tf.square(heatmaps - target), axis=[1, 2, 3, 4]))
+
+
+def _variable_at(root: tf.Module, name: str) -> tf.Variable:
+    """The variable under canonical `name`, found by walking attribute names (stem.res1.conv1.kernel)."""
+    obj: object = root
+    for part in name.split("."):
+        obj = getattr(obj, part)
+    if not isinstance(obj, tf.Variable):
+        raise TypeError(f"canonical name {name!r} leads to {type(obj).__name__}, not a tf.Variable")
+    return obj
+
+
+class TensorFlowHourglass(AbstractHourglassModel):
+    """A built network on one device, with one execution mode and precision; see impls.base for the contract."""
+
+    framework = FRAMEWORK
+
+    def __init__(
+        self, config: HourglassConfig, weights: dict[str, np.ndarray], device: str, precision: str, execution: str
+    ) -> None:
+        self.config, self.device, self.precision, self.execution = config, device, precision, execution
+        self._tf_device = _DEVICES[device]
+        self._dtype = _DTYPES[precision]
+        with tf.device(self._tf_device):
+            self.net = StackedHourglass(_Context(config, weights, self._dtype))
+        # Canonical name <-> variable, by attribute walk; the count check catches any variable it misses.
+        self._variables = {name: _variable_at(self.net, name) for name in spec.param_shapes(config)}
+        if len(self._variables) != len(self.net.variables):
+            raise AssertionError(f"{len(self.net.variables)} variables in the tree, {len(self._variables)} mapped")
+        self._trainable_names = spec.trainable_names(config)
+        self._trainable = [self._variables[name] for name in self._trainable_names]
+
+        # Built once per model: separate functions per training flag, so no call ever retraces.
+        h, w = config.input_hw
+        hh, hw = config.heatmap_hw
+        x_spec = tf.TensorSpec([None, h, w, 3], self._dtype)
+        target_spec = tf.TensorSpec([None, hh, hw, config.num_keypoints], self._dtype)
+        self._forward_eval = self._compile(lambda x: self._forward(x, False), [x_spec])
+        self._forward_train = self._compile(lambda x: self._forward(x, True), [x_spec])
+        self._loss_grads = self._compile(self._loss_and_grads, [x_spec, target_spec])
+
+    def _compile(self, fn: Callable, signature: list[tf.TensorSpec]) -> Callable:
+        """`fn` itself in eager mode, else one tf.function (XLA-compiled for "xla") with a fixed signature."""
+        if self.execution == "eager":
+            return fn
+        # The batch dimension is dynamic in the signature, so one trace serves every batch size; XLA
+        # still compiles once per concrete shape at run time.
+        return tf.function(fn, input_signature=signature, jit_compile=self.execution == "xla")
+
+    def _forward(self, x: tf.Tensor, training: bool) -> tf.Tensor:
+        with tf.device(self._tf_device):
+            return self.net(x, training)
+
+    def _loss_and_grads(self, x: tf.Tensor, target: tf.Tensor) -> tuple[tf.Tensor, list[tf.Tensor]]:
+        with tf.device(self._tf_device):
+            with tf.GradientTape(watch_accessed_variables=False) as tape:
+                tape.watch(self._trainable)  # exactly the parameters that get gradients, not BN statistics
+                loss = _loss(self.net(x, True), target)
+            return loss, tape.gradient(loss, self._trainable)
+
+    def _to_device(self, a: np.ndarray) -> tf.Tensor:
+        """A numpy array as a tensor on the model's device in the model's dtype."""
+        with tf.device(self._tf_device):
+            # identity runs on the device, so the result lives there even when cast is a no-op (fp32)
+            return tf.identity(tf.cast(tf.convert_to_tensor(a, tf.float32), self._dtype))
+
+    def _check_input(self, x: np.ndarray, target: np.ndarray | None = None) -> None:
+        h, w = self.config.input_hw
+        if np.ndim(x) != 4 or tuple(np.shape(x)[1:]) != (h, w, 3):
+            raise ValueError(f"input must be (N, {h}, {w}, 3) NHWC, got shape {np.shape(x)}")
+        want = (np.shape(x)[0], *self.config.heatmap_hw, self.config.num_keypoints)
+        if target is not None and tuple(np.shape(target)) != want:
+            raise ValueError(f"target must be {want} (N, H/4, W/4, K), got shape {np.shape(target)}")
+
+    def num_params(self) -> int:
+        return int(sum(np.prod(v.shape) for v in self.net.trainable_variables))
+
+    def predict(self, x: np.ndarray, train_mode: bool = False) -> np.ndarray:
+        self._check_input(x)
+        forward = self._forward_train if train_mode else self._forward_eval
+        heatmaps = forward(self._to_device(x))  # (S, N, h, w, K)
+        return tf.cast(heatmaps, tf.float32).numpy()
+
+    def loss_and_grads(self, x: np.ndarray, target: np.ndarray) -> tuple[float, dict[str, np.ndarray]]:
+        self._check_input(x, target)
+        loss, grads = self._loss_grads(self._to_device(x), self._to_device(target))
+        return float(loss), {
+            n: tf.cast(g, tf.float32).numpy() for n, g in zip(self._trainable_names, grads, strict=True)
+        }
+
+    def export_weights(self) -> dict[str, np.ndarray]:
+        return {name: np.array(tf.cast(v, tf.float32).numpy(), dtype=np.float32) for name, v in self._variables.items()}
+
+    def benchmark_step(self, phase: str, batch_size: int, seed: int = 0) -> Callable[[], None]:
+        if phase not in PHASES:
+            raise ValueError(f"phase must be one of {', '.join(PHASES)}, got {phase!r}")
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        rng = np.random.default_rng(seed)
+        h, w = self.config.input_hw
+        hh, hw = self.config.heatmap_hw
+        x = self._to_device(rng.standard_normal((batch_size, h, w, 3), dtype=np.float32))
+        target = self._to_device(rng.standard_normal((batch_size, hh, hw, self.config.num_keypoints), dtype=np.float32))
+        # Sync: sync_devices() blocks until the device's stream has drained (a no-op op on CPU). It is the
+        # cheapest honest choice: fetching a scalar that depends on every gradient would add one reduction
+        # kernel per parameter (hundreds at the seed preset). The outputs stay referenced until it returns.
+        sync = tf.test.experimental.sync_devices
+        if phase == "forward":
+            forward = self._forward_eval
+
+            def step() -> None:
+                _heatmaps = forward(x)  # (S, N, h, w, K), kept referenced until the sync
+                sync()
+        else:
+            loss_grads = self._loss_grads
+
+            def step() -> None:
+                # Every gradient is an output of the function, so graph pruning cannot skip any.
+                _loss, _grads = loss_grads(x, target)
+                sync()
+
+        return step
+
+    def reset_peak_memory(self) -> None:
+        if self.device == "gpu":
+            tf.config.experimental.reset_memory_stats("GPU:0")
+
+    def peak_memory_bytes(self) -> int | None:
+        if self.device != "gpu":
+            return None
+        return int(tf.config.experimental.get_memory_info("GPU:0")["peak"])
+
+    def settings(self) -> dict[str, object]:
+        compile_mode = {
+            "eager": "op by op (no tf.function)",
+            "function": "tf.function graph, Grappler default optimisations",
+            "xla": "tf.function(jit_compile=True)",
+        }[self.execution]
+        return {
+            **super().settings(),
+            "tf_device": self._tf_device,
+            "layout": "NHWC (Grappler may transpose to NCHW on GPU in function mode)",
+            "compile": compile_mode,
+            "input_signature": "batch dimension dynamic, one trace per pass",
+            "dtype": self._dtype.name,
+            "batch_norm": "tf.nn.moments + tf.nn.batch_normalization (unfused ops)",
+            "sync": "tf.test.experimental.sync_devices()",
+            "tf32_enabled": tf.config.experimental.tensor_float_32_execution_enabled(),
+            "intra_op_threads": tf.config.threading.get_intra_op_parallelism_threads(),
+            "inter_op_threads": tf.config.threading.get_inter_op_parallelism_threads(),
+        }
+
+
+def gpu_available() -> bool:
+    """True when TensorFlow sees at least one GPU."""
+    return bool(tf.config.list_physical_devices("GPU"))
+
+
+def runtime_info() -> dict:
+    """TensorFlow version, devices, threads and the settings that change speed."""
+    gpus = tf.config.list_physical_devices("GPU")
+    details = [tf.config.experimental.get_device_details(g) for g in gpus]
+    build = tf.sysconfig.get_build_info()
+    return {
+        "framework": FRAMEWORK,
+        "version": tf.__version__,
+        "devices": [d.name for d in tf.config.list_physical_devices()],
+        "gpu_available": bool(gpus),
+        "gpu_names": [d.get("device_name") for d in details],
+        "gpu_compute_capability": [d.get("compute_capability") for d in details],
+        "intra_op_threads": tf.config.threading.get_intra_op_parallelism_threads(),  # 0: TF decides
+        "inter_op_threads": tf.config.threading.get_inter_op_parallelism_threads(),  # 0: TF decides
+        "cpu_count": os.cpu_count(),
+        "TF_ENABLE_ONEDNN_OPTS": os.environ.get("TF_ENABLE_ONEDNN_OPTS"),  # unset: oneDNN on (x86 Linux default)
+        "tf32_enabled": tf.config.experimental.tensor_float_32_execution_enabled(),
+        "xla_auto_jit": tf.config.optimizer.get_jit(),
+        "XLA_FLAGS": os.environ.get("XLA_FLAGS"),
+        "TF_XLA_FLAGS": os.environ.get("TF_XLA_FLAGS"),
+        "TF_GPU_ALLOCATOR": os.environ.get("TF_GPU_ALLOCATOR"),
+        "TF_FORCE_GPU_ALLOW_GROWTH": os.environ.get("TF_FORCE_GPU_ALLOW_GROWTH"),
+        "TF_DETERMINISTIC_OPS": os.environ.get("TF_DETERMINISTIC_OPS"),
+        "TF_SET_ONEDNN_FPMATH_MODE": os.environ.get("TF_SET_ONEDNN_FPMATH_MODE"),  # BF16: oneDNN may round fp32
+        "is_cuda_build": build.get("is_cuda_build"),
+        "cuda_version": build.get("cuda_version"),
+        "cudnn_version": build.get("cudnn_version"),
+    }
+
+
+def build(
+    config: HourglassConfig,
+    weights: dict[str, np.ndarray] | None = None,
+    *,
+    device: str = "cpu",
+    precision: str = "fp32",
+    execution: str = EXECUTIONS[0],
+    **options: object,
+) -> TensorFlowHourglass:
+    """A TensorFlow Stacked Hourglass for `config`, holding `weights` (default: impls.init_weights(config, 0))."""
+    if execution not in EXECUTIONS:
+        raise ValueError(f"execution must be one of {', '.join(EXECUTIONS)} for tensorflow, got {execution!r}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if device not in _DEVICES:
+        raise ValueError(f"device must be one of {', '.join(_DEVICES)}, got {device!r}")
+    if options:
+        raise ValueError(f"tensorflow's build takes no extra options, got {sorted(options)}; remove them")
+    if device == "gpu" and not gpu_available():
+        raise RuntimeError("no GPU visible to tensorflow; use --device cpu")
+    weights = spec.init_weights(config, seed=0) if weights is None else weights
+    spec.check_weights(config, weights)
+    return TensorFlowHourglass(config, weights, device, precision, execution)

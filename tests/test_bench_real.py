@@ -1,0 +1,66 @@
+"""The runner with real frameworks: real parent and worker processes on the tiny preset.
+
+Every installed framework whose implementation exists takes part; the others are left out cleanly.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from bench.settings import EXECUTIONS
+from impls import FRAMEWORKS, is_installed
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+AVAILABLE = [fw for fw in FRAMEWORKS if is_installed(fw) and (REPO_ROOT / "impls" / f"{fw}_hourglass.py").exists()]
+
+
+def _module_executions(framework: str) -> tuple[str, ...]:
+    """EXECUTIONS as written in impls/<framework>_hourglass.py, read without importing the framework."""
+    tree = ast.parse((REPO_ROOT / "impls" / f"{framework}_hourglass.py").read_text())
+    for node in tree.body:
+        target = getattr(node, "target", None) or (node.targets[0] if isinstance(node, ast.Assign) else None)
+        if isinstance(target, ast.Name) and target.id == "EXECUTIONS":
+            return tuple(ast.literal_eval(node.value))
+    raise AssertionError(f"impls/{framework}_hourglass.py defines no EXECUTIONS")
+
+
+@pytest.mark.parametrize("framework", FRAMEWORKS)
+def test_settings_executions_match_the_impls_modules(framework: str) -> None:
+    if not (REPO_ROOT / "impls" / f"{framework}_hourglass.py").exists():
+        pytest.skip(f"impls/{framework}_hourglass.py does not exist yet")
+    assert EXECUTIONS[framework] == _module_executions(framework)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not AVAILABLE, reason="no framework with an implementation is installed")
+def test_runner_real_frameworks_measure_tiny_end_to_end(tmp_path: Path) -> None:
+    args = ["--preset", "tiny", "--iters", "3", "--warmup", "1", "--phase", "forward", "--execution", "default"]
+    done = subprocess.run(
+        [sys.executable, "-m", "bench", "run", *args, "--framework", ",".join(AVAILABLE), "--out", str(tmp_path)],
+        check=False,
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    (run_dir,) = list(tmp_path.iterdir())
+    rows = pd.read_csv(run_dir / "summary.csv").set_index("cell_id")
+    errors = rows.loc[rows["status"] != "ok", "error"].to_dict()
+    model = rows[rows["kind"] == "model"]
+    assert done.returncode == 0, f"{done.stdout[-3000:]}\n{done.stderr[-2000:]}\n{errors}"
+    assert sorted(model["framework"]) == sorted(AVAILABLE)
+    assert (model["status"] == "ok").all() and (model["n_samples"] == 3).all()
+    assert (model["latency_ms_median"] > 0).all() and (model["first_call_ms"] > 0).all()
+    assert (model["achieved_gflop_per_s"] > 0).all() and (model["host_peak_rss_bytes"] > 0).all()
+    record = json.loads((run_dir / "run.json").read_text())
+    assert set(record["frameworks"]) == set(AVAILABLE)
+    assert all(info.get("version") for info in record["frameworks"].values())
+    if len(AVAILABLE) > 1:
+        verdicts = record["equivalence"]["frameworks"]
+        assert all(v["equivalent"] and v["max_rel_err"] < 1e-4 for v in verdicts.values()), verdicts
+    samples = pd.read_csv(run_dir / "samples.csv")
+    assert (samples[samples["kind"] == "model"].groupby("cell_id").size() == 3).all()

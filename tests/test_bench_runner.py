@@ -1,0 +1,258 @@
+"""The runner end to end on the fake backend: real worker processes, fake framework (fast).
+
+Faults (crash, exit, OOM, hang, build error, disagreement) are injected through tests/fake_backend.py.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from bench import cli, settings
+from bench.results import SUMMARY_COLUMNS
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+TINY = ["--preset", "tiny", "--iters", "3", "--warmup", "1"]
+
+
+@pytest.fixture
+def fake(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    """Workers load tests/fake_backend.py; no GPU; every framework installed unless a test says otherwise."""
+    monkeypatch.setenv("HGBENCH_BACKEND_OVERRIDE", "tests.fake_backend")
+    monkeypatch.delenv("HGBENCH_FAKE_FAULTS", raising=False)
+    monkeypatch.delenv("HGBENCH_FAKE_THREADS", raising=False)
+    monkeypatch.setattr(settings.nvml, "gpu_present", lambda: False)
+    monkeypatch.setattr(settings, "is_installed", lambda fw: True)
+    return monkeypatch
+
+
+def run(out: Path, *args: str) -> tuple[int, Path]:
+    """`python -m bench run` in this process (workers are real processes); returns (exit code, run dir)."""
+    code = cli.main(["run", *TINY, "--out", str(out), *args])
+    (run_dir,) = [p for p in out.iterdir() if p.is_dir()]
+    return code, run_dir
+
+
+def summary(run_dir: Path) -> pd.DataFrame:
+    return pd.read_csv(run_dir / "summary.csv").set_index("cell_id")
+
+
+def test_runner_writes_tidy_summary_samples_and_run_json(fake: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    code, run_dir = run(tmp_path, "--framework", "all", "--execution", "default")
+    assert code == 0
+    table = pd.read_csv(run_dir / "summary.csv")
+    assert list(table.columns) == SUMMARY_COLUMNS
+    model = table[table["kind"] == "model"]
+    assert len(model) == 6 and set(model["status"]) == {"ok"}  # 3 frameworks x default execution x 2 phases
+    assert len(table[table["kind"] == "calibration"]) == 3
+    assert (model["n_samples"] == 3).all() and (model["warmup_calls"] == 1).all()
+    assert (model["first_call_ms"] > 0).all() and (model["host_peak_rss_bytes"] > 0).all()
+    assert model["latency_ms_median"].between(model["latency_ms_min"], model["latency_ms_p95"]).all()
+    assert (model["ceiling_fraction"] > 0).all() and model["equivalent"].all()
+    # No GPU: the GPU memory figures are empty, not zero.
+    for column in ("gpu_allocator_peak_bytes", "nvml_process_used_bytes", "nvml_device_used_bytes"):
+        assert model[column].isna().all(), column
+    samples = pd.read_csv(run_dir / "samples.csv")
+    assert samples.groupby("cell_id").size().to_dict() == dict.fromkeys(table["cell_id"], 3)
+    cell = model.iloc[0]
+    mine = samples[samples["cell_id"] == cell["cell_id"]]["latency_ns"] / 1e6
+    assert cell["latency_ms_median"] == pytest.approx(mine.median())
+    record = json.loads((run_dir / "run.json").read_text())
+    assert record["status"] == "complete"
+    assert record["allocator_env"]["XLA_PYTHON_CLIENT_PREALLOCATE"] == "false"
+    assert record["settings"]["preset"] == "tiny" and record["settings"]["iters"] == 3
+    assert {"utc_time", "cpu_model", "ram_bytes", "git", "packages", "python"} <= set(record["environment"])
+    assert record["command_line"].startswith("python -m bench run --preset tiny")
+    assert set(record["frameworks"]) == {"torch", "tensorflow", "jax"}
+    assert all(e["equivalent"] for e in record["equivalence"]["frameworks"].values())
+
+
+def test_runner_worker_crash_becomes_failed_row_and_run_goes_on(
+    fake: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fake.setenv("HGBENCH_FAKE_FAULTS", "crash@torch/*/forward,exit@jax/*/forward,error@jax/*/forward_backward")
+    code, run_dir = run(tmp_path, "--framework", "torch,jax")
+    rows = summary(run_dir)
+    assert code == 1
+    assert rows.loc["torch-eager-fp32-b1-forward", "status"] == "failed"
+    assert "SIGABRT during first_call" in rows.loc["torch-eager-fp32-b1-forward", "error"]
+    assert "exited with code 3" in rows.loc["jax-jit-fp32-b1-forward", "error"]
+    assert "ValueError: fake setup failure" in rows.loc["jax-jit-fp32-b1-forward_backward", "error"]
+    assert rows.loc["torch-eager-fp32-b1-forward_backward", "status"] == "ok"
+    assert "failed torch-eager-fp32-b1-forward" in capsys.readouterr().out
+
+
+def test_runner_out_of_memory_becomes_oom_row(fake: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    fake.setenv("HGBENCH_FAKE_FAULTS", "oom@torch/*/forward_backward")
+    code, run_dir = run(tmp_path, "--framework", "torch")
+    rows = summary(run_dir)
+    assert code == 1
+    assert rows.loc["torch-eager-fp32-b1-forward_backward", "status"] == "oom"
+    assert "CUDA out of memory" in rows.loc["torch-eager-fp32-b1-forward_backward", "error"]
+    assert rows.loc["torch-eager-fp32-b1-forward", "status"] == "ok"
+
+
+def test_runner_hung_worker_times_out_and_is_killed(fake: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    fake.setenv("HGBENCH_FAKE_FAULTS", "hang@torch/*/forward")
+    code, run_dir = run(tmp_path, "--framework", "torch", "--timeout", "4")
+    rows = summary(run_dir)
+    assert code == 1
+    assert rows.loc["torch-eager-fp32-b1-forward", "status"] == "timeout"
+    assert "no result after --timeout 4 s, during first_call" in rows.loc["torch-eager-fp32-b1-forward", "error"]
+    assert rows.loc["torch-eager-fp32-b1-forward_backward", "status"] == "ok"
+
+
+def test_runner_skips_frameworks_not_installed_under_all(fake: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    fake.setattr(settings, "is_installed", lambda fw: fw != "tensorflow")
+    code, run_dir = run(tmp_path, "--framework", "all", "--phase", "forward")
+    rows = summary(run_dir)
+    assert code == 0
+    skipped = rows.loc["tensorflow-eager-fp32-b1-forward"]
+    assert skipped["status"] == "skipped"
+    assert skipped["error"] == "framework 'tensorflow' is not installed; install it with: pip install '.[tensorflow]'"
+    assert rows.loc["jax-jit-fp32-b1-forward", "status"] == "ok"
+
+
+def test_runner_flags_a_framework_that_disagrees_loudly(
+    fake: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fake.setenv("HGBENCH_FAKE_FAULTS", "disagree@jax")
+    code, run_dir = run(tmp_path, "--framework", "all", "--phase", "forward")
+    rows = summary(run_dir)
+    record = json.loads((run_dir / "run.json").read_text())
+    assert code == 1
+    assert record["equivalence"]["frameworks"]["jax"]["equivalent"] is False
+    assert record["equivalence"]["frameworks"]["jax"]["max_rel_err"] == pytest.approx(0.1, rel=1e-3)
+    assert record["equivalence"]["frameworks"]["torch"]["equivalent"] is True
+    assert not rows.loc["jax-jit-fp32-b1-forward", "equivalent"]
+    assert "FRAMEWORK DISAGREES: jax" in capsys.readouterr().out
+
+
+def test_runner_calibration_without_conv_benchmark_is_skipped_with_reason(
+    fake: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    fake.setenv("HGBENCH_FAKE_FAULTS", "noconv@torch")
+    code, run_dir = run(tmp_path, "--framework", "torch,jax", "--phase", "forward")
+    rows = summary(run_dir)
+    assert code == 0
+    assert rows.loc["torch-conv_benchmark-fp32-b1-conv3x3", "status"] == "skipped"
+    assert "has no conv_benchmark" in rows.loc["torch-conv_benchmark-fp32-b1-conv3x3", "error"]
+    # The ceiling still comes from the framework that has one.
+    assert rows.loc["torch-eager-fp32-b1-forward", "conv_ceiling_gflop_per_s"] == pytest.approx(
+        rows.loc["jax-conv_benchmark-fp32-b1-conv3x3", "achieved_gflop_per_s"]
+    )
+
+
+def test_runner_warns_when_thread_counts_differ(
+    fake: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fake.setenv("HGBENCH_FAKE_THREADS", "torch=4")
+    code, run_dir = run(tmp_path, "--framework", "torch,jax", "--phase", "forward")
+    record = json.loads((run_dir / "run.json").read_text())
+    assert code == 0
+    assert "frameworks use different intra_op_threads: torch 4, jax 1" in record["warnings"]
+    assert "different intra_op_threads" in capsys.readouterr().out
+
+
+def test_runner_min_time_collects_at_least_min_iters(fake: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    code = cli.main(
+        [
+            "run",
+            "--preset",
+            "tiny",
+            "--min-time",
+            "0.05",
+            "--warmup",
+            "0",
+            "--framework",
+            "jax",
+            "--phase",
+            "forward",
+            "--out",
+            str(tmp_path),
+        ]
+    )
+    (run_dir,) = list(tmp_path.iterdir())
+    assert code == 0
+    assert summary(run_dir).loc["jax-jit-fp32-b1-forward", "n_samples"] >= settings.MIN_ITERS
+
+
+def _wait_for_rows(path: Path, count: int, timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if path.exists() and len(pd.read_csv(path)) >= count:
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"{path} did not reach {count} rows")
+
+
+def test_runner_interrupted_run_keeps_finished_cells_and_resume_completes_it(
+    fake: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    env = {**os.environ, "HGBENCH_FAKE_FAULTS": "hang@jax/*/forward_backward"}
+    args = [sys.executable, "-m", "bench", "run", *TINY, "--framework", "torch,jax", "--out", str(tmp_path)]
+    parent = subprocess.Popen(
+        args, cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        # Two calibration rows and three cells come before the hanging one.
+        _wait_for_rows(_summary_path(tmp_path), 5)
+        time.sleep(0.5)
+        parent.send_signal(signal.SIGINT)
+        assert parent.wait(timeout=30) == 130
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+    (run_dir,) = list(tmp_path.iterdir())
+    assert json.loads((run_dir / "run.json").read_text())["status"] == "interrupted"
+    before = summary(run_dir)
+    assert "jax-jit-fp32-b1-forward_backward" not in before.index
+    assert len(before) == 5
+
+    fake.delenv("HGBENCH_FAKE_FAULTS", raising=False)
+    assert cli.main(["run", "--resume", str(run_dir)]) == 0
+    after = summary(run_dir)
+    assert len(after) == 6 and set(after["status"]) == {"ok"}
+    pd.testing.assert_frame_equal(after.loc[before.index], before)  # finished cells were not measured again
+    record = json.loads((run_dir / "run.json").read_text())
+    assert record["status"] == "complete" and len(record["resumes"]) == 1
+    samples = pd.read_csv(run_dir / "samples.csv")
+    assert samples.groupby("cell_id").size().to_dict() == dict.fromkeys(after.index, 3)
+
+
+def _summary_path(out: Path, timeout_s: float = 60.0) -> Path:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        found = list(out.glob("*/summary.csv"))
+        if found:
+            return found[0]
+        time.sleep(0.1)
+    raise AssertionError(f"no summary.csv under {out}")
+
+
+def test_runner_resume_of_a_complete_run_measures_nothing(fake: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    code, run_dir = run(tmp_path, "--framework", "jax", "--phase", "forward")
+    logs = {p.name: p.stat().st_mtime_ns for p in (run_dir / "logs").iterdir()}
+    assert code == 0 and cli.main(["run", "--resume", str(run_dir)]) == 0
+    assert {p.name: p.stat().st_mtime_ns for p in (run_dir / "logs").iterdir()} == logs
+    assert not math.isnan(summary(run_dir).loc["jax-jit-fp32-b1-forward", "latency_ms_median"])
+
+
+def test_runner_warns_when_the_machine_is_busy(fake: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from bench import envinfo
+
+    fake.setattr(envinfo, "load_average", lambda: [64.0, 64.0, 64.0])
+    code, run_dir = run(tmp_path, "--framework", "jax", "--phase", "forward")
+    record = json.loads((run_dir / "run.json").read_text())
+    assert code == 0
+    assert any(w.startswith("the machine is busy (1-minute load 64.0") for w in record["warnings"])
+    assert record["load_average_at_end"] == [64.0, 64.0, 64.0]

@@ -1,0 +1,153 @@
+"""Settings: parsing, defaults per device, and every bad input as a one-line error with exit code 2."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench import cli, settings
+from bench.settings import RunSettings, build_settings
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def cpu_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(settings.nvml, "gpu_present", lambda: False)
+
+
+@pytest.fixture
+def with_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(settings.nvml, "gpu_present", lambda: True)
+
+
+def test_parse_int_list_accepts_spaces_and_drops_repeats() -> None:
+    assert settings.parse_int_list("--batch-size", " 1, 8,16,8") == (1, 8, 16)
+
+
+def test_default_settings_on_cpu_measure_seed_at_batch_one_with_time_budget(cpu_only: None) -> None:
+    s = build_settings()
+    assert s.device == "cpu" and s.preset == "seed" and s.config.input_hw == (256, 256)
+    assert s.batch_sizes == (1,) and s.phases == ("forward", "forward_backward")
+    assert s.min_time_s is not None and s.iters is not None
+    assert all(s.executions[fw][0] == settings.EXECUTIONS[fw][0] for fw in s.frameworks)
+
+
+def test_default_settings_on_gpu_use_the_seed_batch_and_every_execution(with_gpu: None) -> None:
+    s = build_settings()
+    assert s.device == "gpu" and s.batch_sizes == (16,)
+    assert dict(s.executions) == settings.EXECUTIONS
+
+
+def test_protocol_seed_reproduces_the_seed_loop(cpu_only: None) -> None:
+    s = build_settings(protocol="seed")
+    assert (s.batch_sizes, s.warmup + 1, s.iters, s.min_time_s) == ((16,), 10, 100, None)
+
+
+def test_iters_alone_gives_an_exact_count(cpu_only: None) -> None:
+    s = build_settings(iters="3")
+    assert (s.iters, s.min_time_s) == (3, None)
+
+
+def test_execution_items_resolve_per_framework(cpu_only: None) -> None:
+    s = build_settings(framework="torch,tf,jax", execution="eager,xla,jax:jit,torch:compile")
+    assert dict(s.executions) == {"torch": ("eager", "compile"), "tensorflow": ("eager", "xla"), "jax": ("jit",)}
+
+
+def test_config_overrides_replace_preset_fields(cpu_only: None) -> None:
+    s = build_settings(preset="tiny", stacks="3", channels="24", keypoints="7", input_size="32x48")
+    assert (s.config.num_stacks, s.config.channels, s.config.num_keypoints, s.config.input_hw) == (3, 24, 7, (32, 48))
+
+
+def test_run_settings_round_trip_through_dict(cpu_only: None) -> None:
+    s = build_settings(preset="tiny", batch_size="1,2", precision="fp32,bf16")
+    assert RunSettings.from_dict(s.to_dict()) == s
+
+
+def test_cells_cover_the_product_in_stable_order(cpu_only: None) -> None:
+    s = build_settings(framework="torch", execution="all", batch_size="1,2", phase="forward")
+    assert [c.cell_id for c in s.cells()] == [
+        "torch-eager-fp32-b1-forward", "torch-eager-fp32-b2-forward",
+        "torch-compile-fp32-b1-forward", "torch-compile-fp32-b2-forward",
+    ]  # fmt: skip
+
+
+BAD_INPUTS = [
+    (["--framework", "mxnet"], "unknown framework 'mxnet'"),
+    (["--framework", "torch,"], "comma-separated list"),
+    (["--preset", "huge"], "unknown preset 'huge'"),
+    (["--batch-size", "0"], "--batch-size must be a positive integer, got '0'"),
+    (["--batch-size", "-4"], "--batch-size must be a positive integer, got '-4'"),
+    (["--batch-size", "1,,8"], "comma-separated list such as 1,8,16, got '1,,8'"),
+    (["--batch-size", "eight"], "got 'eight'"),
+    (["--iters", "-1"], "--iters must be a positive integer"),
+    (["--warmup", "-2"], "--warmup must be an integer >= 0"),
+    (["--min-time", "0"], "--min-time must be a positive number"),
+    (["--timeout", "nan"], "--timeout must be a positive number"),
+    (["--stacks", "0"], "--stacks must be a positive integer"),
+    (["--input-size", "100"], "not divisible by 4 \\* 2\\^depth = 64"),
+    (["--preset", "tiny", "--depth", "5"], "not divisible"),
+    (["--input-size", "32x"], "--input-size must be SIZE or HEIGHTxWIDTH"),
+    (["--channels", "12"], "channels must be a multiple of 8"),
+    (["--phase", "backward"], "unknown value 'backward'"),
+    (["--precision", "fp16"], "unknown value 'fp16'"),
+    (["--execution", "torch:xla"], "torch has no execution 'xla'"),
+    (["--execution", "turbo"], "unknown execution 'turbo'"),
+    (["--framework", "torch,jax", "--execution", "eager"], "gives jax nothing to run .*; add one, e.g. jax:jit"),
+    (["--device", "tpu"], "--device must be one of auto, cpu, gpu"),
+    (["--device", "gpu"], "--device gpu: no GPU is visible"),
+    (["--protocol", "seed", "--iters", "5"], "drop --iters"),
+    (["--protocol", "fast"], "--protocol must be one of"),
+    (["--resume", "/nonexistent"], "not a run directory"),
+    (["--resume", "x", "--iters", "2"], "drop --iters"),
+    (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
+]
+
+
+@pytest.mark.parametrize(("args", "message"), BAD_INPUTS, ids=[" ".join(a) for a, _ in BAD_INPUTS])
+def test_bad_input_exits_2_with_one_line(
+    args: list[str], message: str, cpu_only: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli.main(["run", *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert re.search(message, err), err
+
+
+def test_explicit_framework_not_installed_exits_2_with_pip_command(
+    monkeypatch: pytest.MonkeyPatch, cpu_only: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(settings, "is_installed", lambda fw: fw != "jax")
+    assert cli.main(["run", "--framework", "torch,jax"]) == 2
+    assert capsys.readouterr().err == "error: framework 'jax' is not installed; install it with: pip install '.[jax]'\n"
+
+
+def test_bad_input_in_a_real_process_prints_no_traceback() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "bench", "run", "--batch-size", "0"],
+        check=False,
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 2
+    assert done.stderr == "error: --batch-size must be a positive integer, got '0'\n"
+    assert "Traceback" not in done.stdout + done.stderr
+
+
+def test_help_and_parent_modules_import_no_framework() -> None:
+    code = (
+        "import sys, contextlib, io\n"
+        "import bench.cli, bench.orchestrate, bench.inventory, bench.results, bench.console, bench.envinfo\n"
+        "with contextlib.redirect_stdout(io.StringIO()):\n"
+        "    try:\n        bench.cli.main(['run', '--help'])\n    except SystemExit:\n        pass\n"
+        "bench.envinfo.collect([])\n"
+        "loaded = {'torch', 'tensorflow', 'jax', 'flax'} & set(sys.modules)\n"
+        "assert not loaded, loaded\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], check=False, cwd=REPO_ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr

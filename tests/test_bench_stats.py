@@ -1,0 +1,141 @@
+"""Statistics and the sampling loop, against hand-computed values (no framework, no wall clock)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from bench import stats, timing
+from bench.calibration import ConvShape, dominant_conv3x3
+from bench.equivalence import compare, relative_error
+from impls import get_preset
+
+# Five samples of 1..5 ms, in nanoseconds, shuffled: order must not matter.
+SAMPLES_NS = [3_000_000, 1_000_000, 5_000_000, 2_000_000, 4_000_000]
+
+
+def test_summarize_matches_hand_computed_values() -> None:
+    s = stats.summarize(SAMPLES_NS, batch_size=2, flops=6_000_000_000)
+    assert s["n_samples"] == 5
+    assert s["latency_ms_median"] == pytest.approx(3.0)
+    assert s["latency_ms_mean"] == pytest.approx(3.0)
+    assert s["latency_ms_std"] == pytest.approx(math.sqrt(2.5))  # sum of squares 10 over n-1 = 4
+    assert s["latency_ms_min"] == pytest.approx(1.0)
+    assert s["latency_ms_p5"] == pytest.approx(1.2)  # linear interpolation: 1 + 0.05 * 4 * (2 - 1)
+    assert s["latency_ms_p95"] == pytest.approx(4.8)
+    assert s["latency_ms_iqr"] == pytest.approx(2.0)  # q75 = 4, q25 = 2
+    assert s["throughput_img_per_s"] == pytest.approx(2 / 0.003)
+    assert s["achieved_gflop_per_s"] == pytest.approx(6.0 / 0.003)
+    assert s["noisy"] is True  # IQR/median = 0.67
+
+
+def test_summarize_flags_not_noisy_when_iqr_is_small() -> None:
+    samples = [100_000_000 + i * 1_000_000 for i in range(9)]  # 100..108 ms: IQR 4 ms, median 104 ms
+    s = stats.summarize(samples, batch_size=1, flops=None)
+    assert s["latency_ms_iqr"] == pytest.approx(4.0)
+    assert s["noisy"] is False
+    assert math.isnan(s["achieved_gflop_per_s"])
+
+
+def test_summarize_single_sample_has_nan_spread() -> None:
+    s = stats.summarize([2_000_000], batch_size=1, flops=None)
+    assert s["latency_ms_median"] == pytest.approx(2.0)
+    assert math.isnan(s["latency_ms_std"])
+    assert math.isnan(s["latency_ms_median_ci95_low"])
+
+
+def test_bootstrap_ci_is_deterministic_and_brackets_the_median() -> None:
+    rng = np.random.default_rng(1)
+    values = rng.normal(10.0, 1.0, size=50)
+    first = stats.bootstrap_median_ci(values)
+    assert first == stats.bootstrap_median_ci(values)  # fixed seed
+    assert first[0] < np.median(values) < first[1]
+    assert values.min() <= first[0] and first[1] <= values.max()
+
+
+def test_bootstrap_ci_of_constant_samples_has_zero_width() -> None:
+    assert stats.bootstrap_median_ci(np.full(10, 4.0)) == (4.0, 4.0)
+
+
+class FakeClock:
+    """A clock that stands still except when a step runs, which takes `step_ns`."""
+
+    def __init__(self, step_ns: int) -> None:
+        self.now = 0
+        self.step_ns = step_ns
+        self.calls = 0
+
+    def __call__(self) -> int:
+        return self.now
+
+    def step(self) -> None:
+        self.calls += 1
+        self.now += self.step_ns
+
+
+def test_sample_without_min_time_runs_exactly_max_iters() -> None:
+    clock = FakeClock(step_ns=1_000)
+    samples = timing.sample(clock.step, max_iters=7, clock=clock)
+    assert samples == [1_000] * 7
+    assert clock.calls == 7
+
+
+def test_sample_with_min_time_stops_after_the_budget() -> None:
+    clock = FakeClock(step_ns=100_000_000)  # 0.1 s per step
+    samples = timing.sample(clock.step, max_iters=1000, min_time_s=1.0, min_iters=3, clock=clock)
+    assert len(samples) == 10
+
+
+def test_sample_with_min_time_still_collects_min_iters() -> None:
+    clock = FakeClock(step_ns=2_000_000_000)  # 2 s per step, over the 1 s budget at once
+    samples = timing.sample(clock.step, max_iters=1000, min_time_s=1.0, min_iters=5, clock=clock)
+    assert len(samples) == 5
+
+
+def test_sample_max_iters_caps_a_time_budget() -> None:
+    clock = FakeClock(step_ns=1_000)
+    assert len(timing.sample(clock.step, max_iters=4, min_time_s=100.0, clock=clock)) == 4
+
+
+def test_measure_times_first_call_alone_then_warms_up() -> None:
+    durations = iter([5_000, 10, 10, 1, 2, 3])  # first call, 2 warm-ups, 3 timed
+    clock = FakeClock(step_ns=0)
+    stages: list[str] = []
+
+    def step() -> None:
+        clock.now += next(durations)
+
+    result = timing.measure(step, warmup=2, max_iters=3, clock=clock, on_stage=stages.append)
+    assert result.first_call_ns == 5_000
+    assert result.warmup_calls == 2
+    assert result.samples_ns == [1, 2, 3]
+    assert stages == ["first_call", "warmup", "timed", "done"]
+
+
+def test_dominant_conv3x3_of_seed_is_the_top_resolution_bottleneck() -> None:
+    shape = dominant_conv3x3(get_preset("seed"))
+    assert shape == ConvShape(64, 64, 64, 64)
+    assert shape.flops(2) == 2 * 2 * 64 * 64 * 9 * 64 * 64
+
+
+def test_compare_median_consensus_singles_out_the_framework_that_disagrees() -> None:
+    base = np.random.default_rng(0).standard_normal((2, 1, 4, 4, 3)).astype(np.float32)
+    verdict = compare({"torch": base, "tensorflow": base * (1 + 1e-7), "jax": base * 1.5}, rtol=1e-3)
+    assert verdict["torch"]["equivalent"] and verdict["tensorflow"]["equivalent"]
+    assert verdict["jax"]["equivalent"] is False
+    assert verdict["jax"]["max_rel_err"] == pytest.approx(0.5, rel=1e-6)
+
+
+def test_compare_two_frameworks_flags_both_and_one_framework_is_unchecked() -> None:
+    base = np.ones((1, 1, 2, 2, 1), dtype=np.float32)
+    pair = compare({"torch": base, "jax": base * 2}, rtol=1e-3)
+    assert pair["torch"]["equivalent"] is False and pair["jax"]["equivalent"] is False
+    assert compare({"torch": base}, rtol=1e-3)["torch"]["equivalent"] is None
+
+
+def test_relative_error_is_infinite_for_nan_or_wrong_shape() -> None:
+    ref = np.ones((1, 1, 2, 2, 1))
+    assert relative_error(np.full_like(ref, np.nan), ref) == math.inf
+    assert relative_error(np.ones((1, 1, 2, 2, 2)), ref) == math.inf
