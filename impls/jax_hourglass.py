@@ -420,3 +420,25 @@ def runtime_info() -> dict[str, object]:
         "jax_default_matmul_precision": jax.config.jax_default_matmul_precision,
         "jax_enable_x64": bool(jax.config.jax_enable_x64),
     }
+
+
+def conv_benchmark(input_shape: tuple[int, int, int, int], c_out: int, *, kernel_size: int = 3, device: str = "cpu",
+                   precision: str = "fp32", seed: int = 0) -> Callable[[], None]:
+    """One stride-1 SAME conv without bias, on device-resident random data: the conv-ceiling probe.
+
+    Jitted, as the model is; each call ends in jax.block_until_ready.
+    """
+    if device == "gpu" and not gpu_available():
+        raise RuntimeError("no GPU visible to jax; use --device cpu")
+    dev = jax.devices(device)[0]
+    rng = np.random.default_rng(seed)
+    n, h, w, c_in = input_shape
+    dtype = _DTYPES[precision]
+    x = jax.device_put(rng.standard_normal((n, h, w, c_in), dtype=np.float32).astype(dtype), dev)
+    kernel = jax.device_put(rng.standard_normal((kernel_size, kernel_size, c_in, c_out), dtype=np.float32).astype(dtype), dev)
+    conv = jax.jit(lambda a, k: jax.lax.conv_general_dilated(a, k, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")))
+
+    def step() -> None:
+        jax.block_until_ready(conv(x, kernel))
+
+    return step

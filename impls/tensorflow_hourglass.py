@@ -413,3 +413,28 @@ def build(
     weights = spec.init_weights(config, seed=0) if weights is None else weights
     spec.check_weights(config, weights)
     return TensorFlowHourglass(config, weights, device, precision, execution)
+
+
+def conv_benchmark(input_shape: tuple[int, int, int, int], c_out: int, *, kernel_size: int = 3, device: str = "cpu",
+                   precision: str = "fp32", seed: int = 0) -> Callable[[], None]:
+    """One stride-1 SAME conv without bias, on device-resident random data: the conv-ceiling probe.
+
+    Runs as a tf.function (the graph path the model's fastest modes use); each call ends with sync_devices.
+    """
+    if device == "gpu" and not gpu_available():
+        raise RuntimeError("no GPU visible to tensorflow; use --device cpu")
+    rng = np.random.default_rng(seed)
+    n, h, w, c_in = input_shape
+    with tf.device(_DEVICES[device]):
+        x = tf.cast(tf.constant(rng.standard_normal((n, h, w, c_in), dtype=np.float32)), _DTYPES[precision])
+        kernel = tf.cast(
+            tf.constant(rng.standard_normal((kernel_size, kernel_size, c_in, c_out), dtype=np.float32)), _DTYPES[precision]
+        )
+        conv = tf.function(lambda a, k: tf.nn.conv2d(a, k, strides=1, padding="SAME"))
+
+    def step() -> None:
+        with tf.device(_DEVICES[device]):
+            _y = conv(x, kernel)  # (N, H, W, c_out), kept referenced until the sync
+        tf.test.experimental.sync_devices()
+
+    return step

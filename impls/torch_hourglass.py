@@ -386,3 +386,29 @@ def build(config: HourglassConfig, weights: dict[str, np.ndarray] | None = None,
     else:
         spec.check_weights(config, weights)
     return TorchHourglassModel(config, weights, device, precision, execution, True if channels_last is None else channels_last)
+
+
+def conv_benchmark(input_shape: tuple[int, int, int, int], c_out: int, *, kernel_size: int = 3, device: str = "cpu",
+                   precision: str = "fp32", seed: int = 0, channels_last: bool = True) -> Callable[[], None]:
+    """One stride-1 SAME conv without bias, on device-resident random data: the conv-ceiling probe.
+
+    Same layout, precision and backend settings as build(); each call ends synchronised like benchmark_step.
+    """
+    if device == "gpu" and not gpu_available():
+        raise RuntimeError("no GPU visible to torch; use --device cpu")
+    dev = torch.device("cuda", 0) if device == "gpu" else torch.device("cpu")
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    rng = np.random.default_rng(seed)
+    n, h, w, c_in = input_shape
+    x = torch.from_numpy(rng.standard_normal((n, h, w, c_in), dtype=np.float32)).permute(0, 3, 1, 2)  # (N, C, H, W)
+    x = x.to(dev, _DTYPES[precision], memory_format=memory_format)
+    conv = nn.Conv2d(c_in, c_out, kernel_size, padding=kernel_size // 2, bias=False)
+    conv = conv.to(dev, _DTYPES[precision], memory_format=memory_format).eval()
+
+    def step() -> None:
+        with torch.inference_mode():
+            conv(x)
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+
+    return step
