@@ -26,9 +26,9 @@ class _Parser(argparse.ArgumentParser):
 _RUN_EPILOG = """\
 phases: forward = eval-mode BN, no gradients; forward_backward = train-mode BN, the loss summed over all
 stacks, gradients of every trainable parameter, no optimizer update.
-defaults: on a CPU the seed preset at batch 1, both phases, each framework's default execution plus its
-quick compiled variants, fp32, time-budgeted loops (a 2-core machine finishes within 10 minutes); on a GPU
-the seed's batch of 16 and every execution. Exit codes: 0 all cells ok or skipped, 1 a cell failed, timed
+defaults: on a CPU the seed preset at batch 1, both phases, every execution mode (compiled ones
+included), fp32, time-budgeted loops (a 2-core machine finishes within 10 minutes); on a GPU the seed's
+batch of 16 and every execution. Exit codes: 0 all cells ok or skipped, 1 a cell failed, timed
 out or ran out of memory (or a framework disagreed in the equivalence check), 2 bad input."""
 
 

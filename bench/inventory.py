@@ -79,5 +79,5 @@ def list_frameworks(probe_workers: bool = True) -> int:
 
 def print_environment(args: list[str]) -> int:
     """Print the environment record that run.json stores, as JSON."""
-    print(json.dumps({**envinfo.collect(args), "allocator_env": settings_mod.ALLOCATOR_ENV}, indent=2))
+    print(json.dumps({**envinfo.collect(args), "worker_env": settings_mod.WORKER_ENV}, indent=2))
     return 0

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.atomic import read_json, write_json_atomic
-from bench.settings import ALLOCATOR_ENV
+from bench.settings import WORKER_ENV
 from bench.worker import ERROR_TAIL_LINES, OOM_MARKERS, STAGE_PREFIX
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -39,7 +39,7 @@ class WorkerOutcome:
 def worker_env() -> dict[str, str]:
     """The worker's environment: ours, plus the allocator knobs and the repository on the import path."""
     env = dict(os.environ)
-    env.update(ALLOCATOR_ENV)
+    env.update(WORKER_ENV)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
     return env
 

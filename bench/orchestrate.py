@@ -25,7 +25,7 @@ from bench.calibration import dominant_conv3x3
 from bench.equivalence import compare
 from bench.launch import WorkerOutcome, run_worker
 from bench.results import RunStore
-from bench.settings import ALLOCATOR_ENV, MIN_ITERS, Cell, RunSettings
+from bench.settings import MIN_ITERS, WORKER_ENV, Cell, RunSettings
 from bench.stats import summarize
 from impls import count_flops, install_command
 
@@ -346,7 +346,7 @@ def start(settings: RunSettings, args: list[str]) -> int:
         "started_utc": envinfo.utc_now(),
         "command_line": envinfo.command_line(args),
         "settings": settings.to_dict(),
-        "allocator_env": dict(ALLOCATOR_ENV),
+        "worker_env": dict(WORKER_ENV),
         "phases": {
             "forward": "eval-mode BN (running statistics), no gradients",
             "forward_backward": "train-mode BN (batch statistics), loss summed over all stacks, gradients of every trainable parameter, no optimizer update",

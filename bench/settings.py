@@ -16,12 +16,16 @@ from bench import nvml
 from impls import FRAMEWORKS, PHASES, ConfigError, HourglassConfig, get_preset, install_command, is_installed
 from impls.registry import UnknownFrameworkError, canonical_name
 
-# Allocator knobs, set in this one place for every worker and recorded in run.json: JAX would otherwise
-# preallocate 75% of the GPU and TF map all of it, so the memory figures would describe the allocator's
-# policy, not the model. TF_CPP_MIN_LOG_LEVEL=2 keeps TF's info banners out of the error tails.
-ALLOCATOR_ENV: dict[str, str] = {
+# Environment of every worker, set in this one place and recorded in run.json.
+# Allocator knobs: JAX would otherwise preallocate 75% of the GPU and TF map all of it, so the memory
+# figures would describe the allocator's policy, not the model. Compile caches off: torch.compile keeps an
+# on-disk cache across processes, which made a second run's first_call_ms 6 s instead of 30 s; a
+# first-call figure must not depend on what ran before (JAX's and TF's persistent caches are off by
+# default). TF_CPP_MIN_LOG_LEVEL=2 keeps TF's info banners out of the error tails.
+WORKER_ENV: dict[str, str] = {
     "XLA_PYTHON_CLIENT_PREALLOCATE": "false",
     "TF_FORCE_GPU_ALLOW_GROWTH": "true",
+    "TORCHINDUCTOR_FORCE_DISABLE_CACHES": "1",
     "TF_CPP_MIN_LOG_LEVEL": "2",
 }
 
@@ -59,14 +63,14 @@ class _Defaults:
 
 
 _DEFAULTS: dict[str, _Defaults] = {
-    # 2-core CPU: batch 1 of the seed model is ~13.6 GFLOP forward, 0.13-0.5 s per step, and every cell pays
-    # process start, import, build and compile. The defaults keep `--framework all` under 10 minutes there
-    # (measured: 4.4 min at load ~4, 9.0 min at load ~6): each framework's default execution plus the
-    # compiled variants that compile in seconds to a minute (TF function and XLA). torch.compile took 38 s
-    # (forward) and 117 s (forward_backward) for even the tiny preset here, so it is left to `--execution all`.
+    # 2-core CPU: batch 1 of the seed model is ~13.6 GFLOP forward, 0.07-0.5 s per step, and every cell pays
+    # process start, import, build and compile. Every framework's execution modes are measured, compiled
+    # ones included, so no framework is compared without its fastest mode: on an idle 2-core machine
+    # torch.compile's first call costs ~30 s (forward) and ~110 s (forward_backward), XLA's 5-22 s, and the
+    # whole default run takes about 6 minutes, leaving room for a busy machine within 10.
     "cpu": _Defaults(
         batch_sizes=(1,),
-        executions={"torch": ("eager",), "tensorflow": ("eager", "function", "xla"), "jax": ("jit",)},
+        executions=dict(EXECUTIONS),
         warmup=2,
         iters=30,
         min_time_s=3.0,

@@ -33,7 +33,7 @@ def test_env_prints_the_environment_record_as_json(capsys: pytest.CaptureFixture
     assert cli.main(["env"]) == 0
     record = json.loads(capsys.readouterr().out)
     assert record["command_line"] == "python -m bench env"
-    assert record["allocator_env"] == settings.ALLOCATOR_ENV
+    assert record["worker_env"] == settings.WORKER_ENV
     assert {
         "utc_time",
         "host",

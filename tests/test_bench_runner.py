@@ -68,7 +68,7 @@ def test_runner_writes_tidy_summary_samples_and_run_json(fake: pytest.MonkeyPatc
     assert cell["latency_ms_median"] == pytest.approx(mine.median())
     record = json.loads((run_dir / "run.json").read_text())
     assert record["status"] == "complete"
-    assert record["allocator_env"]["XLA_PYTHON_CLIENT_PREALLOCATE"] == "false"
+    assert record["worker_env"]["XLA_PYTHON_CLIENT_PREALLOCATE"] == "false"
     assert record["settings"]["preset"] == "tiny" and record["settings"]["iters"] == 3
     assert {"utc_time", "cpu_model", "ram_bytes", "git", "packages", "python"} <= set(record["environment"])
     assert record["command_line"].startswith("python -m bench run --preset tiny")
