@@ -35,7 +35,7 @@ out or ran out of memory (or a framework disagreed in the equivalence check), 2 
 def build_parser() -> argparse.ArgumentParser:
     """The parser for every command (built when main() runs, not at import)."""
     parser = _Parser(prog="python -m bench", description="Benchmark the Stacked Hourglass implementations.")
-    commands = parser.add_subparsers(dest="command", metavar="{run,list,env,overhead}", parser_class=_Parser)
+    commands = parser.add_subparsers(dest="command", metavar="{run,list,env,overhead,compare,report}", parser_class=_Parser)
     commands.required = True
 
     run = commands.add_parser(
@@ -64,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     where = run.add_argument_group("where results go")
     where.add_argument("--out", metavar="DIR", help="results directory (default: results/)")
     where.add_argument("--resume", metavar="RUN_DIR", help="complete an interrupted run with its recorded settings")
+    where.add_argument("--no-report", action="store_true",
+                       help="do not write the report (figures, report.md/html) into reports/<run_id>/ beside the results")  # fmt: skip
 
     lister = commands.add_parser("list", help="frameworks (installed or not), versions and devices")
     lister.add_argument(
@@ -80,13 +82,57 @@ def build_parser() -> argparse.ArgumentParser:
     overhead.add_argument(
         "--rounds", default="20", help="alternating rounds of --iters calls each, harness then bare loop (default 20)"
     )
+
+    compare = commands.add_parser(
+        "compare", help="is NEW_RUN significantly slower than BASE_RUN? (exit 1 when it is)", epilog=_COMPARE_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
+    compare.add_argument("base_run", metavar="BASE_RUN", help="run directory to compare against, e.g. results/baseline")
+    compare.add_argument("new_run", metavar="NEW_RUN", help="run directory to judge")
+    compare.add_argument("--metric", default="latency_ms", help="latency_ms (default; the samples) or first_call_ms")
+    compare.add_argument("--threshold", default="10%", help="smallest slowdown that fails, 10%% or 0.1 (default 10%%)")
+    compare.add_argument("--normalize", action="store_true",
+                         help="divide each run's samples by its calibration conv median (runs from two machines)")  # fmt: skip
+    compare.add_argument("--json", metavar="FILE", help="also write the comparison as JSON")
+    compare.add_argument("--csv", metavar="FILE", help="also write one row per cell as CSV")
+
+    report = commands.add_parser("report", help="figures, report.md and a self-contained report.html from run dirs")
+    report.add_argument("run_dirs", metavar="RUN_DIR", nargs="+", help="one or more results/<run_id> folders (side by side)")
+    report.add_argument("--out", metavar="DIR", help="report folder (default: reports/<RUN_DIR name>[-vs-<name>...])")
+    report.add_argument("--baseline", default="torch", help="framework the speedups are relative to (default torch)")
     return parser
+
+
+_COMPARE_EPILOG = """\
+verdict: slower when the bootstrap 95% CI of the ratio of medians new/base lies above 1, the Mann-Whitney
+p-value is below 0.01 and the ratio exceeds 1 + threshold; faster likewise; else unchanged. Parameter
+counts, FLOPs and equivalence errors must match. Exit codes: 0 no regression, 1 a cell significantly
+slower or an invariant mismatch, 2 bad input (missing run, foreign CSV, different configs)."""
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from bench.compare import CompareError, run_compare
+
+    try:
+        files = {"json_path": args.json, "csv_path": args.csv}
+        return run_compare(args.base_run, args.new_run, args.metric, args.threshold, args.normalize, **files)
+    except CompareError as err:
+        raise UsageError(str(err)) from None
+
+
+def _report(args: argparse.Namespace) -> int:
+    from bench.report import ReportError, run
+
+    try:
+        return run(args.run_dirs, args.out, args.baseline)
+    except ReportError as err:
+        raise UsageError(str(err)) from None
 
 
 def _run(args: argparse.Namespace, argv: list[str]) -> int:
     from bench import orchestrate
 
-    options = {k: v for k, v in vars(args).items() if k not in ("command", "resume") and v is not None}
+    options = {k: v for k, v in vars(args).items() if k not in ("command", "resume", "no_report") and v is not None}
     if args.resume is not None:
         if options:
             flags = ", ".join("--" + k.replace("_", "-") for k in options)
@@ -96,9 +142,9 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
             raise UsageError(
                 f"--resume: {str(run_dir)!r} is not a run directory (no run.json in it); give one such as results/<run_id>"
             )
-        return orchestrate.resume(run_dir, argv)
+        return orchestrate.resume(run_dir, argv, report=not args.no_report)
     settings = build_settings(**options)
-    return orchestrate.start(settings, argv)
+    return orchestrate.start(settings, argv, report=not args.no_report)
 
 
 def _overhead(args: argparse.Namespace) -> int:
@@ -110,13 +156,17 @@ def _overhead(args: argparse.Namespace) -> int:
     return measure_overhead(build_settings(**options), rounds)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None) -> int:  # noqa: PLR0911 (one return per command)
     """Parse `argv` (default sys.argv[1:]) and run the command; returns the exit code."""
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
         args = build_parser().parse_args(argv)
         if args.command == "run":
             return _run(args, argv)
+        if args.command == "compare":
+            return _compare(args)
+        if args.command == "report":
+            return _report(args)
         if args.command == "overhead":
             return _overhead(args)
         from bench import inventory

@@ -337,8 +337,8 @@ class Runner:
         return exit_code(rows, self.record.get("equivalence", {}).get("frameworks", {}))
 
 
-def start(settings: RunSettings, args: list[str]) -> int:
-    """A new run of `settings` in a fresh results directory."""
+def start(settings: RunSettings, args: list[str], report: bool = True) -> int:
+    """A new run of `settings` in a fresh results directory (then its report, unless `report` is False)."""
     run_dir = new_run_dir(settings.out_dir, settings.device)
     record: dict[str, Any] = {
         "run_id": run_dir.name,
@@ -361,23 +361,23 @@ def start(settings: RunSettings, args: list[str]) -> int:
         "warnings": [],
         "resumes": [],
     }
-    return _execute(Runner(settings, RunStore(run_dir), record))
+    return _execute(Runner(settings, RunStore(run_dir), record), report)
 
 
-def resume(run_dir: Path, args: list[str]) -> int:
-    """Complete an interrupted run with the settings it recorded."""
+def resume(run_dir: Path, args: list[str], report: bool = True) -> int:
+    """Complete an interrupted run with the settings it recorded (then its report, unless `report` is False)."""
     store = RunStore(run_dir)
     record = store.read_run_json()
     settings = RunSettings.from_dict(record["settings"])
     record["resumes"].append({"utc_time": envinfo.utc_now(), "command_line": envinfo.command_line(args)})
     record["status"] = "running"
-    return _execute(Runner(settings, store, record))
+    return _execute(Runner(settings, store, record), report)
 
 
-def _execute(runner: Runner) -> int:
+def _execute(runner: Runner, report: bool = True) -> int:
     runner.store.write_run_json(runner.record)
     try:
-        return runner.execute()
+        code = runner.execute()
     except KeyboardInterrupt:
         runner.record["status"] = "interrupted"
         runner.store.write_run_json(runner.record)
@@ -386,3 +386,23 @@ def _execute(runner: Runner) -> int:
             f"python -m bench run --resume {escape(str(runner.store.run_dir))}"
         )
         return 130
+    if report:
+        _write_report(runner)
+    return code
+
+
+def _write_report(runner: Runner) -> None:
+    """The run's report into reports/<run_id>/ beside the results folder; a failure here never loses the run."""
+    from bench import report
+
+    run_dir = runner.store.run_dir
+    try:
+        html_path = report.build_report([run_dir], report.report_dir_for(run_dir))
+    except Exception as err:  # the results are on disk already; a report bug must not change the run's outcome
+        out.warn(
+            runner.console,
+            f"the report could not be written ({type(err).__name__}: {err}); the results are intact, "
+            f"retry with: python -m bench report {run_dir}",
+        )
+        return
+    runner.console.print(f"report: {escape(str(html_path))}")

@@ -19,6 +19,24 @@ class NumpyHourglass:
         self.config = config
         self.w = {k: v.astype(np.float64) for k, v in weights.items()}
         self.train_mode = train_mode
+        # Distance to the nearest kink seen in the last forward pass, relative to each tensor's spread:
+        # the smallest |ReLU input| and the smallest gap between a max-pool window's two largest values.
+        # fp32 rounding moves values by ~1e-6 of that spread, so a smaller margin means the frameworks may
+        # take different sides of a kink and get legitimately different gradients. Exact zeros are left
+        # out: they come from sums of ReLU zeros (or ties between them), are exact in every framework, and
+        # pass no gradient whichever side is taken.
+        self.kink_margin = np.inf
+
+    def _relu(self, x: np.ndarray) -> np.ndarray:
+        self.kink_margin = min(self.kink_margin, _smallest_nonzero(np.abs(x)) / (np.std(x) + 1e-30))
+        return np.maximum(x, 0.0)
+
+    def _max_pool(self, x: np.ndarray) -> np.ndarray:
+        n, h, w, c = x.shape
+        windows = np.sort(x.reshape(n, h // 2, 2, w // 2, 2, c).transpose(0, 1, 3, 5, 2, 4).reshape(-1, 4), axis=1)
+        gaps = windows[:, 3] - windows[:, 2]
+        self.kink_margin = min(self.kink_margin, _smallest_nonzero(gaps) / (np.std(x) + 1e-30))
+        return windows[:, 3].reshape(n, h // 2, w // 2, c)
 
     def conv(self, name: str, x: np.ndarray, stride: int = 1) -> np.ndarray:
         kernel = self.w[f"{name}.kernel"]  # (k, k, c_in, c_out)
@@ -39,7 +57,7 @@ class NumpyHourglass:
         return (x - mean) / np.sqrt(var + BN_EPSILON) * self.w[f"{name}.scale"] + self.w[f"{name}.bias"]
 
     def residual(self, name: str, x: np.ndarray) -> np.ndarray:
-        relu = _relu
+        relu = self._relu
         has_skip = f"{name}.skip_conv.kernel" in self.w
         if self.config.block == "postact":
             y = relu(self.bn(f"{name}.bn1", self.conv(f"{name}.conv1", x)))
@@ -55,7 +73,7 @@ class NumpyHourglass:
 
     def hourglass(self, name: str, x: np.ndarray, depth: int) -> np.ndarray:
         up1 = self.residual(f"{name}.up1", x)
-        low1 = self.residual(f"{name}.low1", _max_pool(x))
+        low1 = self.residual(f"{name}.low1", self._max_pool(x))
         low2 = self.hourglass(f"{name}.low2", low1, depth - 1) if depth > 1 else self.residual(f"{name}.low2", low1)
         low3 = self.residual(f"{name}.low3", low2)
         return up1 + low3.repeat(2, axis=1).repeat(2, axis=2)
@@ -63,16 +81,17 @@ class NumpyHourglass:
     def __call__(self, x: np.ndarray) -> np.ndarray:
         cfg = self.config
         x = x.astype(np.float64)
-        x = _relu(self.bn("stem.bn", self.conv("stem.conv", x, stride=2)))
+        self.kink_margin = np.inf
+        x = self._relu(self.bn("stem.bn", self.conv("stem.conv", x, stride=2)))
         x = self.residual("stem.res1", x)
-        x = _avg_pool(x) if cfg.stem_pool == "avg" else _max_pool(x)
+        x = _avg_pool(x) if cfg.stem_pool == "avg" else self._max_pool(x)
         x = self.residual("stem.res2", x)
         x = self.residual("stem.res3", x)
         outputs = []
         for i in range(cfg.num_stacks):
             y = self.hourglass(f"hourglass_{i}", x, cfg.depth)
             y = self.residual(f"head_{i}.res", y)
-            previous = _relu(self.bn(f"head_{i}.lin_bn", self.conv(f"head_{i}.lin_conv", y)))
+            previous = self._relu(self.bn(f"head_{i}.lin_bn", self.conv(f"head_{i}.lin_conv", y)))
             heatmaps = self.conv(f"head_{i}.heatmap_conv", previous)
             outputs.append(heatmaps)
             if i < cfg.num_stacks - 1:
@@ -80,18 +99,15 @@ class NumpyHourglass:
         return np.stack(outputs)  # (stacks, N, H/4, W/4, K)
 
 
-def _relu(x: np.ndarray) -> np.ndarray:
-    return np.maximum(x, 0.0)
-
-
 def _pool_windows(x: np.ndarray) -> np.ndarray:
     n, h, w, c = x.shape
     return x.reshape(n, h // 2, 2, w // 2, 2, c)
 
 
-def _max_pool(x: np.ndarray) -> np.ndarray:
-    return _pool_windows(x).max(axis=(2, 4))
-
-
 def _avg_pool(x: np.ndarray) -> np.ndarray:
     return _pool_windows(x).mean(axis=(2, 4))
+
+
+def _smallest_nonzero(a: np.ndarray) -> float:
+    nonzero = a[a != 0]
+    return float(np.min(nonzero)) if nonzero.size else np.inf

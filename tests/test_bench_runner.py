@@ -21,7 +21,8 @@ from bench import cli, settings
 from bench.results import SUMMARY_COLUMNS
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-TINY = ["--preset", "tiny", "--iters", "3", "--warmup", "1"]
+# --no-report: these tests are about the runner; the report at the end of a run is tested in test_bench_report.py.
+TINY = ["--preset", "tiny", "--iters", "3", "--warmup", "1", "--no-report"]
 
 
 @pytest.fixture
@@ -199,7 +200,7 @@ def test_runner_interrupted_run_keeps_finished_cells_and_resume_completes_it(
     fake: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     env = {**os.environ, "HGBENCH_FAKE_FAULTS": "hang@jax/*/forward_backward"}
-    args = [sys.executable, "-m", "bench", "run", *TINY, "--framework", "torch,jax", "--out", str(tmp_path)]
+    args = [sys.executable, "-m", "bench", "run", *TINY, "--framework", "torch,jax", "--execution", "default", "--out", str(tmp_path)]
     parent = subprocess.Popen(
         args, cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
     )

@@ -106,7 +106,7 @@ def test_frameworks_agree_on_heatmaps_loss_and_grads(config, draw: Draw) -> None
     if len(names) < 2:
         pytest.skip(f"needs two installed frameworks, found {names}")
     weights = impls.init_weights(config, seed=3)
-    x, target = draw.inputs(config)
+    x, target = draw.inputs_away_from_kinks(config, weights)
     results = {}
     for name in names:
         backend = impls.load(name)
@@ -137,7 +137,7 @@ def test_compiled_mode_matches_eager(framework: str, execution: str, draw: Draw)
     backend = impls.load(framework)
     config = SMALL_CONFIGS["tiny"]
     weights = impls.init_weights(config, seed=4)
-    x, target = draw.inputs(config)
+    x, target = draw.inputs_away_from_kinks(config, weights)
     eager = backend.build(config, weights=weights)
     compiled = backend.build(config, weights=weights, execution=execution)
     tag = f"{framework} {execution} vs {backend.EXECUTIONS[0]} (seed {draw.seed})"
@@ -158,7 +158,7 @@ def test_compiled_mode_jax_jit_matches_unjitted(draw: Draw) -> None:
     backend = impls.load("jax")
     config = SMALL_CONFIGS["tiny"]
     weights = impls.init_weights(config, seed=5)
-    x, target = draw.inputs(config)
+    x, target = draw.inputs_away_from_kinks(config, weights)
     jitted = backend.build(config, weights=weights).loss_and_grads(x, target)
     with jax.disable_jit():
         plain = backend.build(config, weights=weights).loss_and_grads(x, target)

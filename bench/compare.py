@@ -1,0 +1,497 @@
+"""`python -m bench compare BASE_RUN NEW_RUN`: is the new run significantly slower than the base, cell by cell?
+
+Cells are matched by `cell_id`. For each matched cell that is `ok` on both sides the per-iteration samples
+give the ratio of medians new/base, a bootstrap 95% confidence interval of that ratio (each side resampled
+independently, fixed seed) and a two-sided Mann-Whitney U p-value.
+
+Verdict rule (asv's "no regression claimed when confidence intervals overlap", plus a size threshold):
+a cell is `slower` only when all three hold
+  1. the CI of the ratio lies wholly above 1 (the slowdown is statistically real),
+  2. the Mann-Whitney p-value is below ALPHA (a rank test agrees, robust to the odd outlier),
+  3. the ratio itself exceeds 1 + threshold (the slowdown is big enough to matter).
+Significance alone is not enough: on a shared machine two runs of the same code differ by a few percent
+(the machine's state drifts between runs, which no within-run resampling can see), and with 30 samples
+per side such a drift is already "significant". Demanding the whole CI lie above 1 + threshold instead
+would miss slowdowns a little above the threshold about half the time. `faster` mirrors the rule with
+1 / (1 + threshold). Exit code 1 when any model cell is `slower` or an invariant differs; 2 for bad input.
+
+`--normalize` divides every sample of a side by that run's calibration median (the 3x3 conv timed in the
+same run: same framework, precision and batch size when present, else the framework's first ok one), so
+the ratio compares "model time in units of this machine's conv time" and two machines can be compared.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from scipy import stats as sps
+
+BOOTSTRAP_RESAMPLES = 2000
+BOOTSTRAP_SEED = 0  # fixed: the same two runs always give the same interval and verdict
+ALPHA = 0.01  # Mann-Whitney significance level; strict, because CI runs are many and false alarms are costly
+DEFAULT_THRESHOLD = 0.10
+# Equivalence errors are deterministic on one machine (bit-identical between runs of the same code) but
+# differ at the ~1e-7 level across BLAS builds; 1e-5 absolute is 100x below the run's own 1e-3 tolerance.
+EQUIVALENCE_ERR_ATOL = 1e-5
+METRICS = ("latency_ms", "first_call_ms")
+_BOOTSTRAP_CHUNK = 250  # resamples per vectorised block: bounds memory to ~250 x n floats per side
+
+_SUMMARY_REQUIRED = ("cell_id", "kind", "framework", "precision", "batch_size", "phase", "status")
+_SAMPLES_REQUIRED = ("cell_id", "latency_ns")
+
+
+class CompareError(ValueError):
+    """Bad input to `bench compare`; the message names the path or value, what was expected and the fix."""
+
+
+@dataclass(frozen=True)
+class RatioStats:
+    """Ratio of medians new/base with its bootstrap CI and the rank-test p-value."""
+
+    ratio: float
+    ci95_low: float
+    ci95_high: float
+    p_value: float
+
+
+@dataclass
+class CellComparison:
+    """One cell's comparison; `status` says whether it could be compared and why not."""
+
+    cell_id: str
+    kind: str
+    status: str  # compared | base_only | new_only | not_ok | no_calibration
+    base_value: float = math.nan  # median of the metric (ms, or unitless when normalised)
+    new_value: float = math.nan
+    ratio: float = math.nan
+    ci95_low: float = math.nan
+    ci95_high: float = math.nan
+    p_value: float = math.nan
+    n_base: int = 0
+    n_new: int = 0
+    verdict: str = ""  # slower | faster | unchanged, empty when not compared
+    note: str = ""
+
+
+@dataclass
+class Comparison:
+    """Everything `bench compare` found, ready for the table, JSON and CSV."""
+
+    base_run: str
+    new_run: str
+    metric: str
+    threshold: float
+    alpha: float
+    normalized: bool
+    cells: list[CellComparison] = field(default_factory=list)
+    invariant_mismatches: list[str] = field(default_factory=list)
+    calibration_ratios: dict[str, float] = field(default_factory=dict)  # framework -> new/base conv median
+    warnings: list[str] = field(default_factory=list)  # each run's own warnings (a busy machine above all)
+
+    @property
+    def regressions(self) -> list[CellComparison]:
+        """Model cells judged significantly slower by more than the threshold."""
+        return [c for c in self.cells if c.verdict == "slower" and c.kind == "model"]
+
+    @property
+    def exit_code(self) -> int:
+        """1 on a regression or an invariant mismatch, else 0."""
+        return 1 if self.regressions or self.invariant_mismatches else 0
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready record (NaN becomes null)."""
+        d = asdict(self)
+        d["regressions"] = [c.cell_id for c in self.regressions]
+        d["exit_code"] = self.exit_code
+        return _nan_to_none(d)
+
+
+def _nan_to_none(value: Any) -> Any:
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _nan_to_none(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_nan_to_none(v) for v in value]
+    return value
+
+
+# ---------------------------------------------------------------- statistics
+
+
+def _bootstrap_medians(values: np.ndarray, n_resamples: int, rng: np.random.Generator) -> np.ndarray:
+    """Medians of `n_resamples` resamples with replacement, computed in vectorised blocks."""
+    out = np.empty(n_resamples)
+    for start in range(0, n_resamples, _BOOTSTRAP_CHUNK):
+        stop = min(start + _BOOTSTRAP_CHUNK, n_resamples)
+        idx = rng.integers(0, values.size, size=(stop - start, values.size))  # (chunk, n)
+        out[start:stop] = np.median(values[idx], axis=1)
+    return out
+
+
+def ratio_of_medians(
+    base: Sequence[float] | np.ndarray,
+    new: Sequence[float] | np.ndarray,
+    n_resamples: int = BOOTSTRAP_RESAMPLES,
+    seed: int = BOOTSTRAP_SEED,
+) -> RatioStats:
+    """median(new)/median(base), a percentile-bootstrap 95% CI of it, and the Mann-Whitney U p-value."""
+    b, n = np.asarray(base, dtype=np.float64), np.asarray(new, dtype=np.float64)
+    if b.size < 2 or n.size < 2:
+        raise ValueError(f"ratio_of_medians needs at least 2 samples per side, got {b.size} and {n.size}")
+    ratio = float(np.median(n) / np.median(b))
+    rng = np.random.default_rng(seed)
+    ratios = _bootstrap_medians(n, n_resamples, rng) / _bootstrap_medians(b, n_resamples, rng)
+    low, high = np.percentile(ratios, [2.5, 97.5])
+    if np.all(b == b[0]) and np.all(n == n[0]) and b[0] == n[0]:
+        p_value = 1.0  # scipy warns and returns NaN when every value ties
+    else:
+        p_value = float(sps.mannwhitneyu(n, b, alternative="two-sided").pvalue)
+    return RatioStats(ratio, float(low), float(high), p_value)
+
+
+def verdict(stats: RatioStats, threshold: float, alpha: float = ALPHA) -> str:
+    """slower / faster / unchanged under the rule in this module's docstring."""
+    significant = stats.p_value < alpha
+    if significant and stats.ci95_low > 1.0 and stats.ratio > 1.0 + threshold:
+        return "slower"
+    if significant and stats.ci95_high < 1.0 and stats.ratio < 1.0 / (1.0 + threshold):
+        return "faster"
+    return "unchanged"
+
+
+def parse_threshold(text: str) -> float:
+    """'10%' or '0.1' -> 0.1; must be >= 0 and below 10 (1000%)."""
+    raw = str(text).strip()
+    try:
+        value = float(raw[:-1]) / 100 if raw.endswith("%") else float(raw)
+    except ValueError:
+        value = math.nan
+    if not 0 <= value < 10:
+        raise CompareError(f"--threshold must be a fraction or a percentage such as 0.1 or 10%, got {text!r}")
+    return value
+
+
+# ---------------------------------------------------------------- loading and validating runs
+
+
+@dataclass(frozen=True)
+class RunData:
+    """A run directory read back: its summary rows, samples and run.json."""
+
+    path: Path
+    summary: pd.DataFrame
+    samples: pd.DataFrame
+    record: dict[str, Any]
+
+    def samples_ms(self, cell_id: str) -> np.ndarray:
+        """One cell's per-iteration latencies in ms, in iteration order."""
+        rows = self.samples[self.samples["cell_id"] == cell_id]
+        return rows["latency_ns"].to_numpy(dtype=np.float64) / 1e6
+
+
+def _read_csv(path: Path, required: Sequence[str], what: str) -> pd.DataFrame:
+    if not path.is_file():
+        raise CompareError(f"{str(path)!r} not found: a run directory holds {what}; give one such as results/<run_id>")
+    try:
+        frame = pd.read_csv(path)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CompareError(
+            f"{str(path)!r} is not a readable CSV ({reason}); give the {what} that `bench run` writes"
+        ) from None
+    missing = [c for c in required if c not in frame.columns]
+    if missing:
+        raise CompareError(
+            f"{str(path)!r} is not an hgbench {what}: it lacks the column(s) {', '.join(missing)}; "
+            "give a directory written by `python -m bench run`"
+        )
+    return frame
+
+
+def load_run(path: str | Path) -> RunData:
+    """Read and validate a run directory; raises CompareError naming the file and the fix."""
+    run_dir = Path(path)
+    if not run_dir.is_dir():
+        raise CompareError(f"run directory {str(run_dir)!r} not found; give one such as results/<run_id>")
+    summary = _read_csv(run_dir / "summary.csv", _SUMMARY_REQUIRED, "summary.csv")
+    samples = _read_csv(run_dir / "samples.csv", _SAMPLES_REQUIRED, "samples.csv")
+    latency = pd.to_numeric(samples["latency_ns"], errors="coerce")
+    if latency.isna().any() or (latency <= 0).any():
+        bad = samples.loc[latency.isna() | (latency <= 0), "latency_ns"].iloc[0]
+        raise CompareError(
+            f"{str(run_dir / 'samples.csv')!r}: latency_ns must be positive integers, got {bad!r}; "
+            "give the samples.csv that `bench run` writes"
+        )
+    samples = samples.assign(latency_ns=latency)
+    run_json = run_dir / "run.json"
+    if not run_json.is_file():
+        raise CompareError(
+            f"{str(run_json)!r} not found: a run directory holds run.json; give one written by `bench run`"
+        )
+    try:
+        record = json.loads(run_json.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CompareError(
+            f"{str(run_json)!r} is not valid JSON ({err}); give the run.json that `bench run` writes"
+        ) from None
+    if (
+        not isinstance(record, dict)
+        or not isinstance(record.get("settings"), dict)
+        or "config" not in record["settings"]
+    ):
+        raise CompareError(f"{str(run_json)!r} has no settings.config; give the run.json that `bench run` writes")
+    summary = summary.assign(cell_id=summary["cell_id"].astype(str))
+    samples = samples.assign(cell_id=samples["cell_id"].astype(str))
+    return RunData(run_dir, summary, samples, record)
+
+
+def _check_same_config(base: RunData, new: RunData) -> None:
+    """Runs of different models or devices are not comparable: CompareError naming the first difference."""
+    base_cfg, new_cfg = base.record["settings"]["config"], new.record["settings"]["config"]
+    for key in sorted(set(base_cfg) | set(new_cfg)):
+        if base_cfg.get(key) != new_cfg.get(key):
+            raise CompareError(
+                f"the runs measure different models: config {key} is {base_cfg.get(key)!r} in {str(base.path)!r} "
+                f"but {new_cfg.get(key)!r} in {str(new.path)!r}; compare runs of the same preset and overrides"
+            )
+    base_dev, new_dev = base.record["settings"].get("device"), new.record["settings"].get("device")
+    if base_dev != new_dev:
+        raise CompareError(
+            f"the runs are on different devices: {base_dev!r} in {str(base.path)!r} but {new_dev!r} in "
+            f"{str(new.path)!r}; compare runs on the same kind of device"
+        )
+
+
+# ---------------------------------------------------------------- invariants
+
+
+def _num(value: Any) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def _same(a: float, b: float) -> bool:
+    return (math.isnan(a) and math.isnan(b)) or a == b
+
+
+def _params(run: RunData, row: Mapping[str, Any]) -> float:
+    """The row's `num_params` when the run recorded one, else the analytic count of the run's config."""
+    if "num_params" in row and not math.isnan(_num(row["num_params"])):
+        return _num(row["num_params"])
+    from impls import HourglassConfig, count_params  # impls imports no framework
+
+    config = dict(run.record["settings"]["config"])
+    config["input_hw"] = tuple(config["input_hw"])
+    return float(count_params(HourglassConfig(**config)))
+
+
+def _invariant_mismatches(
+    cell_id: str, base: RunData, new: RunData, b: Mapping[str, Any], n: Mapping[str, Any]
+) -> list[str]:
+    """Quantities that need no timing and must agree: parameters, FLOPs, equivalence."""
+    problems = []
+    if not _same(_params(base, b), _params(new, n)):
+        problems.append(f"{cell_id}: parameter count {_params(base, b):.0f} (base) != {_params(new, n):.0f} (new)")
+    if not _same(_num(b.get("gflop_per_step")), _num(n.get("gflop_per_step"))):
+        problems.append(
+            f"{cell_id}: gflop_per_step {b.get('gflop_per_step')} (base) != {n.get('gflop_per_step')} (new)"
+        )
+    base_eq, new_eq = str(b.get("equivalent")).lower(), str(n.get("equivalent")).lower()
+    if base_eq != new_eq:
+        problems.append(f"{cell_id}: equivalent {b.get('equivalent')} (base) != {n.get('equivalent')} (new)")
+    base_err, new_err = _num(b.get("equivalence_max_rel_err")), _num(n.get("equivalence_max_rel_err"))
+    if math.isnan(base_err) != math.isnan(new_err) or abs(base_err - new_err) > EQUIVALENCE_ERR_ATOL:
+        problems.append(
+            f"{cell_id}: equivalence_max_rel_err {base_err:.3g} (base) vs {new_err:.3g} (new) differ by more "
+            f"than {EQUIVALENCE_ERR_ATOL:g}"
+        )
+    return problems
+
+
+# ---------------------------------------------------------------- calibration (--normalize)
+
+
+def _calibration_median_ms(run: RunData, framework: str, precision: str, batch_size: Any) -> float:
+    """Median ms of the run's calibration conv for this framework (same precision and batch when present)."""
+    rows = run.summary[(run.summary["kind"] == "calibration") & (run.summary["status"] == "ok")]
+    rows = rows[rows["framework"] == framework]
+    exact = rows[(rows["precision"] == precision) & (rows["batch_size"].astype(str) == str(batch_size))]
+    for candidates in (exact, rows):
+        for cell_id in candidates["cell_id"]:
+            samples = run.samples_ms(cell_id)
+            if samples.size:
+                return float(np.median(samples))
+    return math.nan
+
+
+# ---------------------------------------------------------------- the comparison
+
+
+def compare_runs(
+    base_dir: str | Path,
+    new_dir: str | Path,
+    metric: str = "latency_ms",
+    threshold: float = DEFAULT_THRESHOLD,
+    normalize: bool = False,
+    alpha: float = ALPHA,
+) -> Comparison:
+    """Load, validate and compare two runs; raises CompareError on bad input."""
+    if metric not in METRICS:
+        raise CompareError(f"--metric must be one of {', '.join(METRICS)}, got {metric!r}")
+    if normalize and metric != "latency_ms":
+        raise CompareError(f"--normalize applies to latency_ms only, got --metric {metric}; drop one of them")
+    base, new = load_run(base_dir), load_run(new_dir)
+    _check_same_config(base, new)
+    result = Comparison(str(base.path), str(new.path), metric, threshold, alpha, normalize)
+    for side, run in (("base", base), ("new", new)):
+        # A busy machine (the runner's warning) makes timings slow and bimodal: a verdict then says more
+        # about the machine than the code, so the reader must see it next to the table.
+        result.warnings += [f"{side} run: {text}" for text in run.record.get("warnings") or [] if isinstance(text, str)]
+
+    for framework in sorted(set(base.summary["framework"]) & set(new.summary["framework"])):
+        first = base.summary[(base.summary["kind"] == "calibration") & (base.summary["framework"] == framework)]
+        if not first.empty:
+            row = first.iloc[0]
+            b_cal = _calibration_median_ms(base, framework, row["precision"], row["batch_size"])
+            n_cal = _calibration_median_ms(new, framework, row["precision"], row["batch_size"])
+            if not math.isnan(b_cal) and not math.isnan(n_cal):
+                result.calibration_ratios[framework] = n_cal / b_cal
+
+    base_rows = {r["cell_id"]: r for r in base.summary.to_dict("records") if r["kind"] == "model"}
+    new_rows = {r["cell_id"]: r for r in new.summary.to_dict("records") if r["kind"] == "model"}
+    for cell_id in [*base_rows, *(c for c in new_rows if c not in base_rows)]:
+        b, n = base_rows.get(cell_id), new_rows.get(cell_id)
+        if b is None or n is None:
+            result.cells.append(CellComparison(cell_id, "model", "new_only" if b is None else "base_only"))
+            continue
+        if b["status"] != "ok" or n["status"] != "ok":
+            note = f"status {b['status']} (base), {n['status']} (new)"
+            result.cells.append(CellComparison(cell_id, "model", "not_ok", note=note))
+            continue
+        result.invariant_mismatches.extend(_invariant_mismatches(cell_id, base, new, b, n))
+        result.cells.append(_compare_cell(cell_id, base, new, b, n, metric, threshold, normalize, alpha))
+    return result
+
+
+def _compare_cell(
+    cell_id: str, base: RunData, new: RunData, b: Mapping[str, Any], n: Mapping[str, Any],
+    metric: str, threshold: float, normalize: bool, alpha: float,
+) -> CellComparison:  # fmt: skip
+    if metric == "first_call_ms":
+        # One value per run: no spread to resample, so the verdict is the threshold alone (noted).
+        base_v, new_v = _num(b.get("first_call_ms")), _num(n.get("first_call_ms"))
+        ratio = new_v / base_v if base_v > 0 else math.nan
+        word = "slower" if ratio > 1 + threshold else "faster" if ratio < 1 / (1 + threshold) else "unchanged"
+        return CellComparison(cell_id, "model", "compared", base_v, new_v, ratio, n_base=1, n_new=1,
+                              verdict=word, note="one value per run: threshold only, no CI")  # fmt: skip
+    base_s, new_s = base.samples_ms(cell_id), new.samples_ms(cell_id)
+    if base_s.size < 2 or new_s.size < 2:
+        return CellComparison(cell_id, "model", "not_ok", n_base=base_s.size, n_new=new_s.size,
+                              note="fewer than 2 samples on a side")  # fmt: skip
+    if normalize:
+        base_cal = _calibration_median_ms(base, b["framework"], b["precision"], b["batch_size"])
+        new_cal = _calibration_median_ms(new, n["framework"], n["precision"], n["batch_size"])
+        if math.isnan(base_cal) or math.isnan(new_cal):
+            side = "base" if math.isnan(base_cal) else "new"
+            return CellComparison(cell_id, "model", "no_calibration",
+                                  note=f"no ok {b['framework']} calibration row in the {side} run")  # fmt: skip
+        base_s, new_s = base_s / base_cal, new_s / new_cal
+    stats = ratio_of_medians(base_s, new_s)
+    return CellComparison(
+        cell_id, "model", "compared", float(np.median(base_s)), float(np.median(new_s)), stats.ratio,
+        stats.ci95_low, stats.ci95_high, stats.p_value, int(base_s.size), int(new_s.size), verdict(stats, threshold, alpha),
+    )  # fmt: skip
+
+
+# ---------------------------------------------------------------- output
+
+
+def write_json(comparison: Comparison, path: str | Path) -> None:
+    """The whole comparison as JSON."""
+    Path(path).write_text(json.dumps(comparison.to_dict(), indent=2) + "\n")
+
+
+def write_csv(comparison: Comparison, path: str | Path) -> None:
+    """One row per cell (one-sided and not-ok cells included), with the run-level settings repeated."""
+    frame = pd.DataFrame([asdict(c) for c in comparison.cells])
+    for column, value in (("metric", comparison.metric), ("normalized", comparison.normalized),
+                          ("threshold", comparison.threshold)):  # fmt: skip
+        frame[column] = value
+    frame.to_csv(path, index=False)
+
+
+_VERDICT_STYLE = {"slower": "bold red", "faster": "green", "unchanged": "default"}
+
+
+def print_comparison(comparison: Comparison) -> None:
+    """The terminal table, the one-sided cells, the invariant mismatches and the outcome line."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    from bench.console import make_console
+
+    console = make_console()
+    unit = "x calib" if comparison.normalized else "ms"
+    title = f"bench compare ({comparison.metric}, threshold {comparison.threshold:.0%}, p < {comparison.alpha:g})"
+    table = Table(title=title, header_style="bold", pad_edge=False, box=None)
+    for name in ("cell", f"base {unit}", f"new {unit}", "new/base", "95% CI", "p", "n", "verdict"):
+        table.add_column(name, justify="left" if name in ("cell", "verdict") else "right", no_wrap=True)
+    for c in comparison.cells:
+        if c.status != "compared":
+            continue
+        ci = "" if math.isnan(c.ci95_low) else f"{c.ci95_low:.3f}-{c.ci95_high:.3f}"
+        p = "" if math.isnan(c.p_value) else f"{c.p_value:.2g}"
+        table.add_row(
+            c.cell_id, f"{c.base_value:.4g}", f"{c.new_value:.4g}", f"{c.ratio:.3f}", ci, p,
+            f"{c.n_base}/{c.n_new}", f"[{_VERDICT_STYLE[c.verdict]}]{c.verdict}[/]",
+        )  # fmt: skip
+    console.print(table)
+    if comparison.normalized:
+        console.print("normalised: each side's samples divided by its own run's calibration conv median "
+                      "(unitless), so the ratio compares runs from different machines")  # fmt: skip
+    if comparison.calibration_ratios:
+        parts = ", ".join(f"{fw} {r:.3f}" for fw, r in comparison.calibration_ratios.items())
+        console.print(f"calibration conv new/base (machine speed): {parts}")
+    for c in comparison.cells:
+        if c.status in ("base_only", "new_only"):
+            console.print(f"[yellow]{c.status.replace('_', ' ')}[/yellow]: {c.cell_id}")
+        elif c.status != "compared":
+            console.print(f"[yellow]not compared[/yellow]: {c.cell_id} ({escape(c.status)}: {escape(c.note)})")
+    for text in comparison.warnings:
+        console.print(f"[yellow]warning:[/yellow] {escape(text)}", soft_wrap=True)
+    for problem in comparison.invariant_mismatches:
+        console.print(f"[bold red]invariant mismatch[/bold red]: {escape(problem)}")
+    if comparison.regressions:
+        console.print(f"[bold red]{len(comparison.regressions)} cell(s) significantly slower by more than "
+                      f"{comparison.threshold:.0%}[/bold red]")  # fmt: skip
+    elif not comparison.invariant_mismatches:
+        console.print("no significant regression")
+
+
+def run_compare(
+    base_dir: str, new_dir: str, metric: str = "latency_ms", threshold: str = "10%", normalize: bool = False,
+    json_path: str | None = None, csv_path: str | None = None,
+) -> int:  # fmt: skip
+    """The `compare` command: compare, print, write the requested files; returns the exit code (0 or 1)."""
+    for flag, path in (("--json", json_path), ("--csv", csv_path)):
+        if path and not Path(path).resolve().parent.is_dir():
+            raise CompareError(
+                f"{flag} {path!r}: its folder does not exist; create it or give a path in an existing one"
+            )
+    comparison = compare_runs(base_dir, new_dir, metric, parse_threshold(threshold), normalize)
+    print_comparison(comparison)
+    if json_path:
+        write_json(comparison, json_path)
+    if csv_path:
+        write_csv(comparison, csv_path)
+    return comparison.exit_code

@@ -1,0 +1,549 @@
+"""`python -m bench report`: figures, report.md and a self-contained report.html from one or more run dirs.
+
+Reads what `bench run` wrote (summary.csv, samples.csv, run.json), checks it is that and nothing else,
+and writes into one folder: the PNGs of bench.plots, report.md (figures beside it) and report.html (the
+same figures embedded as data: URIs, no script, no network). Several runs are shown side by side, as
+series. A user's mistake (a missing folder, a foreign or malformed CSV) is a ReportError whose one-line
+message names the path and the fix; the CLI prints it and exits 2.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from bench import plots
+from bench.results import CELL_COLUMNS, FINAL_STATUSES, SUMMARY_COLUMNS
+from bench.settings import EXECUTIONS
+from impls import FRAMEWORKS
+
+REQUIRED_SUMMARY_COLUMNS = [*CELL_COLUMNS, "status"]
+REQUIRED_SAMPLE_COLUMNS = ["cell_id", "latency_ns"]
+_TEXT_COLUMNS = {*CELL_COLUMNS, "device", "status", "error", "noisy", "equivalent", "preset"} - {"batch_size"}
+_FIX = "give a results/<run_id> folder written by `python -m bench run`"
+# Figures in the order the report shows them; the two batch sweeps only when a run swept batch sizes.
+FIGURES: dict[str, str] = {
+    "latency": "Median latency per framework and execution mode",
+    "throughput_vs_batch": "Throughput against batch size",
+    "memory_vs_batch": "Peak memory against batch size",
+    "distribution": "Every timed iteration per cell",
+    "compile_cost": "First call against steady state, and when compiling pays back",
+    "efficiency": "Achieved GFLOP/s and share of the measured conv ceiling",
+}
+
+
+class ReportError(ValueError):
+    """Input that is not a usable run directory; the message names the path and the fix."""
+
+
+@dataclass
+class RunData:
+    """One run directory as read: its label in figures, its record and its tables."""
+
+    label: str
+    path: Path
+    record: dict[str, Any]
+    summary: pd.DataFrame  # every row (model and calibration), numbers parsed
+    samples: pd.DataFrame  # one row per timed iteration
+
+
+# ---------------------------------------------------------------- loading and validation
+
+
+def _read_csv(path: Path, required: list[str]) -> pd.DataFrame:
+    """A CSV written by the runner, or a ReportError saying why this one is not."""
+    if not path.is_file():
+        raise ReportError(f"{path} is missing; {_FIX}")
+    try:
+        frame = pd.read_csv(path)
+    except pd.errors.EmptyDataError:
+        raise ReportError(f"{path} is empty; re-run the benchmark or {_FIX}") from None
+    except (pd.errors.ParserError, UnicodeDecodeError, ValueError) as err:
+        reason = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+        raise ReportError(f"{path} is not a readable CSV ({reason}); re-run the benchmark or {_FIX}") from None
+    missing = [c for c in required if c not in frame.columns]
+    if missing:
+        raise ReportError(f"{path} is not an hgbench results file (missing columns {', '.join(missing)}); {_FIX}")
+    return frame
+
+
+def _check_numbers(path: Path, frame: pd.DataFrame, columns: Sequence[str]) -> None:
+    """Numeric columns must hold numbers or nothing; text in one means the file was damaged or edited."""
+    for column in columns:
+        if column not in frame or pd.api.types.is_numeric_dtype(frame[column]):
+            continue
+        parsed = pd.to_numeric(frame[column], errors="coerce")
+        bad = frame[column][parsed.isna() & frame[column].notna()]
+        if not bad.empty:
+            raise ReportError(
+                f"{path} is malformed: column {column} holds {str(bad.iloc[0])!r} (row {int(bad.index[0]) + 2}), "
+                f"not a number; re-run the benchmark or {_FIX}"
+            )
+        frame[column] = parsed
+
+
+def load_run(run_dir: str | Path) -> RunData:
+    """Read and validate one run directory; raises ReportError for anything that is not one."""
+    path = Path(run_dir)
+    if not path.exists():
+        raise ReportError(f"run directory {str(path)!r} does not exist; {_FIX}")
+    if not path.is_dir():
+        raise ReportError(f"{str(path)!r} is not a directory; {_FIX}")
+    if not (path / "summary.csv").is_file():
+        raise ReportError(f"{str(path)!r} is not a run directory (no summary.csv in it); {_FIX}")
+    run_json = path / "run.json"
+    if not run_json.is_file():
+        raise ReportError(f"{run_json} is missing; {_FIX}")
+    try:
+        record = json.loads(run_json.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ReportError(f"{run_json} is not valid JSON ({err}); re-run the benchmark or {_FIX}") from None
+    if not isinstance(record, dict):
+        raise ReportError(f"{run_json} is not an hgbench run record (not a JSON object); {_FIX}")
+
+    summary = _read_csv(path / "summary.csv", REQUIRED_SUMMARY_COLUMNS)
+    numeric = [c for c in SUMMARY_COLUMNS if c not in _TEXT_COLUMNS]
+    _check_numbers(path / "summary.csv", summary, numeric)
+    for column in SUMMARY_COLUMNS:
+        if column not in summary:
+            summary[column] = math.nan
+    statuses = set(summary["status"].dropna().astype(str))
+    unknown = statuses - set(FINAL_STATUSES)
+    if unknown:
+        raise ReportError(
+            f"{path / 'summary.csv'} is malformed: unknown status {sorted(unknown)[0]!r} "
+            f"(expected one of {', '.join(FINAL_STATUSES)}); {_FIX}"
+        )
+    summary["error"] = summary["error"].astype("string").fillna("").astype(str)
+    summary["noisy"] = summary["noisy"].astype(str).str.lower() == "true"
+
+    samples_path = path / "samples.csv"
+    if samples_path.is_file():
+        samples = _read_csv(samples_path, REQUIRED_SAMPLE_COLUMNS)
+        _check_numbers(samples_path, samples, ["latency_ns"])
+    else:  # a run whose every cell failed may have written none
+        samples = pd.DataFrame(columns=REQUIRED_SAMPLE_COLUMNS)
+    label = str(record.get("run_id") or path.name)
+    return RunData(label=label, path=path, record=record, summary=summary, samples=samples)
+
+
+def load_runs(run_dirs: Sequence[str | Path]) -> list[RunData]:
+    """Every run, with unique labels (a repeated run id gets #2, #3, ...)."""
+    if not run_dirs:
+        raise ReportError(f"no run directory given; {_FIX}")
+    runs = [load_run(d) for d in run_dirs]
+    seen: dict[str, int] = {}
+    for run in runs:
+        seen[run.label] = seen.get(run.label, 0) + 1
+        if seen[run.label] > 1:
+            run.label = f"{run.label} #{seen[run.label]}"
+    return runs
+
+
+# ---------------------------------------------------------------- derived tables
+
+
+def _execution_rank(framework: str, execution: str) -> int:
+    order = EXECUTIONS.get(framework, ())
+    return order.index(execution) if execution in order else len(order)
+
+
+def model_table(runs: Sequence[RunData]) -> pd.DataFrame:
+    """Every model cell of every run, with `run`, `run_index`, `execution_rank` and compile payback."""
+    parts = []
+    for index, run in enumerate(runs):
+        rows = run.summary[run.summary["kind"] == "model"].copy()
+        rows["run"], rows["run_index"] = run.label, index
+        parts.append(rows)
+    table = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=SUMMARY_COLUMNS)
+    table["batch_size"] = pd.to_numeric(table["batch_size"], errors="coerce").astype("Int64")
+    table["execution_rank"] = [
+        _execution_rank(fw, ex) for fw, ex in zip(table["framework"], table["execution"], strict=True)
+    ]
+    table["payback_iterations"] = math.nan
+    table["payback_note"] = ""
+    for i, row in table.iterrows():
+        if row["execution"] == "eager" or row["status"] != "ok":
+            continue
+        eager = table[(table["run"] == row["run"]) & (table["framework"] == row["framework"])
+                      & (table["execution"] == "eager") & (table["precision"] == row["precision"])
+                      & (table["batch_size"] == row["batch_size"]) & (table["phase"] == row["phase"])
+                      & (table["status"] == "ok")]  # fmt: skip
+        if eager.empty:
+            has_eager = "eager" in EXECUTIONS.get(str(row["framework"]), ())
+            table.at[i, "payback_note"] = "no eager cell to compare" if has_eager else "no eager mode"
+            continue
+        payback = plots.payback_iterations(
+            float(row["first_call_ms"]), float(eager["latency_ms_median"].iloc[0]), float(row["latency_ms_median"])
+        )
+        table.at[i, "payback_iterations"] = payback
+        if math.isinf(payback):
+            table.at[i, "payback_note"] = "never pays back (not faster than eager)"
+        elif not math.isnan(payback):
+            table.at[i, "payback_note"] = f"pays back after {math.ceil(payback):,} iterations"
+    return table
+
+
+def best_per_framework(table: pd.DataFrame, baseline: str) -> pd.DataFrame:
+    """Per run and phase, each framework's fastest ok cell (highest images/s) and its speedup vs `baseline`.
+
+    A framework with no ok cell keeps a row that says why, so nothing is silently dropped.
+    """
+    rows = []
+    for (run_index, run, phase), group in table.groupby(["run_index", "run", "phase"], sort=True):
+        ok = group[(group["status"] == "ok") & group["throughput_img_per_s"].notna()]
+        base = ok[ok["framework"] == baseline]
+        base_rate = base["throughput_img_per_s"].max() if not base.empty else math.nan
+        frameworks = [fw for fw in plots.FRAMEWORK_ORDER if fw in set(group["framework"])]
+        frameworks += sorted(set(group["framework"]) - set(frameworks))
+        for fw in frameworks:
+            mine = ok[ok["framework"] == fw]
+            if mine.empty:
+                counts = group[group["framework"] == fw]["status"].value_counts()
+                rows.append({"run": run, "run_index": run_index, "phase": phase, "framework": fw,
+                             "status": ", ".join(f"{n} {s}" for s, n in counts.items())})  # fmt: skip
+                continue
+            best = mine.sort_values("throughput_img_per_s", ascending=False).iloc[0]
+            rows.append({
+                "run": run, "run_index": run_index, "phase": phase, "framework": fw, "status": "ok",
+                "execution": best["execution"], "precision": best["precision"], "batch_size": best["batch_size"],
+                "latency_ms_median": best["latency_ms_median"], "latency_ms_median_ci95_low": best["latency_ms_median_ci95_low"],
+                "latency_ms_median_ci95_high": best["latency_ms_median_ci95_high"],
+                "throughput_img_per_s": best["throughput_img_per_s"], "achieved_gflop_per_s": best["achieved_gflop_per_s"],
+                "speedup_vs_baseline": best["throughput_img_per_s"] / base_rate if base_rate > 0 else math.nan,
+            })  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def _threads(record: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {fw: {k: info.get(k) for k in ("intra_op_threads", "inter_op_threads")}
+            for fw, info in record.get("frameworks", {}).items() if isinstance(info, dict)}  # fmt: skip
+
+
+def collect_warnings(runs: Sequence[RunData], table: pd.DataFrame, best: pd.DataFrame, baseline: str) -> list[str]:
+    """Everything a reader must not miss: failed/skipped/noisy cells, thread or precision differences, disagreement."""
+    notes: list[str] = []
+    for run in runs:
+        prefix = f"[{run.label}] " if len(runs) > 1 else ""
+        notes += [prefix + str(w) for w in run.record.get("warnings", [])]
+        if run.record.get("status") not in (None, "complete"):
+            notes.append(f"{prefix}the run is {run.record.get('status')}, not complete; finish it with "
+                         f"`python -m bench run --resume {run.path}`")  # fmt: skip
+        for key in ("intra_op_threads", "inter_op_threads"):
+            counts = {fw: t[key] for fw, t in _threads(run.record).items() if t.get(key)}
+            text = f"frameworks use different {key}: " + ", ".join(f"{fw} {n}" for fw, n in counts.items())
+            if len(set(map(str, counts.values()))) > 1 and text not in run.record.get("warnings", []):
+                notes.append(prefix + text)
+        for fw, entry in (run.record.get("equivalence", {}).get("frameworks", {}) or {}).items():
+            if entry.get("equivalent") is False:
+                notes.append(f"{prefix}{fw} DISAGREES with the other frameworks (largest relative error "
+                             f"{entry.get('max_rel_err'):.3g}); its timings do not measure the same network")  # fmt: skip
+            elif entry.get("status") not in (None, "ok"):
+                notes.append(
+                    f"{prefix}{fw}'s equivalence check {entry.get('status')}: {_last_line(entry.get('error'))}"
+                )
+    for _, row in table.iterrows():
+        prefix = f"[{row['run']}] " if len(runs) > 1 else ""
+        cell = f"{row['cell_id']}"
+        if row["status"] != "ok":
+            notes.append(f"{prefix}{cell} {row['status']}: {_last_line(row['error']) or 'no error recorded'}")
+        elif row["noisy"]:
+            iqr = row["latency_ms_iqr"] / row["latency_ms_median"] * 100 if row["latency_ms_median"] else math.nan
+            notes.append(f"{prefix}{cell} is noisy: IQR is {iqr:.0f}% of the median (> 10%); compare it with care")
+    ok_best = best[best["status"] == "ok"] if not best.empty else best
+    for (run, phase), group in ok_best.groupby(["run", "phase"]) if not ok_best.empty else []:
+        if group["precision"].nunique() > 1:
+            detail = ", ".join(f"{r.framework} {r.precision}" for r in group.itertuples())
+            notes.append(f"[{run}] {phase}: the best cells differ in precision ({detail}); speedups mix precisions")
+    if not table.empty and baseline not in set(table["framework"]):
+        notes.append(f"the baseline framework {baseline!r} is not in any run, so no speedups are given; "
+                     f"choose one with --baseline {'|'.join(FRAMEWORKS)}")  # fmt: skip
+    return notes
+
+
+def _last_line(text: Any) -> str:
+    lines = [line for line in str(text or "").strip().splitlines() if line.strip()]
+    return lines[-1].strip()[:300] if lines else ""
+
+
+def _title(table: pd.DataFrame, runs: Sequence[RunData]) -> str:
+    """Config, device, batch and precision, for figure titles."""
+    parts = []
+    for run in runs:
+        cfg = run.record.get("settings", {}).get("config", {})
+        hw = cfg.get("input_hw", ["?", "?"])
+        parts.append(
+            f"{run.record.get('settings', {}).get('preset', '?')} preset ({cfg.get('num_stacks', '?')} stacks, "
+            f"{cfg.get('channels', '?')} ch, {hw[0]}x{hw[1]} input)"
+        )
+    devices = sorted(set(table["device"].dropna().astype(str))) or ["?"]
+    batches = sorted({int(b) for b in table["batch_size"].dropna()})
+    precisions = sorted(set(table["precision"].dropna().astype(str)))
+    return (f"{'; '.join(dict.fromkeys(parts))}, {'/'.join(devices)}, batch {','.join(map(str, batches)) or '?'}, "
+            f"{'/'.join(precisions)}")  # fmt: skip
+
+
+def _ceilings(runs: Sequence[RunData]) -> list[str]:
+    texts = []
+    for run in runs:
+        cal = run.summary[(run.summary["kind"] == "calibration") & (run.summary["status"] == "ok")]
+        if cal.empty:
+            continue
+        best = cal.sort_values("achieved_gflop_per_s", ascending=False).iloc[0]
+        prefix = f"[{run.label}] " if len(runs) > 1 else ""
+        texts.append(f"{prefix}{best['achieved_gflop_per_s']:.1f} GFLOP/s ({best['framework']} 3x3 conv)")
+    return texts
+
+
+# ---------------------------------------------------------------- formatting
+
+
+def _fmt(value: Any, spec: str = ".3g") -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)) or value is pd.NA:
+        return ""
+    if isinstance(value, (int, float)):
+        return format(value, spec)
+    return str(value)
+
+
+def _summary_display(best: pd.DataFrame, baseline: str, multi: bool) -> pd.DataFrame:
+    rows = []
+    for r in best.to_dict("records"):
+        ok = r["status"] == "ok"
+        rows.append({
+            **({"run": r["run"]} if multi else {}),
+            "phase": r["phase"], "framework": r["framework"],
+            "best configuration": f"{r['execution']} {r['precision']} batch {int(r['batch_size'])}" if ok else f"none ({r['status']})",
+            "median ms": _fmt(r.get("latency_ms_median"), ".2f") if ok else "",
+            "95% CI ms": f"{r['latency_ms_median_ci95_low']:.2f}-{r['latency_ms_median_ci95_high']:.2f}"
+            if ok and pd.notna(r.get("latency_ms_median_ci95_low")) else "",
+            "images/s": _fmt(r.get("throughput_img_per_s"), ".2f") if ok else "",
+            "GFLOP/s": _fmt(r.get("achieved_gflop_per_s"), ".1f") if ok else "",
+            f"speedup vs {baseline}": f"{r['speedup_vs_baseline']:.2f}x" if ok and pd.notna(r.get("speedup_vs_baseline")) else "n/a",
+        })  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def _cells_display(table: pd.DataFrame, multi: bool) -> pd.DataFrame:
+    ordered = plots.sort_cells(table.assign(_ph=table["phase"].map({"forward": 0, "forward_backward": 1})))
+    ordered = ordered.sort_values(["run_index", "_ph"], kind="stable")
+    rows = []
+    for r in ordered.to_dict("records"):
+        rows.append({
+            **({"run": r["run"]} if multi else {}),
+            "cell": r["cell_id"], "status": r["status"],
+            "median ms": _fmt(r["latency_ms_median"], ".2f"),
+            "IQR %": _fmt(r["latency_ms_iqr"] / r["latency_ms_median"] * 100, ".1f") if r["latency_ms_median"] else "",
+            "noisy": "yes" if r["noisy"] else "",
+            "first call ms": _fmt(r["first_call_ms"], ".1f"),
+            "images/s": _fmt(r["throughput_img_per_s"], ".2f"),
+            "GFLOP/s": _fmt(r["achieved_gflop_per_s"], ".1f"),
+            "% ceiling": _fmt(r["ceiling_fraction"] * 100, ".0f"),
+            "compile payback": r["payback_note"],
+            "error": _last_line(r["error"]),
+        })  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def _equivalence_display(runs: Sequence[RunData]) -> pd.DataFrame:
+    rows = []
+    for run in runs:
+        eq = run.record.get("equivalence", {}) or {}
+        for fw, entry in (eq.get("frameworks", {}) or {}).items():
+            rows.append({
+                **({"run": run.label} if len(runs) > 1 else {}),
+                "framework": fw, "status": entry.get("status", ""), "execution": entry.get("execution", ""),
+                "largest relative error": _fmt(entry.get("max_rel_err"), ".2e"),
+                "tolerance": _fmt(eq.get("rtol"), "g"),
+                "agrees": {True: "yes", False: "NO"}.get(entry.get("equivalent"), ""),
+                "compared with": entry.get("reference", "") or _last_line(entry.get("error")),
+            })  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def _environment_display(runs: Sequence[RunData]) -> pd.DataFrame:
+    rows = []
+    for run in runs:
+        env = run.record.get("environment", {}) or {}
+        gpus = env.get("gpus") or []
+        packages = env.get("packages", {}) or {}
+        threads = _threads(run.record)
+        git = env.get("git", {}) or {}
+        items = {
+            "run": run.label,
+            "started (UTC)": run.record.get("started_utc", ""),
+            "command": run.record.get("command_line", ""),
+            "host / OS": f"{env.get('host', '')} / {env.get('os', '')}",
+            "CPU": f"{env.get('cpu_model', '')}, {env.get('cpu_cores_usable', '?')} usable cores",
+            "RAM": f"{env.get('ram_bytes', 0) / 2**30:.1f} GiB" if env.get("ram_bytes") else "",
+            "GPU": "; ".join(f"{g.get('name', '?')} (driver {g.get('driver', '?')})" for g in gpus if isinstance(g, dict)) or "none",
+            "Python": env.get("python", ""),
+            "packages": ", ".join(f"{k} {v}" for k, v in packages.items()),
+            "threads (intra/inter)": ", ".join(f"{fw} {_threads_text(t)}" for fw, t in threads.items()),
+            "git": f"{str(git.get('commit', ''))[:12]}{' (dirty)' if git.get('dirty') else ''}",
+            "wall time": f"{run.record['bench_wall_s']:.0f} s" if run.record.get("bench_wall_s") else "",
+        }  # fmt: skip
+        rows.append(items)
+    return pd.DataFrame(rows).set_index("run").T.reset_index(names="")
+
+
+def _threads_text(threads: dict[str, Any]) -> str:
+    """'2/2'; 0 or None is the framework's own default (TF reports 0), written as such."""
+    return "/".join(str(n) if n else "default" for n in (threads["intra_op_threads"], threads["inter_op_threads"]))
+
+
+def _md_table(frame: pd.DataFrame) -> str:
+    if frame.empty:
+        return "_none_\n"
+    cells = frame.astype(str).map(lambda s: s.replace("|", "\\|").replace("\n", " "))
+    lines = ["| " + " | ".join(map(str, frame.columns)) + " |", "|" + "---|" * len(frame.columns)]
+    lines += ["| " + " | ".join(row) + " |" for row in cells.itertuples(index=False)]
+    return "\n".join(lines) + "\n"
+
+
+def _html_table(frame: pd.DataFrame, table_id: str) -> str:
+    if frame.empty:
+        return "<p><em>none</em></p>"
+    table = frame.to_html(index=False, escape=True, na_rep="", border=0, table_id=table_id, classes="data")
+    return f'<div class="scroll">{table}</div>'  # wide tables scroll inside the page, not the page itself
+
+
+_CSS = """
+body { font-family: system-ui, sans-serif; margin: 2em auto; padding: 0 1em; max-width: 1450px; color: #222; }
+table.data { border-collapse: collapse; font-size: 13px; margin: 0.5em 0 1.5em; }
+table.data th, table.data td { border: 1px solid #ccc; padding: 3px 8px; text-align: left; vertical-align: top; }
+table.data th { background: #f2f2f2; }
+table.data td { overflow-wrap: anywhere; max-width: 40em; }
+div.scroll { overflow-x: auto; max-width: 100%; }
+figure { margin: 1.5em 0; } figure img { max-width: 100%; border: 1px solid #ddd; }
+.alert { background: #fde8ea; border: 2px solid #b00020; color: #b00020; padding: 0.8em; font-weight: bold; }
+li.warning { color: #8a4b00; }
+"""
+
+
+# ---------------------------------------------------------------- the report
+
+
+def _failure_banners(runs: Sequence[RunData], table: pd.DataFrame) -> list[str]:
+    banners = []
+    for run in runs:
+        mine = table[table["run"] == run.label]
+        if mine.empty:
+            banners.append(f"Run {run.label} has no model cells: nothing was measured.")
+        elif not (mine["status"] == "ok").any():
+            counts = ", ".join(f"{n} {s}" for s, n in mine["status"].value_counts().items())
+            banners.append(f"No cell of run {run.label} succeeded ({counts}): nothing was measured, "
+                           "see the cell table and warnings for why.")  # fmt: skip
+    return banners
+
+
+def build_report(run_dirs: Sequence[str | Path], out_dir: str | Path, baseline: str = "torch") -> Path:
+    """Write the figures, report.md and report.html for `run_dirs` into `out_dir`; returns report.html."""
+    if baseline not in FRAMEWORKS:
+        raise ReportError(f"--baseline must be one of {', '.join(FRAMEWORKS)}, got {baseline!r}")
+    runs = load_runs(run_dirs)
+    table = model_table(runs)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    samples = pd.concat(
+        [run.samples.assign(run=run.label) for run in runs if not run.samples.empty]
+        or [pd.DataFrame(columns=[*REQUIRED_SAMPLE_COLUMNS, "run"])],
+        ignore_index=True,
+    )
+    title = _title(table, runs) if not table.empty else ", ".join(run.label for run in runs)
+    swept = not table.empty and table.groupby("run")["batch_size"].nunique().max() > 1
+    figures: dict[str, Path] = {"latency": plots.latency(table, out / "latency.png", title)}
+    if swept:
+        figures["throughput_vs_batch"] = plots.throughput_vs_batch(table, out / "throughput_vs_batch.png", title)
+        figures["memory_vs_batch"] = plots.memory_vs_batch(table, out / "memory_vs_batch.png", title)
+    figures["distribution"] = plots.distribution(table, samples, out / "distribution.png", title)
+    figures["compile_cost"] = plots.compile_cost(table, out / "compile_cost.png", title)
+    figures["efficiency"] = plots.efficiency(table, out / "efficiency.png", title, _ceilings(runs))
+
+    best = best_per_framework(table, baseline) if not table.empty else pd.DataFrame()
+    multi = len(runs) > 1
+    sections = {
+        "summary": _summary_display(best, baseline, multi),
+        "cells": _cells_display(table, multi) if not table.empty else pd.DataFrame(),
+        "equivalence": _equivalence_display(runs),
+        "environment": _environment_display(runs),
+    }
+    notes = collect_warnings(runs, table, best, baseline)
+    banners = _failure_banners(runs, table)
+    heading = "hgbench report: " + ", ".join(run.label for run in runs)
+    (out / "report.md").write_text(_markdown(heading, title, baseline, banners, figures, sections, notes))
+    html_path = out / "report.html"
+    html_path.write_text(_html(heading, title, baseline, banners, figures, sections, notes))
+    return html_path
+
+
+_SUMMARY_NOTE = ("Best configuration = the framework's cell with the highest images/s in that phase; speedup = its "
+                 "images/s over the baseline framework's best. Every cell, including failed and skipped ones, is "
+                 "listed under Cells.")  # fmt: skip
+
+
+def _markdown(heading: str, title: str, baseline: str, banners: list[str], figures: dict[str, Path],
+              sections: dict[str, pd.DataFrame], notes: list[str]) -> str:  # fmt: skip
+    parts = [f"# {heading}\n", f"{title}\n"]
+    parts += [f"> **{b}**\n" for b in banners]
+    parts += [f"## Summary (baseline: {baseline})\n", _SUMMARY_NOTE + "\n", _md_table(sections["summary"])]
+    parts += ["## Warnings\n", "\n".join(f"- {n}" for n in notes) + "\n" if notes else "_none_\n"]
+    parts.append("## Figures\n")
+    for name, path in figures.items():
+        parts.append(f"### {FIGURES[name]}\n\n![{name}]({path.name})\n")
+    parts += ["## Cells\n", _md_table(sections["cells"])]
+    parts += ["## Equivalence (heatmaps of one weight set, before timing)\n", _md_table(sections["equivalence"])]
+    parts += ["## Environment\n", _md_table(sections["environment"])]
+    return "\n".join(parts)
+
+
+def _html(heading: str, title: str, baseline: str, banners: list[str], figures: dict[str, Path],
+          sections: dict[str, pd.DataFrame], notes: list[str]) -> str:  # fmt: skip
+    esc = html.escape
+    body = [f"<h1>{esc(heading)}</h1>", f"<p>{esc(title)}</p>"]
+    body += [f'<p class="alert">{esc(b)}</p>' for b in banners]
+    body += [f"<h2>Summary (baseline: {esc(baseline)})</h2>", f"<p>{esc(_SUMMARY_NOTE)}</p>",
+             _html_table(sections["summary"], "summary-table")]  # fmt: skip
+    body.append("<h2>Warnings</h2>")
+    body.append(
+        "<ul>" + "".join(f'<li class="warning">{esc(n)}</li>' for n in notes) + "</ul>"
+        if notes
+        else "<p><em>none</em></p>"
+    )
+    body.append("<h2>Figures</h2>")
+    for name, path in figures.items():
+        data = base64.b64encode(path.read_bytes()).decode("ascii")
+        body.append(
+            f'<figure id="figure-{name}"><figcaption><h3>{esc(FIGURES[name])}</h3></figcaption>'
+            f'<img alt="{name}" data-figure="{path.name}" src="data:image/png;base64,{data}"></figure>'
+        )
+    body += ["<h2>Cells</h2>", _html_table(sections["cells"], "cells-table")]
+    body += ["<h2>Equivalence (heatmaps of one weight set, before timing)</h2>",
+             _html_table(sections["equivalence"], "equivalence-table")]  # fmt: skip
+    body += ["<h2>Environment</h2>", _html_table(sections["environment"], "environment-table")]
+    return (
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        f"<title>{esc(heading)}</title><style>{_CSS}</style></head>\n<body>\n" + "\n".join(body) + "\n</body></html>\n"
+    )
+
+
+def report_dir_for(run_dir: str | Path) -> Path:
+    """Where `bench run` puts its automatic report: reports/<run_id>/ beside the results folder."""
+    run_dir = Path(run_dir).resolve()
+    return run_dir.parent.parent / "reports" / run_dir.name
+
+
+def run(run_dirs: Sequence[str], out: str | None = None, baseline: str = "torch") -> int:
+    """The `report` command: writes the report and prints where; ReportError propagates to the CLI."""
+    target = Path(out) if out else Path("reports") / "-vs-".join(Path(d).resolve().name for d in run_dirs[:3])
+    html_path = build_report(run_dirs, target, baseline)
+    print(f"report: {html_path} (and report.md, figures, in {html_path.parent})")
+    return 0

@@ -1,0 +1,292 @@
+"""`bench compare`: the statistics on hand-built samples, bad inputs, exit codes, one-sided cells, --normalize.
+
+Run folders are built by hand with pandas (no framework runs), so the whole file takes a few seconds.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import impls
+from bench.cli import main
+from bench.compare import CompareError, compare_runs, parse_threshold, ratio_of_medians, verdict
+from bench.results import SAMPLE_COLUMNS, SUMMARY_COLUMNS
+
+FWD = "torch-eager-fp32-b1-forward"
+BWD = "torch-eager-fp32-b1-forward_backward"
+CAL = "torch-conv_benchmark-fp32-b1-conv3x3"
+
+
+def _noise(n: int, seed: int, center_ms: float = 10.0, spread: float = 0.03) -> np.ndarray:
+    """n latencies in ms around `center_ms` with a few percent of multiplicative noise."""
+    rng = np.random.default_rng(seed)
+    return center_ms * np.exp(rng.normal(0.0, spread, n))
+
+
+def write_run(
+    root: Path,
+    name: str,
+    cells: Mapping[str, Sequence[float]],
+    *,
+    calibration_ms: Sequence[float] | None = None,
+    config: Mapping[str, Any] | None = None,
+    row_overrides: Mapping[str, Mapping[str, Any]] | None = None,
+    warnings: Sequence[str] = (),
+) -> Path:
+    """A run folder as `bench run` writes it: model cells `torch-eager-fp32-b1-<phase>` with samples in ms."""
+    run_dir = root / name
+    run_dir.mkdir(parents=True)
+    cfg = {**impls.PRESETS["tiny"].to_dict(), **(config or {})}
+    all_cells = {**({CAL: calibration_ms} if calibration_ms is not None else {}), **cells}
+    rows, samples = [], []
+    for cell_id, values_ms in all_cells.items():
+        kind = "calibration" if cell_id == CAL else "model"
+        framework, execution, precision, batch, phase = cell_id.split("-")
+        key = {"cell_id": cell_id, "kind": kind, "framework": framework, "execution": execution,
+               "precision": precision, "batch_size": int(batch[1:]), "phase": phase}  # fmt: skip
+        row = {**key, "device": "cpu", "status": "ok", "n_samples": len(values_ms),
+               "latency_ms_median": float(np.median(values_ms)), "first_call_ms": 100.0,
+               "gflop_per_step": 0.25 if phase == "forward_backward" else 0.1}  # fmt: skip
+        if kind == "model":
+            row.update(equivalence_max_rel_err=5e-7, equivalent=True)
+        row.update((row_overrides or {}).get(cell_id, {}))
+        rows.append(row)
+        samples += [{**key, "iteration": i, "latency_ns": round(v * 1e6)} for i, v in enumerate(values_ms)]
+    pd.DataFrame(rows, columns=SUMMARY_COLUMNS).to_csv(run_dir / "summary.csv", index=False)
+    pd.DataFrame(samples, columns=SAMPLE_COLUMNS).to_csv(run_dir / "samples.csv", index=False)
+    record = {"run_id": name, "settings": {"config": cfg, "device": "cpu"}, "warnings": list(warnings)}
+    (run_dir / "run.json").write_text(json.dumps(record))
+    return run_dir
+
+
+# ---------------------------------------------------------------- statistics on hand-built samples
+
+
+def test_ratio_of_medians_exactly_scaled_samples_give_that_ratio_and_slower() -> None:
+    base = _noise(30, seed=1)
+    stats = ratio_of_medians(base, base * 1.3)
+    assert stats.ratio == pytest.approx(1.3, rel=1e-12)
+    assert 1.0 < stats.ci95_low <= 1.3 <= stats.ci95_high
+    assert stats.p_value < 1e-6
+    assert verdict(stats, threshold=0.10) == "slower"
+
+
+def test_ratio_of_medians_identical_distributions_are_unchanged() -> None:
+    stats = ratio_of_medians(_noise(30, seed=2), _noise(30, seed=3))
+    assert stats.ci95_low < 1.0 < stats.ci95_high
+    assert stats.p_value > 0.01
+    assert verdict(stats, threshold=0.10) == "unchanged"
+
+
+def test_ratio_of_medians_disjoint_faster_distribution_is_faster() -> None:
+    base, new = np.linspace(10.0, 11.0, 25), np.linspace(5.0, 6.0, 25)  # every new sample below every base one
+    stats = ratio_of_medians(base, new)
+    assert stats.ratio == pytest.approx(5.5 / 10.5)
+    assert stats.ci95_high < 1.0
+    assert verdict(stats, threshold=0.10) == "faster"
+
+
+def test_verdict_significant_but_below_threshold_is_unchanged() -> None:
+    base, new = np.linspace(10.0, 10.1, 30), np.linspace(10.5, 10.6, 30)  # disjoint, but only 5% slower
+    stats = ratio_of_medians(base, new)
+    assert stats.ci95_low > 1.0 and stats.p_value < 0.01
+    assert verdict(stats, threshold=0.10) == "unchanged"
+    assert verdict(stats, threshold=0.03) == "slower"
+
+
+def test_ratio_of_medians_is_deterministic_for_a_fixed_seed() -> None:
+    base, new = _noise(40, seed=4), _noise(40, seed=5, center_ms=11.0)
+    assert ratio_of_medians(base, new) == ratio_of_medians(base, new)
+
+
+def test_ratio_of_medians_constant_equal_samples_give_ratio_one_and_p_one() -> None:
+    stats = ratio_of_medians([5.0] * 10, [5.0] * 10)
+    assert (stats.ratio, stats.ci95_low, stats.ci95_high, stats.p_value) == (1.0, 1.0, 1.0, 1.0)
+
+
+@pytest.mark.parametrize(("text", "value"), [("10%", 0.10), ("0.1", 0.1), ("25%", 0.25), ("0", 0.0)])
+def test_parse_threshold_accepts_percent_and_fraction(text: str, value: float) -> None:
+    assert parse_threshold(text) == pytest.approx(value)
+
+
+@pytest.mark.parametrize("text", ["ten", "-5%", "", "%"])
+def test_parse_threshold_rejects_garbage_with_the_fix(text: str) -> None:
+    with pytest.raises(CompareError, match=r"--threshold must be a fraction or a percentage such as 0.1 or 10%"):
+        parse_threshold(text)
+
+
+# ---------------------------------------------------------------- whole runs and exit codes
+
+
+def test_compare_cli_same_distribution_exits_0(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    base = write_run(tmp_path, "base", {FWD: _noise(30, 10), BWD: _noise(30, 11, 30.0)})
+    new = write_run(tmp_path, "new", {FWD: _noise(30, 12), BWD: _noise(30, 13, 30.0)})
+    assert main(["compare", str(base), str(new)]) == 0
+    out = capsys.readouterr().out
+    assert "no significant regression" in out and FWD in out
+
+
+def test_compare_cli_thirty_percent_slower_cell_exits_1(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    fwd = _noise(30, 20)
+    base = write_run(tmp_path, "base", {FWD: fwd, BWD: _noise(30, 21, 30.0)})
+    new = write_run(tmp_path, "new", {FWD: fwd * 1.3, BWD: _noise(30, 22, 30.0)})
+    json_path, csv_path = tmp_path / "cmp.json", tmp_path / "cmp.csv"
+    assert main(["compare", str(base), str(new), "--json", str(json_path), "--csv", str(csv_path)]) == 1
+    assert "1 cell(s) significantly slower" in capsys.readouterr().out
+    record = json.loads(json_path.read_text())
+    assert record["regressions"] == [FWD] and record["exit_code"] == 1
+    table = pd.read_csv(csv_path).set_index("cell_id")
+    assert table.loc[FWD, "verdict"] == "slower" and table.loc[BWD, "verdict"] == "unchanged"
+    assert table.loc[FWD, "ratio"] == pytest.approx(1.3, rel=1e-6)
+
+
+def test_compare_cli_threshold_above_the_slowdown_exits_0(tmp_path: Path) -> None:
+    fwd = _noise(30, 23)
+    base = write_run(tmp_path, "base", {FWD: fwd})
+    new = write_run(tmp_path, "new", {FWD: fwd * 1.3})
+    assert main(["compare", str(base), str(new), "--threshold", "0.5"]) == 0
+
+
+def test_compare_runs_cells_on_one_side_are_listed(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    base = write_run(tmp_path, "base", {FWD: _noise(30, 30), BWD: _noise(30, 31)})
+    new = write_run(tmp_path, "new", {FWD: _noise(30, 32), "torch-eager-fp32-b2-forward": _noise(30, 33)})
+    comparison = compare_runs(base, new)
+    status = {c.cell_id: c.status for c in comparison.cells}
+    assert status == {FWD: "compared", BWD: "base_only", "torch-eager-fp32-b2-forward": "new_only"}
+    assert main(["compare", str(base), str(new)]) == 0
+    out = capsys.readouterr().out
+    assert f"base only: {BWD}" in out and "new only: torch-eager-fp32-b2-forward" in out
+
+
+def test_compare_runs_failed_cell_is_not_compared(tmp_path: Path) -> None:
+    base = write_run(tmp_path, "base", {FWD: _noise(30, 34)})
+    new = write_run(tmp_path, "new", {FWD: _noise(30, 35)}, row_overrides={FWD: {"status": "timeout"}})
+    (cell,) = compare_runs(base, new).cells
+    assert cell.status == "not_ok" and "timeout" in cell.note and cell.verdict == ""
+
+
+def test_compare_runs_flop_mismatch_is_an_invariant_failure_exit_1(tmp_path: Path, capsys) -> None:
+    base = write_run(tmp_path, "base", {FWD: _noise(30, 40)})
+    new = write_run(tmp_path, "new", {FWD: _noise(30, 41)}, row_overrides={FWD: {"gflop_per_step": 0.2}})
+    assert main(["compare", str(base), str(new)]) == 1
+    assert "invariant mismatch" in capsys.readouterr().out
+
+
+def test_compare_runs_equivalence_drift_beyond_tolerance_is_listed(tmp_path: Path) -> None:
+    base = write_run(tmp_path, "base", {FWD: _noise(30, 42)})
+    small = write_run(tmp_path, "small", {FWD: _noise(30, 43)}, row_overrides={FWD: {"equivalence_max_rel_err": 6e-7}})
+    large = write_run(tmp_path, "large", {FWD: _noise(30, 44)}, row_overrides={FWD: {"equivalence_max_rel_err": 2e-3}})
+    assert compare_runs(base, small).invariant_mismatches == []
+    (problem,) = compare_runs(base, large).invariant_mismatches
+    assert "equivalence_max_rel_err" in problem
+
+
+def test_compare_runs_first_call_metric_uses_the_threshold_alone(tmp_path: Path) -> None:
+    base = write_run(tmp_path, "base", {FWD: _noise(30, 45)})
+    new = write_run(tmp_path, "new", {FWD: _noise(30, 45)}, row_overrides={FWD: {"first_call_ms": 150.0}})
+    (cell,) = compare_runs(base, new, metric="first_call_ms").cells
+    assert cell.ratio == pytest.approx(1.5) and cell.verdict == "slower" and "threshold only" in cell.note
+
+
+# ---------------------------------------------------------------- --normalize
+
+
+def test_compare_normalize_cancels_a_uniformly_slower_machine(tmp_path: Path, capsys) -> None:
+    fwd, cal = _noise(30, 50), _noise(30, 51, center_ms=1.0)
+    base = write_run(tmp_path, "base", {FWD: fwd}, calibration_ms=cal)
+    new = write_run(tmp_path, "slow_machine", {FWD: fwd * 1.5}, calibration_ms=cal * 1.5)  # everything 1.5x
+    assert main(["compare", str(base), str(new)]) == 1  # raw: a 50% slowdown
+    capsys.readouterr()
+    assert main(["compare", str(base), str(new), "--normalize"]) == 0
+    out = capsys.readouterr().out
+    assert "normalised" in out and "calibration conv new/base (machine speed): torch 1.500" in out
+    (cell,) = compare_runs(base, new, normalize=True).cells
+    assert cell.ratio == pytest.approx(1.0, abs=1e-6)
+
+
+def test_compare_normalize_still_flags_a_model_only_slowdown(tmp_path: Path) -> None:
+    fwd, cal = _noise(30, 52), _noise(30, 53, center_ms=1.0)
+    base = write_run(tmp_path, "base", {FWD: fwd}, calibration_ms=cal)
+    new = write_run(tmp_path, "new", {FWD: fwd * 1.3}, calibration_ms=cal)
+    comparison = compare_runs(base, new, normalize=True)
+    assert comparison.exit_code == 1 and comparison.cells[0].verdict == "slower"
+
+
+def test_compare_normalize_without_calibration_row_reports_the_cell(tmp_path: Path) -> None:
+    base = write_run(tmp_path, "base", {FWD: _noise(30, 54)}, calibration_ms=_noise(30, 55, 1.0))
+    new = write_run(tmp_path, "new", {FWD: _noise(30, 56)})
+    (cell,) = compare_runs(base, new, normalize=True).cells
+    assert cell.status == "no_calibration" and "new run" in cell.note
+
+
+# ---------------------------------------------------------------- bad input: exit 2, one line, no traceback
+
+
+def _one_line_error(capsys: pytest.CaptureFixture[str]) -> str:
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err
+    return err
+
+
+def test_compare_cli_missing_folder_exits_2_naming_it(tmp_path: Path, capsys) -> None:
+    base = write_run(tmp_path, "base", {FWD: _noise(30, 60)})
+    assert main(["compare", str(base), str(tmp_path / "nope")]) == 2
+    assert "nope" in _one_line_error(capsys)
+
+
+def test_compare_cli_foreign_csv_exits_2_naming_the_missing_columns(tmp_path: Path, capsys) -> None:
+    base = write_run(tmp_path, "base", {FWD: _noise(30, 61)})
+    new = write_run(tmp_path, "new", {FWD: _noise(30, 62)})
+    pd.DataFrame({"name": ["a"], "value": [1]}).to_csv(new / "summary.csv", index=False)
+    assert main(["compare", str(base), str(new)]) == 2
+    assert "is not an hgbench summary.csv: it lacks the column(s) cell_id" in _one_line_error(capsys)
+
+
+def test_compare_cli_malformed_samples_exits_2(tmp_path: Path, capsys) -> None:
+    base = write_run(tmp_path, "base", {FWD: _noise(30, 63)})
+    new = write_run(tmp_path, "new", {FWD: _noise(30, 64)})
+    (new / "samples.csv").write_text("cell_id,latency_ns\nx,fast\n")
+    assert main(["compare", str(base), str(new)]) == 2
+    assert "latency_ns must be positive integers, got 'fast'" in _one_line_error(capsys)
+
+
+def test_compare_cli_binary_csv_exits_2(tmp_path: Path, capsys) -> None:
+    base = write_run(tmp_path, "base", {FWD: _noise(30, 65)})
+    new = write_run(tmp_path, "new", {FWD: _noise(30, 66)})
+    (new / "summary.csv").write_bytes(b"\xff\xfe\x00garbage\x00\x81")
+    assert main(["compare", str(base), str(new)]) == 2
+    assert "summary.csv" in _one_line_error(capsys)
+
+
+def test_compare_cli_mismatched_config_exits_2_naming_the_field(tmp_path: Path, capsys) -> None:
+    base = write_run(tmp_path, "base", {FWD: _noise(30, 67)})
+    new = write_run(tmp_path, "new", {FWD: _noise(30, 68)}, config={"num_stacks": 3})
+    assert main(["compare", str(base), str(new)]) == 2
+    assert "config num_stacks is 2" in _one_line_error(capsys)
+
+
+def test_compare_cli_unknown_metric_exits_2(tmp_path: Path, capsys) -> None:
+    base = write_run(tmp_path, "base", {FWD: _noise(30, 69)})
+    assert main(["compare", str(base), str(base), "--metric", "throughput"]) == 2
+    assert "--metric must be one of latency_ms, first_call_ms, got 'throughput'" in _one_line_error(capsys)
+
+
+def test_compare_cli_json_into_missing_folder_exits_2_before_comparing(tmp_path: Path, capsys) -> None:
+    base = write_run(tmp_path, "base", {FWD: _noise(30, 70)})
+    assert main(["compare", str(base), str(base), "--json", str(tmp_path / "no" / "such" / "x.json")]) == 2
+    assert "--json" in _one_line_error(capsys)
+
+
+def test_compare_cli_shows_a_runs_busy_machine_warning(tmp_path: Path, capsys) -> None:
+    busy = "the machine is busy (1-minute load 4.1 on 2 cores); timings will be slow and noisy"
+    base = write_run(tmp_path, "base", {FWD: _noise(30, 71)})
+    new = write_run(tmp_path, "new", {FWD: _noise(30, 72)}, warnings=[busy])
+    assert main(["compare", str(base), str(new)]) == 0
+    assert f"warning: new run: {busy}" in capsys.readouterr().out
