@@ -21,9 +21,36 @@ from collections.abc import Callable
 
 import numpy as np
 
+from impls import spec
 from impls.config import HourglassConfig
 
 PHASES: tuple[str, ...] = ("forward", "forward_backward")
+DEVICES: tuple[str, ...] = ("cpu", "gpu")
+PRECISIONS: tuple[str, ...] = ("fp32", "bf16")
+
+
+def check_build_args(
+    framework: str, executions: tuple[str, ...], execution: str, precision: str, device: str,
+    gpu_available: Callable[[], bool],
+) -> None:
+    """Raise ValueError naming a bad execution, precision or device, or RuntimeError when a GPU is asked
+    for and the framework sees none: the checks every `build` makes before touching its framework."""
+    if execution not in executions:
+        raise ValueError(f"unknown execution {execution!r} for {framework}; choose one of: {', '.join(executions)}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; choose one of: {', '.join(PRECISIONS)}")
+    if device not in DEVICES:
+        raise ValueError(f"unknown device {device!r}; choose one of: {', '.join(DEVICES)}")
+    if device == "gpu" and not gpu_available():
+        raise RuntimeError(f"no GPU visible to {framework}; use --device cpu")
+
+
+def resolve_weights(config: HourglassConfig, weights: dict[str, np.ndarray] | None) -> dict[str, np.ndarray]:
+    """`weights` checked against the config, or the canonical impls.init_weights(config, seed=0)."""
+    if weights is None:
+        return spec.init_weights(config, seed=0)
+    spec.check_weights(config, weights)
+    return weights
 
 
 class AbstractHourglassModel(abc.ABC):

@@ -21,7 +21,7 @@ import numpy as np
 from flax import nnx
 
 from impls import spec
-from impls.base import PHASES, AbstractHourglassModel
+from impls.base import PHASES, AbstractHourglassModel, check_build_args, resolve_weights
 from impls.config import HourglassConfig
 
 FRAMEWORK = "jax"
@@ -376,18 +376,8 @@ def build(config: HourglassConfig, weights: dict[str, np.ndarray] | None = None,
     """A JaxHourglass on `device` holding `weights` (default impls.spec.init_weights(config, seed=0))."""
     if options:
         raise ValueError(f"unknown option(s) {sorted(options)} for jax; it takes none")
-    if execution not in EXECUTIONS:
-        raise ValueError(f"execution must be one of {', '.join(EXECUTIONS)}, got {execution!r}")
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    if device not in ("cpu", "gpu"):
-        raise ValueError(f"device must be 'cpu' or 'gpu', got {device!r}")
-    if device == "gpu" and not gpu_available():
-        raise RuntimeError("no GPU visible to jax; use --device cpu")
-    if weights is None:
-        weights = spec.init_weights(config, seed=0)
-    else:
-        spec.check_weights(config, weights)
+    check_build_args(FRAMEWORK, EXECUTIONS, execution, precision, device, gpu_available)
+    weights = resolve_weights(config, weights)
     return JaxHourglass(config, weights, device, precision, execution)
 
 

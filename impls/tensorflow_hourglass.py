@@ -16,7 +16,7 @@ import numpy as np
 import tensorflow as tf
 
 from impls import spec
-from impls.base import PHASES, AbstractHourglassModel
+from impls.base import PHASES, AbstractHourglassModel, check_build_args, resolve_weights
 from impls.config import HourglassConfig
 
 FRAMEWORK = "tensorflow"
@@ -400,18 +400,10 @@ def build(
     **options: object,
 ) -> TensorFlowHourglass:
     """A TensorFlow Stacked Hourglass for `config`, holding `weights` (default: impls.init_weights(config, 0))."""
-    if execution not in EXECUTIONS:
-        raise ValueError(f"execution must be one of {', '.join(EXECUTIONS)} for tensorflow, got {execution!r}")
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    if device not in _DEVICES:
-        raise ValueError(f"device must be one of {', '.join(_DEVICES)}, got {device!r}")
     if options:
         raise ValueError(f"tensorflow's build takes no extra options, got {sorted(options)}; remove them")
-    if device == "gpu" and not gpu_available():
-        raise RuntimeError("no GPU visible to tensorflow; use --device cpu")
-    weights = spec.init_weights(config, seed=0) if weights is None else weights
-    spec.check_weights(config, weights)
+    check_build_args(FRAMEWORK, EXECUTIONS, execution, precision, device, gpu_available)
+    weights = resolve_weights(config, weights)
     return TensorFlowHourglass(config, weights, device, precision, execution)
 
 

@@ -15,13 +15,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from impls import spec
-from impls.base import PHASES, AbstractHourglassModel
+from impls.base import PHASES, AbstractHourglassModel, check_build_args, resolve_weights
 from impls.config import HourglassConfig
 
 FRAMEWORK = "torch"
 EXECUTIONS: tuple[str, ...] = ("eager", "compile")
 PRECISIONS: tuple[str, ...] = ("fp32", "bf16")
-DEVICES: tuple[str, ...] = ("cpu", "gpu")
 
 # PyTorch weights the *new* batch statistic by `momentum`: 0.1 here is spec.BN_DECAY = 0.9 in Keras/Flax.
 # Seam: torch updates running_var with the UNBIASED batch variance (times n/(n-1)), Keras and Flax with the
@@ -373,18 +372,8 @@ def build(config: HourglassConfig, weights: dict[str, np.ndarray] | None = None,
     """
     if options:
         raise ValueError(f"unknown torch build options {sorted(options)}; the only option is channels_last")
-    if execution not in EXECUTIONS:
-        raise ValueError(f"unknown execution {execution!r} for torch; choose one of: {', '.join(EXECUTIONS)}")
-    if precision not in PRECISIONS:
-        raise ValueError(f"unknown precision {precision!r}; choose one of: {', '.join(PRECISIONS)}")
-    if device not in DEVICES:
-        raise ValueError(f"unknown device {device!r}; choose one of: {', '.join(DEVICES)}")
-    if device == "gpu" and not gpu_available():
-        raise RuntimeError("no GPU visible to torch; use --device cpu")
-    if weights is None:
-        weights = spec.init_weights(config, seed=0)
-    else:
-        spec.check_weights(config, weights)
+    check_build_args(FRAMEWORK, EXECUTIONS, execution, precision, device, gpu_available)
+    weights = resolve_weights(config, weights)
     return TorchHourglassModel(config, weights, device, precision, execution, True if channels_last is None else channels_last)
 
 
