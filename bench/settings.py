@@ -14,7 +14,8 @@ from typing import Any
 
 from bench import nvml
 from impls import FRAMEWORKS, PHASES, ConfigError, HourglassConfig, get_preset, install_command, is_installed
-from impls.registry import UnknownFrameworkError, canonical_name
+from impls.base import PRECISIONS
+from impls.registry import EXECUTIONS, UnknownFrameworkError, canonical_name
 
 # Environment of every worker, set in this one place and recorded in run.json.
 # Allocator knobs: JAX would otherwise preallocate 75% of the GPU and TF map all of it, so the memory
@@ -29,14 +30,6 @@ WORKER_ENV: dict[str, str] = {
     "TF_CPP_MIN_LOG_LEVEL": "2",
 }
 
-# Each framework's execution modes, default first. The impls modules import their framework at module
-# level, so the parent keeps this copy; the worker checks it against the module's own EXECUTIONS.
-EXECUTIONS: dict[str, tuple[str, ...]] = {
-    "torch": ("eager", "compile"),
-    "tensorflow": ("eager", "function", "xla"),
-    "jax": ("jit",),
-}
-PRECISIONS: tuple[str, ...] = ("fp32", "bf16")
 DEVICES: tuple[str, ...] = ("auto", "cpu", "gpu")
 PROTOCOLS: tuple[str, ...] = ("default", "seed")
 CONFIG_FLAGS: dict[str, str] = {  # CLI option -> HourglassConfig field

@@ -20,13 +20,13 @@ import jaxlib
 import numpy as np
 from flax import nnx
 
-from impls import spec
+from impls import base, registry, spec
 from impls.base import PHASES, AbstractHourglassModel, check_build_args, resolve_weights
 from impls.config import HourglassConfig
 
 FRAMEWORK = "jax"
-EXECUTIONS: tuple[str, ...] = ("jit",)
-PRECISIONS: tuple[str, ...] = ("fp32", "bf16")
+EXECUTIONS: tuple[str, ...] = registry.EXECUTIONS[FRAMEWORK]
+PRECISIONS: tuple[str, ...] = base.PRECISIONS
 _DTYPES = {"fp32": jnp.float32, "bf16": jnp.bfloat16}
 
 HW = tuple[int, int]

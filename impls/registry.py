@@ -10,6 +10,14 @@ FRAMEWORKS: tuple[str, ...] = ("torch", "tensorflow", "jax")
 
 ALIASES: dict[str, str] = {"pytorch": "torch", "tf": "tensorflow"}
 
+# Each framework's execution modes, default first. Kept here, framework-free, so the runner can plan
+# cells without importing a framework; each implementation module takes its own entry.
+EXECUTIONS: dict[str, tuple[str, ...]] = {
+    "torch": ("eager", "compile"),
+    "tensorflow": ("eager", "function", "xla"),
+    "jax": ("jit",),
+}
+
 # The module each framework needs importable, and the extra that installs it.
 _REQUIRED_MODULES: dict[str, tuple[str, ...]] = {
     "torch": ("torch",),

@@ -15,13 +15,13 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # must precede the import: h
 import numpy as np
 import tensorflow as tf
 
-from impls import spec
+from impls import base, registry, spec
 from impls.base import PHASES, AbstractHourglassModel, check_build_args, resolve_weights
 from impls.config import HourglassConfig
 
 FRAMEWORK = "tensorflow"
-EXECUTIONS: tuple[str, ...] = ("eager", "function", "xla")
-PRECISIONS: tuple[str, ...] = ("fp32", "bf16")
+EXECUTIONS: tuple[str, ...] = registry.EXECUTIONS[FRAMEWORK]
+PRECISIONS: tuple[str, ...] = base.PRECISIONS
 _DTYPES = {"fp32": tf.float32, "bf16": tf.bfloat16}
 _DEVICES = {"cpu": "/CPU:0", "gpu": "/GPU:0"}
 

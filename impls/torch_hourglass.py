@@ -14,13 +14,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from impls import spec
+from impls import base, registry, spec
 from impls.base import PHASES, AbstractHourglassModel, check_build_args, resolve_weights
 from impls.config import HourglassConfig
 
 FRAMEWORK = "torch"
-EXECUTIONS: tuple[str, ...] = ("eager", "compile")
-PRECISIONS: tuple[str, ...] = ("fp32", "bf16")
+EXECUTIONS: tuple[str, ...] = registry.EXECUTIONS[FRAMEWORK]
+PRECISIONS: tuple[str, ...] = base.PRECISIONS
 
 # PyTorch weights the *new* batch statistic by `momentum`: 0.1 here is spec.BN_DECAY = 0.9 in Keras/Flax.
 # Seam: torch updates running_var with the UNBIASED batch variance (times n/(n-1)), Keras and Flax with the
