@@ -35,7 +35,7 @@ out or ran out of memory (or a framework disagreed in the equivalence check), 2 
 def build_parser() -> argparse.ArgumentParser:
     """The parser for every command (built when main() runs, not at import)."""
     parser = _Parser(prog="python -m bench", description="Benchmark the Stacked Hourglass implementations.")
-    commands = parser.add_subparsers(dest="command", metavar="{run,list,env,overhead,compare,report}", parser_class=_Parser)
+    commands = parser.add_subparsers(dest="command", metavar="{run,list,env,overhead,compare,report,profile}", parser_class=_Parser)
     commands.required = True
 
     run = commands.add_parser(
@@ -63,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     how.add_argument("--timeout", metavar="SECONDS", help="per cell, from worker start (default 900)")
     where = run.add_argument_group("where results go")
     where.add_argument("--out", metavar="DIR", help="results directory (default: results/)")
+    where.add_argument("--run-id", metavar="NAME", help="name the run folder OUT/NAME instead of <UTC time>-<device> (must not exist)")
     where.add_argument("--resume", metavar="RUN_DIR", help="complete an interrupted run with its recorded settings")
     where.add_argument("--no-report", action="store_true",
                        help="do not write the report (figures, report.md/html) into reports/<run_id>/ beside the results")  # fmt: skip
@@ -100,6 +101,29 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("run_dirs", metavar="RUN_DIR", nargs="+", help="one or more results/<run_id> folders (side by side)")
     report.add_argument("--out", metavar="DIR", help="report folder (default: reports/<RUN_DIR name>[-vs-<name>...])")
     report.add_argument("--baseline", default="torch", help="framework the speedups are relative to (default torch)")
+
+    profile = commands.add_parser(
+        "profile", help="per-stage and per-op time, FLOP check and traces from each framework's profiler",
+        epilog=_PROFILE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
+    what = profile.add_argument_group("what to profile (as for run)")
+    what.add_argument("--framework", metavar="LIST", help="all (default) or a comma list: torch,tensorflow,jax")
+    what.add_argument("--preset", help="model preset: seed (default), newell or tiny")
+    for flag, field in CONFIG_FLAGS.items():
+        what.add_argument(f"--{flag}", metavar="N", help=f"override the preset's {field}")
+    what.add_argument("--input-size", metavar="HxW", help="override the input size: 256 or 256x192")
+    what.add_argument("--phase", metavar="LIST", help="forward, forward_backward or all (default: both)")
+    what.add_argument("--batch-size", metavar="N", help="one batch size (default: 1 on a CPU, 16 on a GPU)")
+    what.add_argument("--execution", metavar="LIST", help="default, all (default) or a comma list, as for run")
+    what.add_argument("--precision", help="fp32 (default) or bf16")
+    what.add_argument("--device", help="auto (default: gpu when one is visible), cpu or gpu")
+    how = profile.add_argument_group("how to profile")
+    how.add_argument("--warmup", metavar="N", help="untimed steps before profiling (default as for run)")
+    how.add_argument("--steps", metavar="N", help="profiled steps per cell (default 5)")
+    how.add_argument("--top-k", metavar="N", help="ops listed per cell, by self time (default 15)")
+    how.add_argument("--timeout", metavar="SECONDS", help="per cell, from worker start (default 900)")
+    where = profile.add_argument_group("where results go")
+    where.add_argument("--out", metavar="DIR", help="results directory (default: results/)")
     return parser
 
 
@@ -108,6 +132,22 @@ verdict: slower when the bootstrap 95% CI of the ratio of medians new/base lies 
 p-value is below 0.01 and the ratio exceeds 1 + threshold; faster likewise; else unchanged. Parameter
 counts, FLOPs and equivalence errors must match. Exit codes: 0 no regression, 1 a cell significantly
 slower or an invariant mismatch, 2 bad input (missing run, foreign CSV, different configs)."""
+
+
+_PROFILE_EPILOG = """\
+one fresh worker per framework x execution x phase runs the implementation's profile(): stage times
+(profiler scopes, or one compiled call per stage where XLA fuses across stages), the top ops by self time,
+framework-reported vs analytic conv FLOPs, compile figures and trace files. Writes
+results/<UTC time>-<device>-profile/ (stages.csv, ops.csv, flops.csv, compile.csv, run.json, traces/).
+Exit codes: 0 every cell ok or skipped, 1 a cell failed, timed out, ran out of memory or broke the
+profile contract, 2 bad input."""
+
+
+def _profile(args: argparse.Namespace, argv: list[str]) -> int:
+    from bench import profile
+
+    options = {k: v for k, v in vars(args).items() if k != "command" and v is not None}
+    return profile.start(profile.build_profile_settings(**options), argv)
 
 
 def _compare(args: argparse.Namespace) -> int:
@@ -132,10 +172,10 @@ def _report(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace, argv: list[str]) -> int:
     from bench import orchestrate
 
-    options = {k: v for k, v in vars(args).items() if k not in ("command", "resume", "no_report") and v is not None}
+    options = {k: v for k, v in vars(args).items() if k not in ("command", "resume", "no_report", "run_id") and v is not None}
     if args.resume is not None:
-        if options:
-            flags = ", ".join("--" + k.replace("_", "-") for k in options)
+        if options or args.run_id is not None:
+            flags = ", ".join("--" + k.replace("_", "-") for k in [*options, *(["run_id"] if args.run_id else [])])
             raise UsageError(f"--resume takes every setting from RUN_DIR/run.json; drop {flags}")
         run_dir = Path(args.resume)
         if not (run_dir / "run.json").is_file():
@@ -144,7 +184,10 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
             )
         return orchestrate.resume(run_dir, argv, report=not args.no_report)
     settings = build_settings(**options)
-    return orchestrate.start(settings, argv, report=not args.no_report)
+    try:
+        return orchestrate.start(settings, argv, report=not args.no_report, run_id=args.run_id)
+    except orchestrate.RunDirError as err:
+        raise UsageError(str(err)) from None
 
 
 def _overhead(args: argparse.Namespace) -> int:
@@ -169,6 +212,8 @@ def main(argv: list[str] | None = None) -> int:  # noqa: PLR0911 (one return per
             return _report(args)
         if args.command == "overhead":
             return _overhead(args)
+        if args.command == "profile":
+            return _profile(args, argv)
         from bench import inventory
 
         if args.command == "list":

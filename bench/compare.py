@@ -15,9 +15,10 @@ per side such a drift is already "significant". Demanding the whole CI lie above
 would miss slowdowns a little above the threshold about half the time. `faster` mirrors the rule with
 1 / (1 + threshold). Exit code 1 when any model cell is `slower` or an invariant differs; 2 for bad input.
 
-`--normalize` divides every sample of a side by that run's calibration median (the 3x3 conv timed in the
-same run: same framework, precision and batch size when present, else the framework's first ok one), so
-the ratio compares "model time in units of this machine's conv time" and two machines can be compared.
+`--normalize` divides every sample of a side by that run's calibration median for the same framework: the
+fixed reference conv (64x64, 64 -> 64, batch 1; the same workload whatever the config), or in runs that
+lack it the model's dominant 3x3 conv. The ratio then compares "model time in units of this machine's conv
+time", so runs from two machines can be compared.
 """
 
 from __future__ import annotations
@@ -322,11 +323,17 @@ def _invariant_mismatches(
 
 
 def _calibration_median_ms(run: RunData, framework: str, precision: str, batch_size: Any) -> float:
-    """Median ms of the run's calibration conv for this framework (same precision and batch when present)."""
+    """Median ms of the run's calibration yardstick for this framework.
+
+    The fixed reference conv (the same workload in every run, a few ms) when the run has one; otherwise,
+    for runs made before it existed, the model's dominant conv3x3 at the same precision and batch size.
+    """
     rows = run.summary[(run.summary["kind"] == "calibration") & (run.summary["status"] == "ok")]
     rows = rows[rows["framework"] == framework]
-    exact = rows[(rows["precision"] == precision) & (rows["batch_size"].astype(str) == str(batch_size))]
-    for candidates in (exact, rows):
+    reference = rows[(rows["phase"] == "reference_conv") & (rows["precision"] == precision)]
+    conv = rows[rows["phase"] == "conv3x3"]
+    exact = conv[(conv["precision"] == precision) & (conv["batch_size"].astype(str) == str(batch_size))]
+    for candidates in (reference, exact, conv):
         for cell_id in candidates["cell_id"]:
             samples = run.samples_ms(cell_id)
             if samples.size:

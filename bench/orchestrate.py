@@ -9,6 +9,7 @@ goes on.
 from __future__ import annotations
 
 import math
+import re
 import tempfile
 import time
 from collections.abc import Iterable, Mapping
@@ -21,7 +22,7 @@ from rich.markup import escape
 from bench import console as out
 from bench import envinfo
 from bench import settings as settings_mod
-from bench.calibration import dominant_conv3x3
+from bench.calibration import calibration_workloads, dominant_conv3x3, dominant_gemm
 from bench.equivalence import compare
 from bench.launch import WorkerOutcome, run_worker
 from bench.results import RunStore
@@ -58,7 +59,7 @@ def _measured_row(
 ) -> dict[str, Any]:
     """A row from a worker result: status, error, statistics of its samples, memory and timings."""
     row = {**base, "status": outcome.status, "error": outcome.error, "worker_wall_s": outcome.wall_s}
-    for key in ("device", "first_call_ms", "warmup_calls", "import_s", "build_s", "setup_s", "gpu_allocator_peak_bytes",
+    for key in ("device", "first_call_ms", "warmup_calls", "import_s", "build_s", "setup_s", "num_params", "injected_slowdown", "gpu_allocator_peak_bytes",
                 "nvml_process_used_bytes", "nvml_device_used_bytes", "host_peak_rss_bytes"):  # fmt: skip
         if result.get(key) is not None:
             row[key] = result[key]
@@ -76,15 +77,29 @@ def _num(value: Any) -> float:
         return math.nan
 
 
-def conv_ceilings(rows: Iterable[Mapping[str, Any]]) -> dict[tuple[str, int], float]:
-    """(precision, batch size) -> the fastest framework's 3x3 conv GFLOP/s among calibration rows."""
-    best: dict[tuple[str, int], float] = {}
+CEILING_KINDS = ("conv3x3", "gemm")  # calibration phases on the model's own shapes
+
+
+def ceilings(rows: Iterable[Mapping[str, Any]]) -> dict[tuple[str, str, int], float]:
+    """(framework, precision, batch size) -> that framework's best GFLOP/s on the model's conv and GEMM
+    shapes, and ("*", precision, batch size) -> the fastest framework's: the machine's ceiling."""
+    best: dict[tuple[str, str, int], float] = {}
     for row in rows:
         rate = _num(row.get("achieved_gflop_per_s"))
-        if row.get("kind") == "calibration" and row.get("status") == "ok" and not math.isnan(rate):
-            key = (str(row["precision"]), int(_num(row["batch_size"])))
+        if row.get("kind") != "calibration" or row.get("status") != "ok" or row.get("phase") not in CEILING_KINDS:
+            continue
+        if math.isnan(rate):
+            continue
+        precision, batch = str(row["precision"]), int(_num(row["batch_size"]))
+        for key in ((str(row["framework"]), precision, batch), ("*", precision, batch)):
             best[key] = max(best.get(key, 0.0), rate)
     return best
+
+
+def _calibration_cell(framework: str, workload: Mapping[str, Any]) -> Cell:
+    """The summary cell of one calibration workload: execution names the probe, phase the workload kind."""
+    probe = "gemm_benchmark" if workload["kind"] == "gemm" else "conv_benchmark"
+    return Cell(framework, probe, workload["precision"], workload["batch_size"], workload["kind"])
 
 
 def exit_code(rows: Iterable[Mapping[str, Any]], equivalence: Mapping[str, Mapping[str, Any]]) -> int:
@@ -103,8 +118,28 @@ def exit_code(rows: Iterable[Mapping[str, Any]], equivalence: Mapping[str, Mappi
 # ---------------------------------------------------------------- the run
 
 
-def new_run_dir(out_dir: str, device: str) -> Path:
-    """results/<UTC time>-<device>[-n]: sortable, and never reuses an existing directory."""
+RUN_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+
+
+class RunDirError(ValueError):
+    """A --run-id that is malformed or names a run that already exists."""
+
+
+def new_run_dir(out_dir: str, device: str, run_id: str | None = None) -> Path:
+    """results/<UTC time>-<device>[-n]: sortable, and never reuses an existing directory.
+
+    With `run_id`, results/<run_id> exactly (for scripts such as CI that need a fixed path); it must not
+    exist yet, so no run is ever overwritten.
+    """
+    if run_id is not None:
+        if not RUN_ID_PATTERN.fullmatch(run_id):
+            raise RunDirError(f"--run-id {run_id!r} is not a plain folder name; use letters, digits, '.', '_' or '-' "
+                              "(starting with a letter or digit), e.g. --run-id ci-tiny")  # fmt: skip
+        path = Path(out_dir).resolve() / run_id
+        if path.exists():
+            raise RunDirError(f"--run-id {run_id!r}: {path} already exists; choose another id or remove that folder")
+        path.mkdir(parents=True)
+        return path
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     base = Path(out_dir).resolve() / f"{stamp}-{device}"
     candidate, n = base, 1
@@ -125,7 +160,6 @@ class Runner:
         self.console = out.make_console()
         self.installed = {fw: settings_mod.is_installed(fw) for fw in settings.frameworks}
         self.active = [fw for fw in settings.frameworks if self.installed[fw]]
-        self.conv_shape = dominant_conv3x3(settings.config)
         self._workdir: Path | None = None
 
     # -- helpers
@@ -241,26 +275,29 @@ class Runner:
             self.record["warnings"].append(text)
 
     def calibrate(self, framework: str) -> list[dict[str, Any]]:
-        """Calibration rows of one framework: its 3x3 conv GFLOP/s per precision and batch size."""
+        """Calibration rows of one framework: conv3x3 and GEMM GFLOP/s per precision and batch size, and
+        the fixed reference conv per precision (see bench/calibration.py)."""
         s = self.settings
-        spec = {"mode": "calibrate", "framework": framework, "conv_shape": self.conv_shape.to_dict(),
-                "batch_sizes": list(s.batch_sizes), "precisions": list(s.precisions), **self._loop_spec()}  # fmt: skip
+        workloads = calibration_workloads(s.config, s.batch_sizes, s.precisions)
+        spec = {"mode": "calibrate", "framework": framework, "workloads": workloads, **self._loop_spec()}
         outcome = self._worker(spec, f"{framework}-calibration")
         self._note_runtime(framework, outcome.result)
-        measured = {(m["precision"], m["batch_size"]): m for m in outcome.result.get("measurements", [])}
+        measured = {(m["kind"], m["precision"], m["batch_size"]): m for m in outcome.result.get("measurements", [])}
+        missing = set(outcome.result.get("missing", []))
         rows = []
-        for precision in s.precisions:
-            for batch in s.batch_sizes:
-                base = _base_row(Cell(framework, "conv_benchmark", precision, batch, "conv3x3"), "calibration", s)
-                found = measured.get((precision, batch), {})
-                entry = outcome
-                if outcome.status == "ok" and not found:
-                    entry = WorkerOutcome(
-                        "failed", "the worker returned no measurement for this cell", wall_s=outcome.wall_s
-                    )
-                row = _measured_row(base, entry, {**outcome.result, **found}, self.conv_shape.flops(batch))
-                self.store.add(row, found.get("samples_ns", []) if entry.status == "ok" else [])
-                rows.append(row)
+        for workload in workloads:
+            kind, precision, batch = workload["kind"], workload["precision"], workload["batch_size"]
+            cell = _calibration_cell(framework, workload)
+            base = _base_row(cell, "calibration", s)
+            found = measured.get((kind, precision, batch), {})
+            entry = outcome
+            if outcome.status == "ok" and kind in missing:
+                entry = WorkerOutcome("skipped", f"{framework}'s impls module has no {cell.execution} probe", wall_s=outcome.wall_s)
+            elif outcome.status == "ok" and not found:
+                entry = WorkerOutcome("failed", "the worker returned no measurement for this cell", wall_s=outcome.wall_s)
+            row = _measured_row(base, entry, {**outcome.result, **found}, workload["flops"])
+            self.store.add(row, found.get("samples_ns", []) if entry.status == "ok" else [])
+            rows.append(row)
         return rows
 
     def run_cell(self, cell: Cell) -> dict[str, Any]:
@@ -281,15 +318,25 @@ class Runner:
         if outcome.result.get("model_settings"):
             self.record.setdefault("cell_settings", {})[cell.cell_id] = outcome.result["model_settings"]
             self._save_record()
+        slowdown = outcome.result.get("injected_slowdown")
+        if slowdown:
+            text = (f"{cell.cell_id}: the test switch HGBENCH_TEST_SLOWDOWN lengthened every timed step by "
+                    f"{slowdown:.0%}; these timings are not the model's")  # fmt: skip
+            out.warn(self.console, text)
+            self.record["warnings"].append(text)
         flops = count_flops(s.config, cell.batch_size, cell.phase)
         row = _measured_row(base, outcome, outcome.result, flops)
         equivalence = self.record.get("equivalence", {}).get("frameworks", {}).get(cell.framework, {})
         row["equivalence_max_rel_err"] = equivalence.get("max_rel_err")
         row["equivalent"] = equivalence.get("equivalent")
-        ceiling = conv_ceilings(self.store.rows()).get((cell.precision, cell.batch_size))
-        if ceiling and row.get("achieved_gflop_per_s") is not None:
-            row["conv_ceiling_gflop_per_s"] = ceiling
-            row["ceiling_fraction"] = row["achieved_gflop_per_s"] / ceiling
+        best = ceilings(self.store.rows())
+        if row.get("achieved_gflop_per_s") is not None:
+            for who, rate_column, share_column in (("*", "conv_ceiling_gflop_per_s", "ceiling_fraction"),
+                                                   (cell.framework, "framework_ceiling_gflop_per_s", "framework_ceiling_fraction")):  # fmt: skip
+                ceiling = best.get((who, cell.precision, cell.batch_size))
+                if ceiling:
+                    row[rate_column] = ceiling
+                    row[share_column] = row["achieved_gflop_per_s"] / ceiling
         self.store.add(row, outcome.result.get("samples_ns", []) if outcome.status == "ok" else [])
         return row
 
@@ -298,8 +345,8 @@ class Runner:
         s, done = self.settings, self.store.done_cell_ids()
         cells = [cell for cell in s.cells() if cell.cell_id not in done]
         need_equivalence = not self.record.get("equivalence") and bool(self.active)
-        calibrations = [fw for fw in self.active
-                        if any(Cell(fw, "conv_benchmark", p, b, "conv3x3").cell_id not in done for p in s.precisions for b in s.batch_sizes)]  # fmt: skip
+        workloads = calibration_workloads(s.config, s.batch_sizes, s.precisions)
+        calibrations = [fw for fw in self.active if any(_calibration_cell(fw, w).cell_id not in done for w in workloads)]
         total = len(cells) + len(calibrations) + (len(self.active) if need_equivalence else 0)
         self.console.print(
             f"hgbench run [bold]{self.record['run_id']}[/]: {len(cells)} cells to measure on {s.device} "
@@ -314,7 +361,7 @@ class Runner:
                 self.check_equivalence(progress, task)
                 self._warn_threads()
             for fw in calibrations:
-                progress.update(task, description=f"{fw}: 3x3 conv calibration")
+                progress.update(task, description=f"{fw}: conv and GEMM calibration")
                 self.calibrate(fw)
                 progress.advance(task)
             self._save_record()
@@ -337,9 +384,10 @@ class Runner:
         return exit_code(rows, self.record.get("equivalence", {}).get("frameworks", {}))
 
 
-def start(settings: RunSettings, args: list[str], report: bool = True) -> int:
-    """A new run of `settings` in a fresh results directory (then its report, unless `report` is False)."""
-    run_dir = new_run_dir(settings.out_dir, settings.device)
+def start(settings: RunSettings, args: list[str], report: bool = True, run_id: str | None = None) -> int:
+    """A new run of `settings` in a fresh results directory, results/<run_id> when given (then its report,
+    unless `report` is False)."""
+    run_dir = new_run_dir(settings.out_dir, settings.device, run_id)
     record: dict[str, Any] = {
         "run_id": run_dir.name,
         "status": "running",
@@ -356,7 +404,11 @@ def start(settings: RunSettings, args: list[str], report: bool = True) -> int:
         "equivalence": {},
         "calibration": {
             "conv_shape": dominant_conv3x3(settings.config).to_dict(),
-            "note": "3x3 stride-1 conv, the model's dominant shape",
+            "gemm_shape": dominant_gemm(settings.config).to_dict(),
+            "note": "conv3x3: the model's dominant 3x3 stride-1 conv; gemm: its dominant 1x1 conv as a GEMM "
+            "(batch*m_per_image, k) @ (k, n); reference_conv: a fixed 64x64, 64->64 conv at batch 1 for "
+            "bench compare --normalize. Ceilings: per framework the faster of conv3x3 and gemm; the machine's "
+            "is the fastest framework's.",
         },
         "warnings": [],
         "resumes": [],

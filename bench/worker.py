@@ -8,6 +8,7 @@ this process runs one of these modes and writes a JSON result atomically:
 - `calibrate`: the framework's 3x3 conv at the model's dominant shape (needs `conv_benchmark`).
 - `info`: the framework's runtime_info() (for `bench list` and run.json).
 - `overhead`: the harness's loop against a bare loop on the same model (`python -m bench overhead`).
+- `profile`: the framework's own profile of one cell (`profile()`, impls/profiling.py; `python -m bench profile`).
 
 A Python exception becomes a result with status failed or oom and the traceback's tail; a hard crash
 writes nothing and the parent reads the exit status and stderr instead. Progress markers go to stderr
@@ -37,6 +38,9 @@ from bench.timing import measure
 
 # Test hook: a module whose load(framework) returns a stand-in for an impls module (tests/fake_backend.py).
 BACKEND_OVERRIDE_ENV = "HGBENCH_BACKEND_OVERRIDE"
+# Test switch: lengthen every timed model step by this fraction of its own duration (busy wait), so the
+# regression check can be shown to catch a known slowdown. Recorded in the result and flagged by the runner.
+SLOWDOWN_ENV = "HGBENCH_TEST_SLOWDOWN"
 ERROR_TAIL_LINES = 15
 STAGE_PREFIX = "hgbench-worker: stage "
 
@@ -122,6 +126,35 @@ def _max_or_none(a: int | None, b: int | None) -> int | None:
     return b if a is None else a if b is None else max(a, b)
 
 
+def injected_slowdown() -> float:
+    """The test switch's fraction (0 when unset); a malformed value is an error, not a silent zero."""
+    text = os.environ.get(SLOWDOWN_ENV, "").strip()
+    if not text:
+        return 0.0
+    try:
+        fraction = float(text)
+    except ValueError:
+        fraction = -1.0
+    if not 0 <= fraction <= 10:
+        raise ValueError(f"{SLOWDOWN_ENV}={text!r} is not a fraction between 0 and 10 (e.g. 0.25 for 25% slower)")
+    return fraction
+
+
+def slowed(step: Callable[[], None], fraction: float) -> Callable[[], None]:
+    """`step`, followed by a busy wait of `fraction` times the time it just took (a proportional slowdown)."""
+    if fraction <= 0:
+        return step
+
+    def slow_step() -> None:
+        t0 = time.perf_counter_ns()
+        step()
+        deadline = time.perf_counter_ns() + int((time.perf_counter_ns() - t0) * fraction)
+        while time.perf_counter_ns() < deadline:
+            pass
+
+    return slow_step
+
+
 def _timed(spec: dict[str, Any], step: Callable[[], None], on_stage: Callable[[str], None]) -> dict[str, Any]:
     timings = measure(
         step,
@@ -155,6 +188,8 @@ def run_cell(backend: ModuleType, spec: dict[str, Any]) -> dict[str, Any]:
     t0 = time.perf_counter()
     step = model.benchmark_step(spec["phase"], spec["batch_size"], spec["seed"])
     setup_s = time.perf_counter() - t0
+    slowdown = injected_slowdown()
+    step = slowed(step, slowdown)
 
     def on_stage(name: str) -> None:
         probe.read()
@@ -171,7 +206,10 @@ def run_cell(backend: ModuleType, spec: dict[str, Any]) -> dict[str, Any]:
         nvml_device_used_bytes=probe.device,
         model_settings=model.settings(),
         runtime_info=runtime,
+        num_params=model.num_params(),
     )
+    if slowdown:
+        result["injected_slowdown"] = slowdown
     return result
 
 
@@ -192,32 +230,33 @@ def run_equivalence(backend: ModuleType, spec: dict[str, Any]) -> dict[str, Any]
 
 
 def run_calibration(backend: ModuleType, spec: dict[str, Any]) -> dict[str, Any]:
-    """Time the framework's 3x3 conv at the dominant shape for every batch size and precision."""
+    """Time the framework's calibration workloads: each (kind, shape, batch size, precision) in the spec.
+
+    Kinds: "conv3x3" and "reference_conv" go through `conv_benchmark`, "gemm" through `gemm_benchmark`.
+    A workload the backend has no probe for is listed in `missing`, not failed.
+    """
     device = _device(backend, spec)
-    if not hasattr(backend, "conv_benchmark"):
-        return {
-            "status": "skipped",
-            "device": device,
-            "error": f"{backend.__name__} has no conv_benchmark(input_shape, c_out, *, kernel_size, device, "
-            "precision, seed) yet, so this framework's conv ceiling is not measured",
-        }
-    shape = ConvShape(**spec["conv_shape"])
-    measurements = []
-    for precision in spec["precisions"]:
-        for batch_size in spec["batch_sizes"]:
-            stage(f"calibrate {precision} b{batch_size}")
-            step = backend.conv_benchmark(
-                (batch_size, shape.height, shape.width, shape.c_in),
-                shape.c_out,
-                kernel_size=shape.kernel_size,
-                device=device,
-                precision=precision,
-                seed=spec["seed"],
-            )
-            entry = _timed(spec, step, stage)
-            entry.update(precision=precision, batch_size=batch_size)
-            measurements.append(entry)
-    return {"device": device, "measurements": measurements, "runtime_info": runtime_record(backend)}
+    probes = {"conv3x3": "conv_benchmark", "reference_conv": "conv_benchmark", "gemm": "gemm_benchmark"}
+    measurements, missing = [], []
+    for workload in spec["workloads"]:
+        probe = getattr(backend, probes[workload["kind"]], None)
+        if probe is None:
+            missing.append(workload["kind"])
+            continue
+        shape, batch_size, precision = workload["shape"], workload["batch_size"], workload["precision"]
+        stage(f"calibrate {workload['kind']} {precision} b{batch_size}")
+        if workload["kind"] == "gemm":
+            step = probe(batch_size * shape["m_per_image"], shape["k"], shape["n"], device=device,
+                         precision=precision, seed=spec["seed"])  # fmt: skip
+        else:
+            conv = ConvShape(**shape)
+            step = probe((batch_size, conv.height, conv.width, conv.c_in), conv.c_out, kernel_size=conv.kernel_size,
+                         device=device, precision=precision, seed=spec["seed"])  # fmt: skip
+        entry = _timed(spec, step, stage)
+        entry.update(kind=workload["kind"], precision=precision, batch_size=batch_size)
+        measurements.append(entry)
+    return {"device": device, "measurements": measurements, "missing": sorted(set(missing)),
+            "runtime_info": runtime_record(backend)}  # fmt: skip
 
 
 def run_overhead(backend: ModuleType, spec: dict[str, Any]) -> dict[str, Any]:
@@ -247,6 +286,26 @@ def run_overhead(backend: ModuleType, spec: dict[str, Any]) -> dict[str, Any]:
     return {"device": device, "harness_samples_ns": harness, "bare_samples_ns": [int(t * 1e9) for t in bare]}
 
 
+def run_profile(backend: ModuleType, spec: dict[str, Any]) -> dict[str, Any]:
+    """The implementation's profile() of one cell; its traces go to spec['trace_dir'], its dict is returned as is.
+
+    The parent checks the dict against the contract (impls.profiling.check_profile): this process only runs it.
+    """
+    device = _device(backend, spec)
+    if not hasattr(backend, "profile"):
+        raise NotImplementedError(
+            f"{backend.__name__} has no profile(config, *, phase, batch_size, execution, trace_dir, ...) yet "
+            "(the contract is in impls/profiling.py), so this framework cannot be profiled"
+        )
+    stage("profile")
+    result = backend.profile(
+        _config(spec), phase=spec["phase"], batch_size=spec["batch_size"], execution=spec["execution"],
+        trace_dir=spec["trace_dir"], device=device, precision=spec["precision"], warmup=spec["warmup"],
+        steps=spec["steps"], seed=spec["seed"], top_k=spec["top_k"],
+    )  # fmt: skip
+    return {"device": device, "profile": dict(result), "runtime_info": runtime_record(backend)}
+
+
 def run_info(backend: ModuleType, spec: dict[str, Any]) -> dict[str, Any]:
     """The framework's runtime record plus its module surface."""
     return {
@@ -264,6 +323,7 @@ MODES: dict[str, Callable[[ModuleType, dict[str, Any]], dict[str, Any]]] = {
     "calibrate": run_calibration,
     "info": run_info,
     "overhead": run_overhead,
+    "profile": run_profile,
 }
 
 

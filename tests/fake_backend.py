@@ -134,6 +134,10 @@ def load(framework: str) -> SimpleNamespace:
                        precision: str = "fp32", seed: int = 0) -> Callable[[], None]:  # fmt: skip
         return lambda: _work(32)
 
+    def gemm_benchmark(m: int, k: int, n: int, *, device: str = "cpu", precision: str = "fp32",
+                       seed: int = 0) -> Callable[[], None]:  # fmt: skip
+        return lambda: _work(24)
+
     module = SimpleNamespace(
         __name__=f"tests.fake_backend[{framework}]",
         FRAMEWORK=framework,
@@ -145,4 +149,5 @@ def load(framework: str) -> SimpleNamespace:
     )
     if "noconv" not in _faults(framework):
         module.conv_benchmark = conv_benchmark
+        module.gemm_benchmark = gemm_benchmark
     return module

@@ -54,7 +54,11 @@ def test_runner_writes_tidy_summary_samples_and_run_json(fake: pytest.MonkeyPatc
     assert list(table.columns) == SUMMARY_COLUMNS
     model = table[table["kind"] == "model"]
     assert len(model) == 6 and set(model["status"]) == {"ok"}  # 3 frameworks x default execution x 2 phases
-    assert len(table[table["kind"] == "calibration"]) == 3
+    calibration = table[table["kind"] == "calibration"]
+    kinds = {fw: sorted(calibration[calibration["framework"] == fw]["phase"]) for fw in ("torch", "tensorflow", "jax")}
+    assert kinds == dict.fromkeys(kinds, ["conv3x3", "gemm", "reference_conv"])
+    assert (model["num_params"] > 0).all() and model["injected_slowdown"].isna().all()
+    assert (model["framework_ceiling_fraction"] >= model["ceiling_fraction"]).all()
     assert (model["n_samples"] == 3).all() and (model["warmup_calls"] == 1).all()
     assert (model["first_call_ms"] > 0).all() and (model["host_peak_rss_bytes"] > 0).all()
     assert model["latency_ms_median"].between(model["latency_ms_min"], model["latency_ms_p95"]).all()
@@ -63,7 +67,8 @@ def test_runner_writes_tidy_summary_samples_and_run_json(fake: pytest.MonkeyPatc
     for column in ("gpu_allocator_peak_bytes", "nvml_process_used_bytes", "nvml_device_used_bytes"):
         assert model[column].isna().all(), column
     samples = pd.read_csv(run_dir / "samples.csv")
-    assert samples.groupby("cell_id").size().to_dict() == dict.fromkeys(table["cell_id"], 3)
+    ok = table[table["status"] == "ok"]
+    assert samples.groupby("cell_id").size().to_dict() == dict.fromkeys(ok["cell_id"], 3)
     cell = model.iloc[0]
     mine = samples[samples["cell_id"] == cell["cell_id"]]["latency_ns"] / 1e6
     assert cell["latency_ms_median"] == pytest.approx(mine.median())
@@ -147,10 +152,12 @@ def test_runner_calibration_without_conv_benchmark_is_skipped_with_reason(
     assert code == 0
     assert rows.loc["torch-conv_benchmark-fp32-b1-conv3x3", "status"] == "skipped"
     assert "has no conv_benchmark" in rows.loc["torch-conv_benchmark-fp32-b1-conv3x3", "error"]
-    # The ceiling still comes from the framework that has one.
-    assert rows.loc["torch-eager-fp32-b1-forward", "conv_ceiling_gflop_per_s"] == pytest.approx(
-        rows.loc["jax-conv_benchmark-fp32-b1-conv3x3", "achieved_gflop_per_s"]
-    )
+    # The machine's ceiling still comes from the framework that has probes; torch has no ceiling of its own.
+    jax_best = max(rows.loc[f"jax-{probe}-fp32-b1-{kind}", "achieved_gflop_per_s"]
+                   for probe, kind in (("conv_benchmark", "conv3x3"), ("gemm_benchmark", "gemm")))  # fmt: skip
+    assert rows.loc["torch-eager-fp32-b1-forward", "conv_ceiling_gflop_per_s"] == pytest.approx(jax_best)
+    assert math.isnan(rows.loc["torch-eager-fp32-b1-forward", "framework_ceiling_fraction"])
+    assert rows.loc["jax-jit-fp32-b1-forward", "framework_ceiling_gflop_per_s"] == pytest.approx(jax_best)
 
 
 def test_runner_warns_when_thread_counts_differ(
@@ -205,8 +212,8 @@ def test_runner_interrupted_run_keeps_finished_cells_and_resume_completes_it(
         args, cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
     )
     try:
-        # Two calibration rows and three cells come before the hanging one.
-        _wait_for_rows(_summary_path(tmp_path), 5)
+        # Two frameworks' calibration rows (3 workloads each) and three cells come before the hanging one.
+        _wait_for_rows(_summary_path(tmp_path), 9)
         time.sleep(0.5)
         parent.send_signal(signal.SIGINT)
         assert parent.wait(timeout=30) == 130
@@ -217,12 +224,12 @@ def test_runner_interrupted_run_keeps_finished_cells_and_resume_completes_it(
     assert json.loads((run_dir / "run.json").read_text())["status"] == "interrupted"
     before = summary(run_dir)
     assert "jax-jit-fp32-b1-forward_backward" not in before.index
-    assert len(before) == 5
+    assert len(before) == 9
 
     fake.delenv("HGBENCH_FAKE_FAULTS", raising=False)
     assert cli.main(["run", "--resume", str(run_dir)]) == 0
     after = summary(run_dir)
-    assert len(after) == 6 and set(after["status"]) == {"ok"}
+    assert len(after) == 10 and set(after["status"]) == {"ok"}
     pd.testing.assert_frame_equal(after.loc[before.index], before)  # finished cells were not measured again
     record = json.loads((run_dir / "run.json").read_text())
     assert record["status"] == "complete" and len(record["resumes"]) == 1
@@ -257,3 +264,46 @@ def test_runner_warns_when_the_machine_is_busy(fake: pytest.MonkeyPatch, tmp_pat
     assert code == 0
     assert any(w.startswith("the machine is busy (1-minute load 64.0") for w in record["warnings"])
     assert record["load_average_at_end"] == [64.0, 64.0, 64.0]
+
+
+def test_run_id_names_the_folder_and_never_overwrites(
+    fake: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, run_dir = run(tmp_path, "--framework", "jax", "--phase", "forward", "--run-id", "ci-tiny")
+    assert code == 0 and run_dir == (tmp_path / "ci-tiny").resolve()
+    assert cli.main(["run", *TINY, "--out", str(tmp_path), "--framework", "jax", "--run-id", "ci-tiny"]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert cli.main(["run", *TINY, "--out", str(tmp_path), "--run-id", "../escape"]) == 2
+    assert "not a plain folder name" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ci-tiny"]
+
+
+def test_test_slowdown_switch_is_recorded_and_warned(fake: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    fake.setenv("HGBENCH_TEST_SLOWDOWN", "0.5")
+    code, run_dir = run(tmp_path, "--framework", "torch", "--phase", "forward")
+    rows = summary(run_dir)
+    assert code == 0 and rows.loc["torch-eager-fp32-b1-forward", "injected_slowdown"] == 0.5
+    # Only model steps are slowed: the calibration yardstick must stay the machine's own.
+    assert rows[rows["kind"] == "calibration"]["injected_slowdown"].isna().all()
+    warnings = json.loads((run_dir / "run.json").read_text())["warnings"]
+    assert any("HGBENCH_TEST_SLOWDOWN" in text for text in warnings)
+
+
+def test_test_slowdown_switch_rejects_a_malformed_value(fake: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    fake.setenv("HGBENCH_TEST_SLOWDOWN", "lots")
+    code, run_dir = run(tmp_path, "--framework", "torch", "--phase", "forward")
+    assert code == 1
+    assert "HGBENCH_TEST_SLOWDOWN='lots'" in summary(run_dir).loc["torch-eager-fp32-b1-forward", "error"]
+
+
+def test_slowed_step_lasts_at_least_the_fraction_longer() -> None:
+    from bench.worker import slowed
+
+    def step() -> None:
+        time.sleep(0.002)
+
+    t0 = time.perf_counter_ns()
+    slowed(step, 1.0)()
+    # By construction: the busy wait runs until (1 + fraction) x the step's own duration has passed.
+    assert time.perf_counter_ns() - t0 >= 2 * 2_000_000
+    assert slowed(step, 0.0) is step
