@@ -64,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     where = run.add_argument_group("where results go")
     where.add_argument("--out", metavar="DIR", help="results directory (default: results/)")
     where.add_argument("--run-id", metavar="NAME", help="name the run folder OUT/NAME instead of <UTC time>-<device> (must not exist)")
+    where.add_argument("--like", metavar="RUN_DIR",
+                       help="measure exactly the cells of RUN_DIR with its recorded settings, into a new run (e.g. CI against results/baseline)")  # fmt: skip
     where.add_argument("--resume", metavar="RUN_DIR", help="complete an interrupted run with its recorded settings")
     where.add_argument("--no-report", action="store_true",
                        help="do not write the report (figures, report.md/html) into reports/<run_id>/ beside the results")  # fmt: skip
@@ -172,7 +174,9 @@ def _report(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace, argv: list[str]) -> int:
     from bench import orchestrate
 
-    options = {k: v for k, v in vars(args).items() if k not in ("command", "resume", "no_report", "run_id") and v is not None}
+    options = {k: v for k, v in vars(args).items() if k not in ("command", "resume", "no_report", "run_id", "like") and v is not None}
+    if args.like is not None:
+        return _run_like(args, argv, options)
     if args.resume is not None:
         if options or args.run_id is not None:
             flags = ", ".join("--" + k.replace("_", "-") for k in [*options, *(["run_id"] if args.run_id else [])])
@@ -184,6 +188,39 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
             )
         return orchestrate.resume(run_dir, argv, report=not args.no_report)
     settings = build_settings(**options)
+    try:
+        return orchestrate.start(settings, argv, report=not args.no_report, run_id=args.run_id)
+    except orchestrate.RunDirError as err:
+        raise UsageError(str(err)) from None
+
+
+def _recorded_settings(flag: str, run_dir: Path) -> dict:
+    """RUN_DIR/run.json's settings, or a UsageError saying what RUN_DIR should be."""
+    import json
+
+    path = run_dir / "run.json"
+    if not path.is_file():
+        raise UsageError(f"{flag}: {str(run_dir)!r} is not a run directory (no run.json in it); give one such as results/<run_id>")
+    try:
+        return json.loads(path.read_text())["settings"]
+    except (ValueError, KeyError) as err:
+        raise UsageError(f"{flag}: {path} is not a run record this version can read ({err}); re-run it instead") from None
+
+
+def _run_like(args: argparse.Namespace, argv: list[str], options: dict) -> int:
+    """A new run with RUN_DIR's recorded settings; only where the results go may differ."""
+    from bench import orchestrate
+    from bench.settings import RunSettings
+
+    extra = [k for k in options if k != "out"] + (["resume"] if args.resume is not None else [])
+    if extra:
+        flags = ", ".join("--" + k.replace("_", "-") for k in extra)
+        raise UsageError(f"--like takes every measurement setting from RUN_DIR/run.json; drop {flags} (only --out, --run-id and --no-report may be given)")
+    recorded = _recorded_settings("--like", Path(args.like))
+    try:
+        settings = RunSettings.from_dict({**recorded, "out_dir": options.get("out", "results")})
+    except (TypeError, ValueError) as err:
+        raise UsageError(f"--like: the settings in {args.like}/run.json cannot be used by this version ({err})") from None
     try:
         return orchestrate.start(settings, argv, report=not args.no_report, run_id=args.run_id)
     except orchestrate.RunDirError as err:

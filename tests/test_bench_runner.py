@@ -307,3 +307,20 @@ def test_slowed_step_lasts_at_least_the_fraction_longer() -> None:
     # By construction: the busy wait runs until (1 + fraction) x the step's own duration has passed.
     assert time.perf_counter_ns() - t0 >= 2 * 2_000_000
     assert slowed(step, 0.0) is step
+
+
+def test_run_like_measures_the_same_cells_into_a_new_run(
+    fake: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, base_dir = run(tmp_path / "base", "--framework", "torch,jax", "--phase", "forward", "--batch-size", "2")
+    assert code == 0
+    out = tmp_path / "new"
+    assert cli.main(["run", "--like", str(base_dir), "--out", str(out), "--run-id", "again", "--no-report"]) == 0
+    base, new = summary(base_dir), summary(out / "again")
+    assert list(new.index) == list(base.index)
+    again = json.loads((out / "again" / "run.json").read_text())["settings"]
+    assert again == {**json.loads((base_dir / "run.json").read_text())["settings"], "out_dir": str(out)}
+    assert cli.main(["run", "--like", str(base_dir), "--preset", "seed"]) == 2
+    assert "drop --preset" in capsys.readouterr().err
+    assert cli.main(["run", "--like", str(tmp_path)]) == 2
+    assert "no run.json" in capsys.readouterr().err
