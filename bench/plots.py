@@ -41,6 +41,7 @@ FIGURE_PX: dict[str, tuple[int, int]] = {
     "distribution": (1400, 750),
     "compile_cost": (1400, 700),
     "efficiency": (1400, 700),
+    "stage_shares": (1400, 700),
 }
 _FAILED_COLOR = "#B00020"
 
@@ -357,4 +358,89 @@ def efficiency(frame: pd.DataFrame, path: Path, title: str, ceilings: Sequence[s
     axes[0].set_title("achieved GFLOP/s, higher is better")
     fig.legend(handles=_legend_handles(frame), loc="outside lower center", ncols=8, fontsize=8)
     fig.suptitle(f"Efficiency - {title}")
+    return _save(fig, path)
+
+
+# ---------------------------------------------------------------- profile runs (bench profile)
+
+# Stages coloured by kind, shaded by stack index: the eye finds "all hourglasses" and "stack 2" alike.
+_STAGE_CMAPS: dict[str, str] = {"hourglass": "Blues", "head": "Oranges", "merge": "Greens"}
+_STAGE_FIXED: dict[str, str] = {"stem": "#7B3294", "loss": "#444444", "other": "#DDDDDD"}
+
+
+def stage_color(stage: str, num_stacks: int) -> str:
+    """The fixed colour of a stage: stem purple, hourglass_i blues, head_i oranges, merge_i greens, loss dark."""
+    if stage in _STAGE_FIXED:
+        return _STAGE_FIXED[stage]
+    kind, _, index = stage.rpartition("_")
+    if kind not in _STAGE_CMAPS or not index.isdigit():
+        return _OTHER_COLOR
+    shade = 0.45 + 0.45 * int(index) / max(num_stacks - 1, 1)
+    return matplotlib.colors.to_hex(matplotlib.colormaps[_STAGE_CMAPS[kind]](shade))
+
+
+def stage_shares(stages: pd.DataFrame, path: Path, title: str, order: Sequence[str], labels: dict[str, str]) -> Path:
+    """Stacked horizontal bars: each profiled cell's step split into its stages (% of the step they partition).
+
+    `stages` is stages.csv (plus a `run` column); one panel per phase, one bar per framework x execution
+    (x run), segments in `order` (execution order, then loss and other); `labels` renames stages in the
+    legend. Cells that did not profile are labelled gaps.
+    """
+    if stages.empty:
+        return _empty("stage_shares", path, title, "no profiled cells in this run")
+    phases = _phases(stages)
+    num_stacks = sum(1 for name in order if name.startswith("hourglass_")) or 1
+    fig, axes = _figure("stage_shares", ncols=len(phases))
+    multi = "run" in stages and stages["run"].nunique() > 1
+    for ax, phase in zip(axes, phases, strict=True):
+        panel = stages[stages["phase"] == phase]
+        keys = ["run", "framework", "execution"] if "run" in panel else ["framework", "execution"]
+        cells = list(panel.groupby(keys, sort=False))
+        fw_rank = {fw: i for i, fw in enumerate(FRAMEWORK_ORDER)}
+        cells.sort(key=lambda item: fw_rank.get(dict(zip(keys, item[0], strict=True))["framework"], len(fw_rank)))
+        ys = np.arange(len(cells))[::-1]
+        names = []
+        for y, (key, rows) in zip(ys, cells, strict=True):
+            cell = dict(zip(keys, key, strict=True))
+            first = rows.iloc[0]
+            ok = str(first["status"]) == "ok"
+            method = f" [{first['method']}]" if ok else ""
+            names.append(f"{cell['framework']} {cell['execution']}{method}" + (f" ({cell['run']})" if multi else ""))
+            if not ok:
+                _gap_label(ax, y, str(first["status"]), str(first["error"]))
+                continue
+            shares = rows.set_index("stage")["share_of_step"].astype(float) * 100  # fraction -> %
+            left = 0.0
+            for stage in order:
+                width = float(shares.get(stage, 0.0))
+                if width <= 0:
+                    continue
+                color = stage_color(stage, num_stacks)
+                ax.barh(y, width, left=left, color=color, edgecolor="white", linewidth=0.6,
+                        hatch="//" if stage == "other" else "")  # fmt: skip
+                if width >= 6:  # a label only where it fits, white on dark segments
+                    dark = sum(matplotlib.colors.to_rgb(color)) < 1.5
+                    ax.text(left + width / 2, y, f"{width:.0f}", ha="center", va="center", fontsize=7,
+                            color="white" if dark else "black")  # fmt: skip
+                left += width
+            ax.text(101, y, f"{_short(float(first['stage_step_ms']))} ms", va="center", ha="left", fontsize=7)
+        ax.set_yticks(ys, names, fontsize=8)
+        ax.set_ylim(-0.7, len(cells) - 0.3)
+        ax.set_xlim(0, 112)  # room for the step time after 100%
+        ax.set_xticks(range(0, 101, 20))
+        ax.set_xlabel("% of the step the stages partition (its time in ms at the right)")
+        ax.set_title(PHASE_TITLE.get(phase, phase))
+        ax.grid(axis="x", alpha=0.3)
+    present = set(stages.loc[stages["status"] == "ok", "stage"].astype(str))
+    handles = [
+        matplotlib.patches.Patch(
+            facecolor=stage_color(stage, num_stacks), hatch="//" if stage == "other" else "", edgecolor="white",
+            label=labels.get(stage, stage),
+        )
+        for stage in order
+        if stage in present
+    ]
+    if handles:
+        fig.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), 10), fontsize=8)
+    fig.suptitle(f"Where the step goes, per stage - {title}")
     return _save(fig, path)

@@ -1,6 +1,7 @@
 """`python -m bench report`: figures, report.md and a self-contained report.html from one or more run dirs.
 
 Reads what `bench run` wrote (summary.csv, samples.csv, run.json), checks it is that and nothing else,
+and what `bench profile` wrote (stages.csv and the rest: bench/profile_report.py adds a Profile section),
 and writes into one folder: the PNGs of bench.plots, report.md (figures beside it) and report.html (the
 same figures embedded as data: URIs, no script, no network). Several runs are shown side by side, as
 series. A user's mistake (a missing folder, a foreign or malformed CSV) is a ReportError whose one-line
@@ -449,6 +450,12 @@ def build_report(run_dirs: Sequence[str | Path], out_dir: str | Path, baseline: 
     """Write the figures, report.md and report.html for `run_dirs` into `out_dir`; returns report.html."""
     if baseline not in FRAMEWORKS:
         raise ReportError(f"--baseline must be one of {', '.join(FRAMEWORKS)}, got {baseline!r}")
+    from bench import profile_report  # `bench profile` folders (stages.csv) add a section, or are the report
+
+    profiles = [profile_report.load_profile(d) for d in run_dirs if profile_report.is_profile_dir(d)]
+    run_dirs = [d for d in run_dirs if not (profile_report.is_profile_dir(d) and not (Path(d) / "summary.csv").is_file())]
+    if profiles and not run_dirs:
+        return profile_report.build_profile_only(profiles, out_dir)
     runs = load_runs(run_dirs)
     table = model_table(runs)
     out = Path(out_dir)
@@ -479,9 +486,14 @@ def build_report(run_dirs: Sequence[str | Path], out_dir: str | Path, baseline: 
     notes = collect_warnings(runs, table, best, baseline)
     banners = _failure_banners(runs, table)
     heading = "hgbench report: " + ", ".join(run.label for run in runs)
-    (out / "report.md").write_text(_markdown(heading, title, baseline, banners, figures, sections, notes))
+    markdown = _markdown(heading, title, baseline, banners, figures, sections, notes)
+    page = _html(heading, title, baseline, banners, figures, sections, notes)
+    if profiles:
+        extra = profile_report.section(profiles, out)
+        markdown, page = markdown + "\n" + extra.markdown, page.replace("\n</body>", "\n" + extra.html + "\n</body>", 1)
+    (out / "report.md").write_text(markdown)
     html_path = out / "report.html"
-    html_path.write_text(_html(heading, title, baseline, banners, figures, sections, notes))
+    html_path.write_text(page)
     return html_path
 
 

@@ -13,15 +13,21 @@ over "framework/execution/phase" ("torch/*/forward_backward"). Kinds:
     error     benchmark_step() raises ValueError (a Python exception while setting up)
     disagree  predict() returns heatmaps 10% off
     noconv    the module has no conv_benchmark
+    noprofile the module has no profile
+    badprofile  profile() returns stage times that sum to more than the step they partition
+    recompile profile() reports 2 recompilations in the timed loop
+crash, exit, oom, hang and error also hit profile() (before its first step).
 HGBENCH_FAKE_THREADS=torch=4 makes runtime_info report 4 intra-op threads for torch (default 1).
 """
 
 from __future__ import annotations
 
 import fnmatch
+import json
 import os
 import time
 from collections.abc import Callable
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -117,6 +123,76 @@ class FakeModel(AbstractHourglassModel):
         return 1 << 20 if self.device == "gpu" else None
 
 
+def _inject(kinds: set[str]) -> None:
+    """The first-step faults, for profile() (which has no separate step)."""
+    if "crash" in kinds:
+        os.abort()
+    if "exit" in kinds:
+        os._exit(3)
+    if "oom" in kinds:
+        raise RuntimeError("CUDA out of memory. Tried to allocate 20.00 GiB")
+    if "hang" in kinds:
+        time.sleep(3600)
+
+
+def _fake_profile(framework: str) -> Callable[..., dict]:
+    """A profile() honouring impls/profiling.py: each stage is a little timed numpy work, with a Chrome trace."""
+    from impls import PHASES, count_flops
+    from impls.profiling import op_table, stage_names, time_staged
+
+    def profile(config: HourglassConfig, *, phase: str, batch_size: int, execution: str, trace_dir: str,
+                device: str = "cpu", precision: str = "fp32", warmup: int = 2, steps: int = 5, seed: int = 0,
+                top_k: int = 25) -> dict:  # fmt: skip
+        if phase not in PHASES:
+            raise ValueError(f"phase must be one of {PHASES}, got {phase!r}")
+        if steps < 1:
+            raise ValueError(f"steps must be >= 1, got {steps}")
+        if execution not in EXECUTIONS[framework]:
+            raise ValueError(f"{framework} has no execution {execution!r}")
+        kinds = _faults(framework, execution, phase)
+        if "error" in kinds:
+            raise ValueError(f"fake profile failure for {framework}/{execution}/{phase}")
+        _inject(kinds)
+        names = stage_names(config) + (["loss"] if phase == "forward_backward" else [])
+        sizes = {name: 24 + 8 * (index % 3) for index, name in enumerate(names)}
+        calls = [(name, lambda state, n=sizes[name]: (_work(n), state)[1]) for name in names]
+        t0 = time.perf_counter_ns()
+        for _, call in calls:
+            call(None)
+        first_call_ms = (time.perf_counter_ns() - t0) / 1e6
+        stage_ms, stage_step_ms = time_staged(calls, None, lambda state: None, warmup=warmup, steps=steps)
+        fused = []
+        for _ in range(steps):  # the ordinary step: the same work with no clock between stages
+            t0 = time.perf_counter_ns()
+            for _, call in calls:
+                call(None)
+            fused.append((time.perf_counter_ns() - t0) / 1e6)
+        if "badprofile" in kinds:
+            stage_step_ms = sum(stage_ms.values()) / 2
+        events = [{"op": f"fake::matmul{sizes[name]}", "total_ms": ms * steps, "self_ms": ms * steps}
+                  for name, ms in stage_ms.items()]  # fmt: skip
+        trace = {"displayTimeUnit": "ms", "traceEvents": [
+            {"name": name, "ph": "X", "ts": 0, "dur": ms * 1e3, "pid": 0, "tid": 0} for name, ms in stage_ms.items()
+        ]}  # fmt: skip
+        Path(trace_dir).mkdir(parents=True, exist_ok=True)
+        (Path(trace_dir) / "fake.trace.json").write_text(json.dumps(trace))
+        return {
+            "framework": framework, "execution": execution, "phase": phase, "batch_size": batch_size,
+            "precision": precision, "device": device, "step_ms": sorted(fused)[(len(fused) - 1) // 2],
+            "stage_method": "profiler" if execution == "eager" else "staged", "stage_step_ms": stage_step_ms,
+            "stage_note": "fake backend: numpy work per stage, timed with impls.profiling.time_staged",
+            "stages": [{"stage": name, "ms": ms} for name, ms in stage_ms.items()],
+            "ops": op_table(events, steps, top_k), "op_step_ms": stage_step_ms, "trace_files": ["fake.trace.json"],
+            "flops": {"source": "fake: the analytic count", "conv_flops": count_flops(config, batch_size, phase),
+                      "total_flops": None, "note": ""},
+            "compile": {"first_call_ms": first_call_ms, "trace_compile_ms": None if execution == "eager" else first_call_ms,
+                        "recompilations_in_timed_loop": 2 if "recompile" in kinds else 0, "program_size": None,
+                        "program_size_unit": "", "note": "fake"},
+        }  # fmt: skip
+
+    return profile
+
+
 def load(framework: str) -> SimpleNamespace:
     """An impls-module look-alike for `framework`."""
 
@@ -150,4 +226,6 @@ def load(framework: str) -> SimpleNamespace:
     if "noconv" not in _faults(framework):
         module.conv_benchmark = conv_benchmark
         module.gemm_benchmark = gemm_benchmark
+    if "noprofile" not in _faults(framework):
+        module.profile = _fake_profile(framework)
     return module

@@ -56,7 +56,7 @@ def test_runner_writes_tidy_summary_samples_and_run_json(fake: pytest.MonkeyPatc
     assert len(model) == 6 and set(model["status"]) == {"ok"}  # 3 frameworks x default execution x 2 phases
     calibration = table[table["kind"] == "calibration"]
     kinds = {fw: sorted(calibration[calibration["framework"] == fw]["phase"]) for fw in ("torch", "tensorflow", "jax")}
-    assert kinds == dict.fromkeys(kinds, ["conv3x3", "gemm", "reference_conv"])
+    assert kinds == {fw: ["conv3x3", "gemm", "reference_conv"] for fw in kinds}
     assert (model["num_params"] > 0).all() and model["injected_slowdown"].isna().all()
     assert (model["framework_ceiling_fraction"] >= model["ceiling_fraction"]).all()
     assert (model["n_samples"] == 3).all() and (model["warmup_calls"] == 1).all()
@@ -324,3 +324,22 @@ def test_run_like_measures_the_same_cells_into_a_new_run(
     assert "drop --preset" in capsys.readouterr().err
     assert cli.main(["run", "--like", str(tmp_path)]) == 2
     assert "no run.json" in capsys.readouterr().err
+
+
+def test_regression_check_experiment_writes_pairs_and_summary(fake: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from bench import regression_check
+
+    code, base_dir = run(tmp_path / "base", "--framework", "jax", "--phase", "forward")
+    assert code == 0
+    out = tmp_path / "experiment"
+    assert regression_check.main(["--like", str(base_dir), "--pairs", "1", "--slowdowns", "1.0",
+                                  "--thresholds", "10%", "--out", str(out)]) == 0  # fmt: skip
+    pairs = pd.read_csv(out / "pairs.csv")
+    # One same-code pair and one slowed pair, each judged with and without --normalize.
+    assert sorted(zip(pairs["kind"], pairs["normalize"], strict=True)) == [("same_code", False), ("same_code", True),
+                                                              ("slowdown", False), ("slowdown", True)]  # fmt: skip
+    assert (pairs["cells"] == 1).all() and (pairs["invariant_mismatches"] == 0).all()
+    slowed = summary(out / "runs" / "slow1-0")
+    assert slowed.loc["jax-jit-fp32-b1-forward", "injected_slowdown"] == 1.0
+    assert set(pd.read_csv(out / "summary.csv")["kind"]) == {"same_code", "slowdown"}
+    assert regression_check.main(["--like", str(tmp_path), "--out", str(out)]) == 2

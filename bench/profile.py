@@ -1,0 +1,384 @@
+"""`python -m bench profile`: where a step's time goes, per stage and per op, in each framework's own profiler.
+
+One fresh worker process per (framework, execution, phase) cell calls the implementation's `profile()`
+(the contract is impls/profiling.py), which writes the profiler's traces under
+<run>/traces/<framework>-<execution>-<phase>/ and returns a dict. The parent checks that dict against
+the contract (a breach becomes a failed row with the broken promise as its error), then rewrites
+stages.csv, ops.csv, flops.csv and compile.csv (bench/profile_tables.py) after every cell. Faults are
+data, as in `run`: a crash, out-of-memory or timeout becomes a row, and the run goes on.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from bench import console as out
+from bench import envinfo
+from bench import profile_tables as tables
+from bench import settings as settings_mod
+from bench.atomic import write_json_atomic
+from bench.launch import WorkerOutcome, run_worker
+from bench.orchestrate import new_run_dir
+from bench.settings import (
+    WORKER_ENV,
+    Cell,
+    RunSettings,
+    SettingsError,
+    build_settings,
+    parse_choices,
+    parse_int_list,
+    parse_positive_int,
+)
+from impls import install_command
+from impls.base import PRECISIONS
+from impls.profiling import ProfileContractError, check_profile
+
+DEFAULT_STEPS = 5  # profiled steps: enough for a median, few enough that trace files stay small
+DEFAULT_TOP_K = 15  # ops per cell in the op table
+# Self times of distinct ops add up to at most the step unless ops overlap; 5% allows for timer granularity.
+OP_SUM_TOLERANCE = 1.05
+RUN_DIR_SUFFIX = "profile"  # results/<UTC time>-<device>-profile, beside `run`'s folders
+
+
+@dataclass(frozen=True)
+class ProfileSettings:
+    """What a profile run measures: `run`'s settings restricted to one batch size and one precision, plus its loop."""
+
+    base: RunSettings  # frameworks, config, phases, executions, device, warmup, timeout, out dir
+    steps: int  # profiled steady-state steps per cell, after `base.warmup` untimed ones
+    top_k: int  # ops kept per cell, by self time
+
+    @property
+    def batch_size(self) -> int:
+        """The one batch size profiled."""
+        return self.base.batch_sizes[0]
+
+    @property
+    def precision(self) -> str:
+        """The one precision profiled."""
+        return self.base.precisions[0]
+
+    def cells(self) -> list[Cell]:
+        """Every cell, in a stable order: framework, execution, phase."""
+        return self.base.cells()
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready record for run.json (only what a profile run uses)."""
+        b = self.base
+        return {
+            "frameworks": list(b.frameworks),
+            "framework_selection": b.framework_selection,
+            "preset": b.preset,
+            "config": b.config.to_dict(),
+            "batch_size": self.batch_size,
+            "precision": self.precision,
+            "phases": list(b.phases),
+            "executions": {fw: list(ex) for fw, ex in b.executions.items()},
+            "device": b.device,
+            "device_requested": b.device_requested,
+            "warmup": b.warmup,
+            "steps": self.steps,
+            "top_k": self.top_k,
+            "seed": b.seed,
+            "timeout_s": b.timeout_s,
+            "out_dir": b.out_dir,
+        }
+
+
+def build_profile_settings(
+    *,
+    steps: str | None = None,
+    top_k: str | None = None,
+    batch_size: str | None = None,
+    precision: str | None = None,
+    **options: Any,
+) -> ProfileSettings:
+    """ProfileSettings from the `profile` command's option strings (None = not given); raises SettingsError.
+
+    Everything `run` also has is parsed by bench.settings.build_settings, so the two commands accept and
+    reject the same values.
+    """
+    if batch_size is not None and len(parse_int_list("--batch-size", batch_size)) > 1:
+        raise SettingsError(
+            f"--batch-size takes one batch size for profile, got {batch_size!r}; profile one per run, "
+            f"e.g. --batch-size {batch_size.split(',')[0].strip()}"
+        )
+    if precision is not None and len(parse_choices("--precision", precision, PRECISIONS)) > 1:
+        raise SettingsError(f"--precision takes one precision for profile (fp32 or bf16), got {precision!r}")
+    base = build_settings(batch_size=batch_size, precision=precision, **options)
+    return ProfileSettings(
+        base=base,
+        steps=parse_positive_int("--steps", steps) if steps is not None else DEFAULT_STEPS,
+        top_k=parse_positive_int("--top-k", top_k) if top_k is not None else DEFAULT_TOP_K,
+    )
+
+
+# ---------------------------------------------------------------- the run
+
+
+class ProfileRunner:
+    """One profile run: a worker per cell, every result checked, the CSVs rewritten after each cell."""
+
+    def __init__(self, settings: ProfileSettings, run_dir: Path, record: dict[str, Any]) -> None:
+        self.settings = settings
+        self.run_dir = run_dir
+        self.record = record
+        self.store = tables.ProfileStore(run_dir)
+        self.console = out.make_console()
+        self.errors = Console(stderr=True, highlight=False)  # warnings that must not drown in the tables
+        self.installed = {fw: settings_mod.is_installed(fw) for fw in settings.base.frameworks}
+        self._workdir: Path | None = None
+
+    def save_record(self) -> None:
+        """run.json, atomically."""
+        write_json_atomic(self.run_dir / "run.json", self.record)
+
+    def _warn(self, text: str) -> None:
+        out.warn(self.errors, text)
+        self.record["warnings"].append(text)
+
+    def _fail(self, cell: Cell, status: str, error: str) -> None:
+        self.store.add("stages.csv", [tables.failure_row(cell, status, error)])
+
+    def _worker(self, cell: Cell, trace_dir: Path) -> WorkerOutcome:
+        s, b = self.settings, self.settings.base
+        spec = {
+            "mode": "profile",
+            **cell.to_dict(),
+            "config": b.config.to_dict(),
+            "device": b.device,
+            "device_requested": b.device_requested,
+            "seed": b.seed,
+            "warmup": b.warmup,
+            "steps": s.steps,
+            "top_k": s.top_k,
+            "trace_dir": str(trace_dir),
+        }
+        assert self._workdir is not None
+        key = tables.cell_key(cell)
+        log_path = self.run_dir / "logs" / f"{key}.log"
+        return run_worker(spec, workdir=self._workdir, name=key, log_path=log_path, timeout_s=b.timeout_s)
+
+    def profile_cell(self, cell: Cell) -> str:
+        """Profile one cell (or record why not) and store its rows; returns the cell's status."""
+        key = tables.cell_key(cell)
+        entry: dict[str, Any] = self.record["cells"].setdefault(key, {})
+        if not self.installed[cell.framework]:
+            error = f"framework {cell.framework!r} is not installed; install it with: {install_command(cell.framework)}"
+            entry.update(status="skipped", error=error)
+            self._fail(cell, "skipped", error)
+            return "skipped"
+        trace_dir = self.run_dir / "traces" / key
+        trace_dir.mkdir(parents=True, exist_ok=True)
+        outcome = self._worker(cell, trace_dir)
+        info = outcome.result.get("runtime_info")
+        if info and cell.framework not in self.record["frameworks"]:
+            self.record["frameworks"][cell.framework] = info
+        entry.update(
+            status=outcome.status,
+            error=outcome.error,
+            worker_wall_s=outcome.wall_s,
+            device=outcome.result.get("device"),
+            trace_dir=str(trace_dir.relative_to(self.run_dir)),
+        )
+        if outcome.status != "ok":
+            self._fail(cell, outcome.status, outcome.error)
+            return outcome.status
+        result = outcome.result.get("profile") or {}
+        try:
+            check_profile(result, self.settings.base.config, cell.phase)
+            tables.check_result_tables(result, trace_dir)
+        except (ProfileContractError, KeyError, TypeError) as err:  # a malformed dict is the worker's breach, not ours
+            error = f"profile() broke the contract in impls/profiling.py: {type(err).__name__}: {err}"
+            entry.update(status="failed", error=error)
+            self._fail(cell, "failed", error)
+            return "failed"
+        self._store_result(cell, result, entry)
+        return "ok"
+
+    def _store_result(self, cell: Cell, result: Mapping[str, Any], entry: dict[str, Any]) -> None:
+        config = self.settings.base.config
+        self.store.add("stages.csv", tables.stage_rows(cell, result, config))
+        self.store.add("ops.csv", tables.op_rows(cell, result))
+        self.store.add("flops.csv", [tables.flop_row(cell, result, config)])
+        self.store.add("compile.csv", [tables.compile_row(cell, result)])
+        entry.update(
+            stage_method=result["stage_method"],
+            stage_note=result.get("stage_note", ""),
+            trace_files=list(result["trace_files"]),
+            step_ms=result["step_ms"],
+        )
+        if not result["trace_files"]:
+            self._warn(f"{tables.cell_key(cell)}: profile() wrote no trace file")
+        op_self_ms, op_step_ms = sum(float(row["self_ms"]) for row in result["ops"]), float(result["op_step_ms"])
+        if op_self_ms > OP_SUM_TOLERANCE * op_step_ms:
+            self._warn(
+                f"{tables.cell_key(cell)}: the listed ops' self times sum to {op_self_ms:.3g} ms per step, "
+                f"{op_self_ms / op_step_ms:.0%} of the profiled step ({op_step_ms:.3g} ms): only ops that overlap "
+                "(inter-op threads, GPU streams) can do that; otherwise the op rows are not per profiled step"
+            )
+        count = tables.recompilations(result)
+        if count:
+            self._warn(
+                f"{tables.cell_key(cell)} recompiled {count} time(s) in the timed loop: its step times "
+                "include compilation, and the profile does not show the steady state"
+            )
+
+    def execute(self) -> int:
+        """Profile every cell; print the tables; return 1 when a cell failed, else 0."""
+        s, b = self.settings, self.settings.base
+        cells = s.cells()
+        self.console.print(
+            f"hgbench profile [bold]{self.record['run_id']}[/]: {len(cells)} cells on {b.device} (preset {b.preset}, "
+            f"input {b.config.input_hw[0]}x{b.config.input_hw[1]}, batch {s.batch_size}, {s.precision}, "
+            f"{b.warmup} warm-up + {s.steps} profiled steps), results in {escape(str(self.run_dir))}"
+        )
+        started = time.perf_counter()
+        statuses = []
+        with (
+            tempfile.TemporaryDirectory(prefix="hgbench-profile-") as workdir,
+            out.make_progress(self.console) as progress,
+        ):
+            self._workdir = Path(workdir)
+            task = progress.add_task("starting", total=len(cells))
+            for cell in cells:
+                progress.update(task, description=tables.cell_key(cell))
+                status = self.profile_cell(cell)
+                statuses.append(status)
+                self.store.write()
+                self.save_record()
+                if status != "ok":
+                    progress.console.print(f"[red]{status}[/] {tables.cell_key(cell)}")
+                progress.advance(task)
+            progress.update(task, description="done")
+        self.record.update(
+            status="complete", bench_wall_s=time.perf_counter() - started, finished_utc=envinfo.utc_now()
+        )
+        self.save_record()
+        print_tables(self.console, self.run_dir, self.store, self.record)
+        return 1 if any(status in tables.FAILED_STATUSES for status in statuses) else 0
+
+
+def new_record(settings: ProfileSettings, run_dir: Path, args: list[str]) -> dict[str, Any]:
+    """run.json of a new profile run: kind "profile", settings, environment, and room for the cells."""
+    return {
+        "run_id": run_dir.name,
+        "kind": "profile",
+        "status": "running",
+        "started_utc": envinfo.utc_now(),
+        "command_line": envinfo.command_line(args),
+        "settings": settings.to_dict(),
+        "worker_env": dict(WORKER_ENV),
+        "stage_methods": {
+            "profiler": "framework profiler events inside each stage's named scope",
+            "staged": "one compiled function per stage, device sync after each (impls.profiling.time_staged)",
+        },
+        "environment": envinfo.collect(args),
+        "frameworks": {},
+        "cells": {},
+        "warnings": [],
+    }
+
+
+def start(settings: ProfileSettings, args: list[str]) -> int:
+    """A new profile run of `settings` in results/<UTC time>-<device>-profile/; returns the exit code."""
+    run_dir = new_run_dir(settings.base.out_dir, f"{settings.base.device}-{RUN_DIR_SUFFIX}")
+    runner = ProfileRunner(settings, run_dir, new_record(settings, run_dir, args))
+    runner.save_record()
+    try:
+        return runner.execute()
+    except KeyboardInterrupt:
+        runner.record["status"] = "interrupted"
+        runner.save_record()
+        runner.console.print(f"[red]interrupted[/]: the cells profiled so far are in {escape(str(run_dir))}")
+        return 130
+
+
+# ---------------------------------------------------------------- terminal output
+
+
+def _rich_table(frame: pd.DataFrame, title: str, caption: str | None = None, left: tuple[str, ...] = ()) -> Table:
+    table = Table(title=title, caption=caption, header_style="bold", box=None, pad_edge=False, caption_justify="left")
+    for column in frame.columns:
+        # A cell's share column sits right of its ms column, whose header names the cell: "%" suffices.
+        header = "%" if str(column).endswith("] %") else str(column)
+        justify = "left" if column in left else "right"
+        if column in ("note", "op"):  # may run long: cut here, kept whole in the CSVs and the report
+            table.add_column(escape(header), justify=justify, overflow="ellipsis", no_wrap=True, max_width=60)
+        else:  # values never wrap (headers may): the long columns above give way
+            widest = max((len(str(value)) for value in frame[column]), default=1)
+            table.add_column(escape(header), justify=justify, min_width=max(widest, 1))
+    for row in frame.astype(str).itertuples(index=False):
+        cells = [escape(value) for value in row]
+        table.add_row(*[f"[bold red]{c}[/]" if c.endswith(("RECOMPILED", "NO")) else c for c in cells])
+    return table
+
+
+def print_tables(console: Console, run_dir: Path, store: tables.ProfileStore, record: Mapping[str, Any]) -> None:
+    """Stage tables per phase, op tables per cell, the FLOP check, the compile table, problems and traces."""
+    stages, ops = store.frame("stages.csv"), store.frame("ops.csv")
+    phases = [p for p in ("forward", "forward_backward") if p in set(stages["phase"])]
+    for phase in phases:
+        if not tables.ok_cells(stages, phase):
+            continue
+        frame = tables.stage_display(stages, phase)
+        console.print(_rich_table(frame, f"Where a {phase} step goes, per stage", tables.METHOD_FOOTNOTE, ("stage",)))
+    for phase in phases:
+        for cell in tables.ok_cells(stages, phase):
+            frame = tables.op_display(ops, cell["framework"], cell["execution"], phase)
+            title = f"Top {len(frame)} ops by self time: {cell['framework']} {cell['execution']} {phase} (per step)"
+            console.print(_rich_table(frame, title, left=("rank", "op")))
+    flops, compiles = store.frame("flops.csv"), store.frame("compile.csv")
+    if not flops.empty:
+        caption = (
+            "analytic = impls.count_flops (convolutions only, 2 FLOPs per multiply-add); diff = reported / analytic - 1"
+        )
+        console.print(
+            _rich_table(
+                tables.flop_display(flops),
+                "Conv FLOPs: analytic vs framework-reported",
+                caption,
+                ("cell", "source", "note"),
+            )
+        )
+    if not compiles.empty:
+        console.print(_rich_table(tables.compile_display(compiles), "Compilation", None, ("cell", "note")))
+    problems = tables.problem_rows(stages)
+    for row in problems.itertuples():
+        style = "yellow" if row.status == "skipped" else "red"
+        console.print(f"[{style}]{row.status}[/] {row.cell}: {escape(row.error)}", soft_wrap=True)
+    _print_traces(console, run_dir, record)
+    console.print(
+        f"results: {escape(str(run_dir))} (stages.csv, ops.csv, flops.csv, compile.csv, run.json); "
+        f"report: python -m bench report {escape(str(run_dir))}"
+    )
+
+
+def _print_traces(console: Console, run_dir: Path, record: Mapping[str, Any]) -> None:
+    files = [
+        run_dir / entry["trace_dir"] / name
+        for entry in record["cells"].values()
+        for name in entry.get("trace_files", [])
+    ]
+    if not files:
+        return
+    console.print(f"traces: {escape(str(run_dir / 'traces'))}/<framework>-<execution>-<phase>/ ({len(files)} files)")
+    if any(f.name.endswith((".json", ".json.gz")) for f in files):
+        console.print(
+            "  Chrome/Perfetto JSON (*.json, *.json.gz): open https://ui.perfetto.dev -> Open trace file, or chrome://tracing"
+        )
+    logdirs = sorted({str(tables.tensorboard_logdir(f)) for f in files if f.name.endswith(".pb")})
+    for logdir in logdirs:  # TensorBoard needs the folder above plugins/profile/<run>/
+        console.print(f"  TensorBoard: tensorboard --logdir {escape(logdir)}")
+    if logdirs:
+        console.print("  (the Profile tab needs the plugin: pip install tensorboard-plugin-profile)")
