@@ -29,7 +29,8 @@ returns a plain JSON-able dict checked by `check_profile` below:
 
 Stage methods:
 - "profiler": the stage times come from the framework profiler's events inside the named scopes
-  (record_function / name_scope / named_scope) of a profiled step; "loss" and unattributed time are left out.
+  (record_function / name_scope / named_scope) of a profiled step; a "loss" row where the trace shows the
+  loss's ops; time outside every scope is left unattributed.
 - "staged": the profiler cannot attribute time to stages (XLA fuses across the boundaries), so the step is
   run as one compiled function per stage, with a device sync after each (`time_staged`); stage_step_ms is
   that staged step's time, which differs from step_ms by what fusion across stages saves.

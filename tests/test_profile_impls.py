@@ -19,10 +19,10 @@ CONV_FLOPS_TOL = 0.01  # the issue's bar: analytic vs framework-reported convolu
 
 
 def _profile(backend, tmp_path: Path, phase: str, execution: str | None = None, **kwargs) -> dict:
+    loop = {"warmup": 1, "steps": 2, **kwargs}
     return backend.profile(
-        TINY, phase=phase, batch_size=2, execution=execution or backend.EXECUTIONS[0],
-        trace_dir=str(tmp_path), warmup=1, steps=2, **kwargs,
-    )  # fmt: skip
+        TINY, phase=phase, batch_size=2, execution=execution or backend.EXECUTIONS[0], trace_dir=str(tmp_path), **loop
+    )
 
 
 @pytest.mark.parametrize("phase", impls.PHASES)
