@@ -7,14 +7,19 @@ here and (kh, kw, c_in, c_out) canonically.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import statistics
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from impls import base, registry, spec
+from impls import base, profiling, registry, spec
 from impls.base import PHASES, AbstractHourglassModel, check_build_args, resolve_weights
 from impls.config import HourglassConfig
 
@@ -27,6 +32,17 @@ PRECISIONS: tuple[str, ...] = base.PRECISIONS
 # biased one; normalisation itself uses the biased variance everywhere. Left as PyTorch does it.
 BN_MOMENTUM = 0.1
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+# Set only while profile() runs: record_function costs a little even with no profiler listening, and under
+# torch.compile dynamo guards on this global, so flipping it would recompile the model.
+_stage_scopes_enabled = False
+
+
+def _in_scope(name: str, fn: Callable[..., Any], *args: torch.Tensor) -> Any:
+    """fn(*args), inside a profiler range called `name` while profile() enables the stage scopes."""
+    if not _stage_scopes_enabled:
+        return fn(*args)
+    with torch.profiler.record_function(name):
+        return fn(*args)
 
 
 class Conv2d(nn.Conv2d):
@@ -179,13 +195,14 @@ class StackedHourglass(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(N, 3, H, W) -> heatmaps of every stack, (S, N, K, H/4, W/4)."""
-        x = self.stem(x)  # (N, C, H/4, W/4)
+        x = _in_scope("stem", self.stem, x)  # (N, C, H/4, W/4)
         outputs = []
         for i in range(self.num_stacks):
-            previous, heatmaps = getattr(self, f"head_{i}")(getattr(self, f"hourglass_{i}")(x))
+            y = _in_scope(f"hourglass_{i}", getattr(self, f"hourglass_{i}"), x)
+            previous, heatmaps = _in_scope(f"head_{i}", getattr(self, f"head_{i}"), y)
             outputs.append(heatmaps)
             if i < self.num_stacks - 1:
-                x = getattr(self, f"merge_{i}")(x, previous, heatmaps)
+                x = _in_scope(f"merge_{i}", getattr(self, f"merge_{i}"), x, previous, heatmaps)
         return torch.stack(outputs)
 
 
@@ -274,7 +291,7 @@ class TorchHourglassModel(AbstractHourglassModel):
         """Train-mode forward, loss and backward; gradients land in each parameter's .grad."""
         self._set_mode(True)
         self.net.zero_grad(set_to_none=True)
-        loss = heatmap_loss(self._fn(x), target)
+        loss = _in_scope("loss", heatmap_loss, self._fn(x), target)
         loss.backward()
         return loss
 
@@ -288,14 +305,19 @@ class TorchHourglassModel(AbstractHourglassModel):
         """Every parameter and BN statistic as float32 numpy under canonical names and layouts."""
         return {name: _to_canonical(name, t) for name, t in self._tensors.items()}
 
-    def benchmark_step(self, phase: str, batch_size: int, seed: int = 0) -> Callable[[], None]:
-        """A zero-argument step on device-resident random inputs; it returns after a device sync."""
-        if phase not in PHASES:
-            raise ValueError(f"phase must be one of {', '.join(PHASES)}, got {phase!r}")
+    def _step_inputs(self, batch_size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Random (x (N, 3, H, W), target (N, K, H/4, W/4)) on the device, drawn from `seed`."""
         rng = np.random.default_rng(seed)
         (h, w), (hh, hw) = self.config.input_hw, self.config.heatmap_hw
         x = self._input(rng.standard_normal((batch_size, h, w, 3), dtype=np.float32))
         target = self._input(rng.standard_normal((batch_size, hh, hw, self.config.num_keypoints), dtype=np.float32))
+        return x, target
+
+    def benchmark_step(self, phase: str, batch_size: int, seed: int = 0) -> Callable[[], None]:
+        """A zero-argument step on device-resident random inputs; it returns after a device sync."""
+        if phase not in PHASES:
+            raise ValueError(f"phase must be one of {', '.join(PHASES)}, got {phase!r}")
+        x, target = self._step_inputs(batch_size, seed)
         fn, sync = self._fn, self._sync
 
         if phase == "forward":
@@ -401,3 +423,308 @@ def conv_benchmark(input_shape: tuple[int, int, int, int], c_out: int, *, kernel
             torch.cuda.synchronize(dev)
 
     return step
+
+
+def gemm_benchmark(m: int, k: int, n: int, *, device: str = "cpu", precision: str = "fp32", seed: int = 0) -> Callable[[], None]:
+    """(m, k) @ (k, n) on device-resident random matrices: the matmul-ceiling probe; each call ends synchronised."""
+    check_build_args(FRAMEWORK, EXECUTIONS, EXECUTIONS[0], precision, device, gpu_available)
+    dev = torch.device("cuda", 0) if device == "gpu" else torch.device("cpu")
+    rng = np.random.default_rng(seed)
+    a = torch.from_numpy(rng.standard_normal((m, k), dtype=np.float32)).to(dev, _DTYPES[precision])
+    b = torch.from_numpy(rng.standard_normal((k, n), dtype=np.float32)).to(dev, _DTYPES[precision])
+
+    def step() -> None:
+        with torch.inference_mode():
+            torch.matmul(a, b)  # (m, n)
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+
+    return step
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Profiling (issue 6): the contract is in impls/profiling.py.
+
+_BACKWARD_PREFIX = "autograd::engine::evaluate_function: "
+_StagePlan = list[tuple[str, tuple[str, ...], tuple[str, ...]]]
+
+
+def _time_ms(fn: Callable[[], None]) -> float:
+    t0 = time.perf_counter_ns()
+    fn()  # ends synchronised (benchmark_step's promise)
+    return (time.perf_counter_ns() - t0) / 1e6
+
+
+def _lower_median_index(values: list[float]) -> int:
+    """Index of the lower median, as impls.profiling.time_staged picks its step."""
+    return sorted(range(len(values)), key=values.__getitem__)[(len(values) - 1) // 2]
+
+
+def _compile_counts() -> tuple[int, float, list[Any]]:
+    """(dynamo graphs so far, dynamo compile seconds so far, inductor-generated modules loaded) in this process."""
+    from torch._dynamo.utils import compilation_time_metrics, counters
+    from torch._inductor.codecache import PyCodeCache
+
+    # Dynamo's whole compile of a frame, plus AOTAutograd's lazy backward compile (first backward call).
+    timers = ("_compile.compile_inner", "backward._backward_impl")
+    compile_s = sum(sum(compilation_time_metrics.get(timer, [])) for timer in timers)
+    return counters["stats"]["unique_graphs"], compile_s, list(getattr(PyCodeCache, "modules", []))
+
+
+def _profile_steps(model: TorchHourglassModel, step: Callable[[], None], steps: int, trace_path: Path) -> tuple[list[float], Any]:
+    """Run `steps` steps under torch.profiler; (their wall times in ms, the profiler's FunctionEvents)."""
+    global _stage_scopes_enabled  # noqa: PLW0603 -- the module flag _in_scope reads
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if model._device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    wall_ms: list[float] = []
+    # Scopes only in eager: in a compiled region they would not bound inductor's fused kernels, and dynamo
+    # guards on the flag, so turning it on would recompile the model.
+    _stage_scopes_enabled = model.execution == "eager"
+    try:
+        with torch.profiler.profile(activities=activities, record_shapes=False) as prof:
+            wall_ms = [_time_ms(step) for _ in range(steps)]
+    finally:
+        _stage_scopes_enabled = False
+    trace_path.parent.mkdir(parents=True, exist_ok=True)
+    prof.export_chrome_trace(str(trace_path))
+    return wall_ms, prof.events()
+
+
+def _event_ms(event: Any, cuda: bool) -> tuple[float, float]:
+    """(total, self) ms of a CPU-side event: its CUDA kernels' time on gpu, its CPU time otherwise."""
+    if cuda:
+        total_us, self_us = event.device_time_total, event.self_device_time_total
+    else:
+        total_us, self_us = event.cpu_time_total, event.self_cpu_time_total
+    # Clock rounding can make a child outlast its parent by a microsecond, giving a parent negative self time.
+    return total_us / 1e3, min(max(self_us, 0.0), total_us) / 1e3
+
+
+def _descendants(event: Any) -> Iterator[Any]:
+    for child in event.cpu_children:
+        yield child
+        yield from _descendants(child)
+
+
+def _profiler_stages(events: Any, names: list[str], step_index: int, cuda: bool) -> dict[str, float]:
+    """Stage ms in profiled step `step_index`: each stage's scope range plus, for forward_backward, the
+    backward nodes created by the forward ops inside it (a node's evaluate_function event carries the
+    sequence number of the forward op that recorded it)."""
+    from torch.autograd import DeviceType
+
+    stage_ms = dict.fromkeys(names, 0.0)
+    stage_of_seq: dict[int, str] = {}
+    ranges = sorted((e for e in events if e.name in stage_ms and e.device_type == DeviceType.CPU), key=lambda e: e.time_range.start)
+    seen: Counter[str] = Counter()
+    for scope in ranges:  # each scope opens once per step, so a name's k-th range belongs to step k
+        seen[scope.name] += 1
+        if seen[scope.name] - 1 == step_index:
+            stage_ms[scope.name] += _event_ms(scope, cuda)[0]
+            stage_of_seq.update((op.sequence_nr, scope.name) for op in _descendants(scope) if op.sequence_nr >= 0)
+    for event in events:
+        if event.name.startswith(_BACKWARD_PREFIX) and event.sequence_nr in stage_of_seq:
+            stage_ms[stage_of_seq[event.sequence_nr]] += _event_ms(event, cuda)[0]
+    return {name: ms for name, ms in stage_ms.items() if ms > 0}
+
+
+def _op_events(events: Any, skip: set[str], cuda: bool) -> Iterator[dict[str, Any]]:
+    """One {"op", "total_ms", "self_ms"} per CPU-side aten/runtime op call, stage scopes left out."""
+    from torch.autograd import DeviceType
+
+    for event in events:
+        if event.device_type == DeviceType.CPU and event.name not in skip:
+            total_ms, self_ms = _event_ms(event, cuda)
+            yield {"op": event.name, "total_ms": total_ms, "self_ms": self_ms}
+
+
+def _stage_plan(config: HourglassConfig) -> _StagePlan:
+    """(stage, activations it reads, activations it writes) in StackedHourglass.forward's order."""
+    plan: _StagePlan = [("stem", ("input",), ("x_0",))]
+    for i in range(config.num_stacks):
+        plan.append((f"hourglass_{i}", (f"x_{i}",), (f"y_{i}",)))
+        plan.append((f"head_{i}", (f"y_{i}",), (f"previous_{i}", f"heatmaps_{i}")))
+        if i < config.num_stacks - 1:
+            plan.append((f"merge_{i}", (f"x_{i}", f"previous_{i}", f"heatmaps_{i}"), (f"x_{i + 1}",)))
+    return plan
+
+
+def _staged_calls(model: TorchHourglassModel, phase: str, target: torch.Tensor) -> list[tuple[str, Callable[[Any], Any]]]:
+    """The step as one torch.compile'd call per stage (then, for forward_backward, the loss and each stage's
+    backward in reverse), for impls.profiling.time_staged; the state is a dict of named activations."""
+    train = phase == "forward_backward"
+    plan = _stage_plan(model.config)
+    compiled = {name: torch.compile(getattr(model.net, name)) for name, _, _ in plan}
+
+    def forward(name: str, inputs: tuple[str, ...], outputs: tuple[str, ...]) -> Callable[[Any], Any]:
+        def call(state: Any) -> dict[str, torch.Tensor]:
+            state = state if isinstance(state, dict) else {"input": state}  # the first stage starts a step
+            with torch.enable_grad() if train else torch.inference_mode():
+                result = compiled[name](*(state[key] for key in inputs))
+            for key, out in zip(outputs, result if isinstance(result, tuple) else (result,), strict=True):
+                # Detached leaves end this stage's autograd graph, so its backward can run as its own call;
+                # a leaf read by two stages (x_i, heatmaps_i) sums both gradients in .grad.
+                state["graph:" + key] = out
+                state[key] = out.detach().requires_grad_() if train else out
+            return state
+        return call
+
+    def loss(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        model.net.zero_grad(set_to_none=True)  # as _train_step does, before this step's backward writes .grad
+        heatmaps = torch.stack([state[f"heatmaps_{i}"] for i in range(model.config.num_stacks)])  # (S, N, K, h, w)
+        heatmap_loss(heatmaps, target).backward()
+        return state
+
+    def backward(outputs: tuple[str, ...]) -> Callable[[Any], Any]:
+        def call(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+            used = [key for key in outputs if state[key].grad is not None]  # the last head's `previous` is unused
+            torch.autograd.backward([state["graph:" + key] for key in used], [state[key].grad for key in used])
+            return state
+        return call
+
+    calls = [(name, forward(name, inputs, outputs)) for name, inputs, outputs in plan]
+    if train:
+        calls.append(("loss", loss))
+        calls += [(name, backward(outputs)) for name, _, outputs in reversed(plan)]
+    return calls
+
+
+def _count_flops(model: TorchHourglassModel, phase: str, x: torch.Tensor, target: torch.Tensor) -> dict[str, Any]:
+    """FlopCounterMode over one eager step of the model's module (the step's aten ops, before any fusion)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model._set_mode(phase == "forward_backward")
+    with FlopCounterMode(display=False) as counter:
+        if phase == "forward":
+            with torch.inference_mode():
+                model.net(x)
+        else:
+            model.net.zero_grad(set_to_none=True)
+            heatmap_loss(model.net(x), target).backward()
+    per_op = {str(op): int(flops) for op, flops in counter.get_flop_counts()["Global"].items()}
+    conv = {op: flops for op, flops in per_op.items() if "conv" in op}
+    other = sorted(op for op in per_op if op not in conv)
+    return {
+        "source": "torch.utils.flop_counter.FlopCounterMode",
+        "conv_flops": sum(conv.values()),
+        "total_flops": sum(per_op.values()),
+        "note": (
+            f"one eager {phase} step of the same module under FlopCounterMode (it counts aten ops; inductor's "
+            f"fused kernels are not aten ops); conv_flops = {' + '.join(sorted(conv)) or 'none'}, 2 FLOPs per "
+            "multiply-add; convolution_backward counts only the gradients it computes (output_mask), so the "
+            "first conv's input gradient, which the input does not require, is not counted. total_flops = every "
+            f"op FlopCounterMode has a formula for: besides convolutions {', '.join(other) or 'none'}; it has "
+            "no formula for BN, ReLU, adds, pooling, upsampling or the loss, which are left out"
+        ),
+    }
+
+
+def _compile_info(model: TorchHourglassModel, before: tuple, after_first: tuple, after_loops: tuple, first_call_ms: float) -> dict[str, Any]:
+    """The `compile` entry: dynamo's compile time and graphs, and recompilations during the timed loops."""
+    if model.execution == "eager":
+        return {"first_call_ms": first_call_ms, "trace_compile_ms": None, "recompilations_in_timed_loop": None,
+                "program_size": None, "program_size_unit": "",
+                "note": "eager: nothing is compiled; the first call pays allocator warm-up and oneDNN/cuDNN setup"}
+    graphs = after_first[0] - before[0]
+    new_modules = after_first[2][len(before[2]):]
+    code_chars = sum(len(Path(module.__file__).read_text()) for module in new_modules) if new_modules else None
+    return {
+        "first_call_ms": first_call_ms,
+        "trace_compile_ms": (after_first[1] - before[1]) * 1e3,
+        "recompilations_in_timed_loop": after_loops[0] - after_first[0],
+        "program_size": code_chars,
+        "program_size_unit": "chars" if code_chars else "",
+        "note": (
+            f"torch.compile (inductor): the first call captured {graphs} dynamo graph(s) and loaded "
+            f"{len(new_modules)} inductor-generated module(s) (forward_backward: a forward and a backward one)"
+            + ("; nothing was compiled because this process had already compiled an identically shaped model "
+               "(dynamo caches per code object, with parameters as inputs)" if graphs == 0 else "")
+            + "; trace_compile_ms = dynamo's _compile.compile_inner time (tracing, AOTAutograd, inductor codegen, "
+            "FX-graph-cache lookups) plus the lazy backward compile (backward._backward_impl) in the first call; "
+            "recompilations = change of torch._dynamo counters['stats']['unique_graphs'] across the timed and "
+            "profiled loops; program_size = characters of the inductor-generated Python modules loaded in the first call"
+        ),
+    }
+
+
+def _time_compiled_stages(model: TorchHourglassModel, phase: str, x: torch.Tensor, target: torch.Tensor,
+                          warmup: int, steps: int) -> tuple[dict[str, float], float]:
+    """impls.profiling.time_staged over one torch.compile'd call per stage; (ms per stage, staged step ms)."""
+    model._set_mode(phase == "forward_backward")  # train-mode BN for forward_backward, as benchmark_step
+    calls = _staged_calls(model, phase, target)
+    # At least one untimed staged step: it compiles every stage.
+    return profiling.time_staged(calls, x, lambda _: model._sync(), warmup=max(warmup, 1), steps=steps)
+
+
+def _staged_note(phase: str) -> str:
+    backward = (" (forward stages on detached inputs, the loss, then each stage's backward in reverse, summed with "
+                "its forward)" if phase == "forward_backward" else "")
+    return (
+        "torch.compile fuses within and around stages and record_function ranges inside a compiled region do not "
+        "bound inductor's kernels, so each stage module was torch.compile'd on its own and the stages run as one "
+        f"call each with a device sync after every call{backward}; stage_step_ms differs from step_ms by what one "
+        "whole-model graph saves over per-stage graphs"
+    )
+
+
+def _profiler_note(phase: str, unattributed_ms: float, cuda: bool) -> str:
+    train = phase == "forward_backward"
+    backward = (", plus the backward nodes its forward ops created, matched through autograd sequence numbers; "
+                "'loss' = the loss range and its backward" if train else "")
+    return (
+        f"torch.profiler: each stage's record_function range ({'CUDA kernel time' if cuda else 'CPU time'}) in the "
+        f"median profiled step{backward}; {unattributed_ms:.3f} ms of that step's wall time is in no stage (python, "
+        f"stacking the outputs{', zero_grad, AccumulateGrad' if train else ''}, profiler overhead"
+        f"{', GPU idle time' if cuda else ''})"
+    )
+
+
+def profile(config: HourglassConfig, *, phase: str, batch_size: int, execution: str, trace_dir: str,
+            device: str = "cpu", precision: str = "fp32", warmup: int = 2, steps: int = 5, seed: int = 0,
+            top_k: int = 25) -> dict:
+    """Time, profile and stage-attribute one phase's step; the dict documented in impls/profiling.py."""
+    if phase not in PHASES:
+        raise ValueError(f"phase must be one of {', '.join(PHASES)}, got {phase!r}")
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1 (the number of timed and profiled steps), got {steps}")
+    check_build_args(FRAMEWORK, EXECUTIONS, execution, precision, device, gpu_available)
+    model = build(config, device=device, precision=precision, execution=execution)
+    step = model.benchmark_step(phase, batch_size, seed)
+    compiled = execution == "compile"
+
+    before = _compile_counts() if compiled else ()
+    first_call_ms = _time_ms(step)
+    after_first = _compile_counts() if compiled else ()
+    for _ in range(warmup):
+        step()
+    step_ms = statistics.median(_time_ms(step) for _ in range(steps))
+    trace_name = "torch_trace.json"
+    profiled_ms, events = _profile_steps(model, step, steps, Path(trace_dir) / trace_name)
+    after_loops = _compile_counts() if compiled else ()
+
+    median_index = _lower_median_index(profiled_ms)
+    op_step_ms = profiled_ms[median_index]
+    names = profiling.stage_names(config) + (["loss"] if phase == "forward_backward" else [])
+    cuda = model._device.type == "cuda"
+    if compiled:
+        x, target = model._step_inputs(batch_size, seed)
+        stage_ms, stage_step_ms = _time_compiled_stages(model, phase, x, target, warmup, steps)
+        stage_method, stage_note = "staged", _staged_note(phase)
+    else:
+        stage_ms = _profiler_stages(events, names, median_index, cuda)
+        stage_method, stage_step_ms = "profiler", op_step_ms
+        stage_note = _profiler_note(phase, op_step_ms - sum(stage_ms.values()), cuda)
+    return {
+        "framework": FRAMEWORK, "execution": execution, "phase": phase, "batch_size": batch_size,
+        "precision": precision, "device": device,
+        "step_ms": step_ms,
+        "stage_method": stage_method,
+        "stage_step_ms": stage_step_ms,
+        "stage_note": stage_note,
+        "stages": [{"stage": name, "ms": stage_ms[name]} for name in names if name in stage_ms],
+        "ops": profiling.op_table(_op_events(events, set(names), cuda), steps, top_k),
+        "op_step_ms": op_step_ms,
+        "trace_files": [trace_name],
+        "flops": _count_flops(model, phase, *model._step_inputs(batch_size, seed)),
+        "compile": _compile_info(model, before, after_first, after_loops, first_call_ms),
+    }
