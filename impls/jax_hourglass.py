@@ -9,9 +9,18 @@ so calls pay no nnx graph traversal.
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import gzip
+import json
+import math
 import os
+import re
+import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
 
 import flax
 import jax
@@ -20,7 +29,7 @@ import jaxlib
 import numpy as np
 from flax import nnx
 
-from impls import base, registry, spec
+from impls import base, profiling, registry, spec
 from impls.base import PHASES, AbstractHourglassModel, check_build_args, resolve_weights
 from impls.config import HourglassConfig
 
@@ -183,15 +192,20 @@ class StackedHourglass(nnx.Module):
                 setattr(self, f"merge_{i}", Merge(config, rngs=rngs))
 
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        x = self.stem(x, train)  # (N, h, w, C)
+        x = self._stage("stem", x, train)  # (N, h, w, C)
         outputs = []
         for i in range(self.num_stacks):
-            y = getattr(self, f"hourglass_{i}")(x, train)
-            previous, heatmaps = getattr(self, f"head_{i}")(y, train)
+            y = self._stage(f"hourglass_{i}", x, train)
+            previous, heatmaps = self._stage(f"head_{i}", y, train)
             outputs.append(heatmaps)
             if i < self.num_stacks - 1:
-                x = getattr(self, f"merge_{i}")(x, previous, heatmaps)
+                x = self._stage(f"merge_{i}", x, previous, heatmaps)
         return jnp.stack(outputs)  # (S, N, h, w, K)
+
+    def _stage(self, name: str, *args: Any) -> Any:
+        # named_scope only labels the HLO ops' metadata at trace time: the compiled program is unchanged
+        with jax.named_scope(name):
+            return getattr(self, name)(*args)
 
 
 # ------------------------------------------------------------------------------------ state <-> canonical
@@ -233,6 +247,7 @@ class JaxHourglass(AbstractHourglassModel):
             raise RuntimeError(f"nnx state paths differ from impls.spec's canonical names: {differ[:5]}")
         self._params = _fill_state(init_params, weights, self._dtype, self._device)
         self._stats = _fill_state(init_stats, weights, self._dtype, self._device)
+        self._graphdef = graphdef  # kept for profile()'s per-stage functions
         self._forward_eval, self._forward_train, self._loss_and_grads = _jitted_functions(graphdef)
 
     def num_params(self) -> int:
@@ -279,26 +294,25 @@ class JaxHourglass(AbstractHourglassModel):
         forward_backward computes the train-mode new running statistics and returns them from the jitted
         function (so XLA cannot drop that work) but does not store them: no state update is timed.
         """
+        function, args = self._step_program(phase, batch_size, seed)  # bound now: no lookups inside the timed call
+
+        def step() -> None:
+            jax.block_until_ready(function(*args))  # forward: heatmaps; forward_backward: loss, grads, new stats
+        return step
+
+    def _step_program(self, phase: str, batch_size: int, seed: int) -> tuple[Callable, tuple]:
+        """The jitted function a `phase` step calls and its device-resident arguments (params, stats, x[, target])."""
         if phase not in PHASES:
             raise ValueError(f"phase must be one of {', '.join(PHASES)}, got {phase!r}")
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
         rng = np.random.default_rng(seed)
         x = self._input(rng.standard_normal(self._x_shape(batch_size), np.float32), "x", self._x_shape(batch_size))
-        params, stats = self._params, self._stats  # bound now: no attribute lookups inside the timed call
         if phase == "forward":
-            forward = self._forward_eval
-
-            def step() -> None:
-                jax.block_until_ready(forward(params, stats, x))
-            return step
+            return self._forward_eval, (self._params, self._stats, x)
         shape = self._target_shape(batch_size)
         target = self._input(rng.standard_normal(shape, np.float32), "target", shape)
-        loss_and_grads = self._loss_and_grads
-
-        def step() -> None:
-            jax.block_until_ready(loss_and_grads(params, stats, x, target))  # loss, grads and new stats
-        return step
+        return self._loss_and_grads, (self._params, self._stats, x, target)
 
     def peak_memory_bytes(self) -> int | None:
         """XLA allocator peak on the GPU since process start (JAX has no reset); None on CPU."""
@@ -330,24 +344,35 @@ class JaxHourglass(AbstractHourglassModel):
         }
 
 
+@contextlib.contextmanager
+def _bf16_stats_downcast_allowed() -> Iterator[None]:
+    # bf16: flax computes batch statistics in float32 and writes them into the bf16 running stats,
+    # which JAX warns is an implicit downcast. That rounding is what pure bf16 means; it also keeps
+    # the stats' dtype, so the next call does not retrace.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "scatter inputs have incompatible types", FutureWarning)
+        yield
+
+
+def _loss(heatmaps: jax.Array, target: jax.Array) -> jax.Array:
+    """Sum over stacks of the mean squared error: heatmaps (S, N, h, w, K), target (N, h, w, K)."""
+    with jax.named_scope("loss"):
+        return jnp.sum(jnp.mean(jnp.square(heatmaps - target), axis=(1, 2, 3, 4)))
+
+
 def _jitted_functions(graphdef: nnx.GraphDef) -> tuple[Callable, Callable, Callable]:
     """forward_eval, forward_train and loss_and_grads as jax.jit of pure functions of (params, stats, ...)."""
 
     def forward(params, stats, x, train: bool):
         # copy=True: fresh Variables at this trace level, so BN may update its stats inside value_and_grad
         model = nnx.merge(graphdef, params, stats, copy=True)
-        with warnings.catch_warnings():
-            # bf16: flax computes batch statistics in float32 and writes them into the bf16 running stats,
-            # which JAX warns is an implicit downcast. That rounding is what pure bf16 means; it also keeps
-            # the stats' dtype, so the next call does not retrace.
-            warnings.filterwarnings("ignore", "scatter inputs have incompatible types", FutureWarning)
+        with _bf16_stats_downcast_allowed():
             heatmaps = model(x, train=train)  # (S, N, h, w, K)
         return heatmaps, nnx.state(model, nnx.BatchStat)
 
     def loss_fn(params, stats, x, target):
         heatmaps, new_stats = forward(params, stats, x, True)
-        loss = jnp.sum(jnp.mean(jnp.square(heatmaps - target), axis=(1, 2, 3, 4)))  # sum over stacks
-        return loss, new_stats
+        return _loss(heatmaps, target), new_stats
 
     def loss_and_grads(params, stats, x, target):
         (loss, new_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, stats, x, target)
@@ -432,3 +457,308 @@ def conv_benchmark(input_shape: tuple[int, int, int, int], c_out: int, *, kernel
         jax.block_until_ready(conv(x, kernel))
 
     return step
+
+
+def gemm_benchmark(m: int, k: int, n: int, *, device: str = "cpu", precision: str = "fp32",
+                   seed: int = 0) -> Callable[[], None]:
+    """(m, k) @ (k, n) on device-resident random data: the matmul-ceiling probe.
+
+    Jitted, as the model is; each call ends in jax.block_until_ready.
+    """
+    if precision not in _DTYPES:
+        raise ValueError(f"unknown precision {precision!r}; choose one of: {', '.join(_DTYPES)}")
+    if device == "gpu" and not gpu_available():
+        raise RuntimeError("no GPU visible to jax; use --device cpu")
+    dev = jax.devices(device)[0]
+    rng = np.random.default_rng(seed)
+    dtype = _DTYPES[precision]
+    a = jax.device_put(rng.standard_normal((m, k), dtype=np.float32).astype(dtype), dev)
+    b = jax.device_put(rng.standard_normal((k, n), dtype=np.float32).astype(dtype), dev)
+    matmul = jax.jit(jnp.matmul)
+
+    def step() -> None:
+        jax.block_until_ready(matmul(a, b))  # (m, n)
+
+    return step
+
+
+# -------------------------------------------------------------------------------------------- profiling
+def profile(config: HourglassConfig, *, phase: str, batch_size: int, execution: str, trace_dir: str,
+            device: str = "cpu", precision: str = "fp32", warmup: int = 2, steps: int = 5, seed: int = 0,
+            top_k: int = 25) -> dict[str, Any]:
+    """Time, trace (jax.profiler), stage-time and FLOP-count one `phase` step: the dict of impls.profiling."""
+    if phase not in PHASES:
+        raise ValueError(f"phase must be one of {', '.join(PHASES)}, got {phase!r}")
+    if not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be a positive integer, got {steps!r}")
+    model = build(config, device=device, precision=precision, execution=execution)
+    step = model.benchmark_step(phase, batch_size, seed)
+    function, args = model._step_program(phase, batch_size, seed)  # what `step` calls, for cache and HLO
+    with _compile_seconds() as compile_seconds:
+        first_call_ms = _call_ms(step)  # trace + lower + XLA compile + one run
+    for _ in range(warmup):
+        step()
+    cache_entries = function._cache_size()
+    step_ms = float(np.median([_call_ms(step) for _ in range(steps)]))
+    profiled_ms, trace_files, events = _traced_steps(step, steps, Path(trace_dir))
+    recompilations = function._cache_size() - cache_entries
+    first_input = {"x": args[2], "target": args[-1]}  # image (N, H, W, 3), target (N, h, w, K) (forward: unused)
+    stage_ms, stage_step_ms = profiling.time_staged(
+        _staged_calls(model, phase), first_input,
+        lambda env: jax.block_until_ready(env["last"]), warmup=max(warmup, 1), steps=steps)  # fmt: skip
+    flops, program_info = _program_facts(function, args, config, batch_size, phase)
+    return {
+        "framework": FRAMEWORK, "execution": execution, "phase": phase, "batch_size": batch_size,
+        "precision": precision, "device": device, "step_ms": step_ms,
+        "stage_method": "staged", "stage_step_ms": stage_step_ms, "stage_note": _STAGE_NOTE[phase],
+        "stages": [{"stage": name, "ms": ms} for name, ms in stage_ms.items()],
+        "ops": profiling.op_table(events, steps, top_k), "op_step_ms": float(np.median(profiled_ms)),
+        "trace_files": trace_files, "flops": flops,
+        "compile": {"first_call_ms": first_call_ms,
+                    "trace_compile_ms": 1e3 * sum(compile_seconds) if compile_seconds else None,
+                    "recompilations_in_timed_loop": recompilations, **program_info},
+    }  # fmt: skip
+
+
+_STAGE_NOTE = {
+    "forward": "staged: XLA fuses across stage boundaries and the jax.profiler trace names only each executed "
+               "HLO op (hlo_module, hlo_op), not its named_scope, so each stage (eval-mode BN) is its own "
+               "jax.jit, called in order with jax.block_until_ready after each; the staged step pays a "
+               "dispatch and a sync per stage and loses cross-stage fusion, which is how stage_step_ms "
+               "differs from step_ms.",
+    "forward_backward": "staged: XLA fuses across stage boundaries and the jax.profiler trace names only each "
+                        "executed HLO op, not its named_scope, so each stage is its own jax.jit: forward stages "
+                        "in order (train-mode BN) each return their output and jax.vjp residuals (no "
+                        "recomputation), then a 'loss' call (value and gradient w.r.t. the heatmaps), then each "
+                        "stage's VJP in reverse order, timed under the stage's name (forward + backward "
+                        "summed), with jax.block_until_ready after every call; stage_step_ms differs from "
+                        "step_ms by the per-call dispatch and syncs and by cross-stage fusion and scheduling.",
+}
+
+
+_COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/jaxpr_to_mlir_module_duration",
+                   "/jax/core/compile/backend_compile_duration")
+
+
+@contextlib.contextmanager
+def _compile_seconds() -> Iterator[list[float]]:
+    """Seconds JAX itself reports tracing, lowering and XLA-compiling inside the block (jax.monitoring)."""
+    seconds: list[float] = []
+
+    def listener(event: str, duration_secs: float, **kwargs: Any) -> None:
+        if event in _COMPILE_EVENTS:
+            seconds.append(duration_secs)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        yield seconds
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+
+
+def _call_ms(call: Callable[[], None]) -> float:
+    t0 = time.perf_counter_ns()
+    call()  # ends synchronised
+    return (time.perf_counter_ns() - t0) / 1e6
+
+
+def _traced_steps(step: Callable[[], None], steps: int, trace_dir: Path) -> tuple[list[float], list[str], list[dict]]:
+    """Wall ms of `steps` calls under jax.profiler.trace, the trace files written (relative) and its op events."""
+    before = set(trace_dir.rglob("*"))
+    options = jax.profiler.ProfileOptions()
+    options.python_tracer_level = 0  # Python frames would triple the events and slow the traced steps
+    with jax.profiler.trace(str(trace_dir), create_perfetto_trace=True, profiler_options=options):
+        wall_ms = [_call_ms(step) for _ in range(steps)]
+    written = sorted(path for path in trace_dir.rglob("*") if path.is_file() and path not in before)
+    perfetto = [path for path in written if path.name == "perfetto_trace.json.gz"]
+    if not perfetto:
+        raise RuntimeError(f"jax.profiler wrote no perfetto_trace.json.gz under {trace_dir}; it wrote {written}")
+    return wall_ms, [str(path.relative_to(trace_dir)) for path in written], _op_events(perfetto[0])
+
+
+def _op_events(perfetto_path: Path) -> list[dict[str, Any]]:
+    """One {"op", "total_ms", "self_ms"} per executed XLA op (thunk/fusion/kernel) in a perfetto trace.
+
+    XLA tags those events with args hlo_module/hlo_op; dispatch and runtime events carry neither. The op is
+    the HLO instruction name without its ".N" suffix ("convolution", "add_maximum_fusion"), one row per kind.
+    On GPU the kernels on the /device: rows are kept, so the host-side launch events are not counted twice.
+    """
+    with gzip.open(perfetto_path, "rt") as file:
+        events = json.load(file)["traceEvents"]
+    device_pids = {e["pid"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"
+                   and str(e.get("args", {}).get("name", "")).startswith("/device:")}
+    ops = [e for e in events if e.get("ph") == "X" and "hlo_op" in e.get("args", {})]
+    ops = [e for e in ops if e["pid"] in device_pids] or ops
+    rows: list[dict[str, Any]] = []
+    ops.sort(key=lambda e: (e["pid"], e["tid"], e["ts"], -e["dur"]))
+    open_ops: list[tuple[tuple, float, dict]] = []  # (thread, end_us, row): enclosing ops, for self time
+    for e in ops:
+        thread = (e["pid"], e["tid"])
+        while open_ops and (open_ops[-1][0] != thread or e["ts"] >= open_ops[-1][1]):
+            open_ops.pop()
+        row = {"op": re.sub(r"\.\d+$", "", e["args"]["hlo_op"]), "total_ms": e["dur"] / 1e3, "self_ms": e["dur"] / 1e3}
+        if open_ops:  # nested in the enclosing op (a call/while thunk): not that op's own time
+            parent = open_ops[-1][2]
+            parent["self_ms"] = max(0.0, parent["self_ms"] - row["total_ms"])
+        open_ops.append((thread, e["ts"] + e["dur"], row))
+        rows.append(row)
+    return rows
+
+
+def _stage_program(config: HourglassConfig) -> list[tuple[str, tuple[str, ...], tuple[str, ...]]]:
+    """(stage, input names, output names) in forward order: StackedHourglass.__call__'s data flow."""
+    program = [("stem", ("x",), ("x0",))]
+    for i in range(config.num_stacks):
+        program += [(f"hourglass_{i}", (f"x{i}",), (f"y{i}",)),
+                    (f"head_{i}", (f"y{i}",), (f"previous{i}", f"heatmaps{i}"))]
+        if i < config.num_stacks - 1:
+            program.append((f"merge_{i}", (f"x{i}", f"previous{i}", f"heatmaps{i}"), (f"x{i + 1}",)))
+    return program
+
+
+def _apply_stage(graphdef: nnx.GraphDef, params, stats, inputs: tuple, train: bool) -> tuple[tuple, nnx.State]:
+    """One stage module's outputs (always a tuple) and its BN statistics after the call."""
+    module = nnx.merge(graphdef, params, stats, copy=True)
+    with _bf16_stats_downcast_allowed():
+        out = module(*inputs) if isinstance(module, Merge) else module(*inputs, train)
+    return (out if isinstance(out, tuple) else (out,)), nnx.state(module, nnx.BatchStat)
+
+
+def _staged_calls(model: JaxHourglass, phase: str) -> list[tuple[str, Callable[[dict], dict]]]:
+    """The step as (label, call) pairs for profiling.time_staged, one jax.jit per stage.
+
+    Each call maps an environment {tensor name: array} to a new one (never mutated: every staged step starts
+    from the same first input); "last" holds the call's own outputs, which the sync waits for.
+    """
+    program = _stage_program(model.config)
+    whole = nnx.merge(model._graphdef, model._params, model._stats)
+    parts = {name: nnx.split(getattr(whole, name), nnx.Param, nnx.BatchStat) for name, _, _ in program}
+    if phase == "forward":
+        return [(name, _forward_call(parts[name], inputs, outputs)) for name, inputs, outputs in program]
+    forward = [(name, _vjp_forward_call(name, parts[name], inputs, outputs)) for name, inputs, outputs in program]
+    heatmaps = tuple(f"heatmaps{i}" for i in range(model.config.num_stacks))
+    backward_jit = jax.jit(_stage_backward)  # one jit: its cache holds one entry per stage structure
+    backward = [(name, _backward_call(name, backward_jit, inputs if name != "stem" else (), outputs))
+                for name, inputs, outputs in reversed(program)]
+    return [*forward, ("loss", _loss_call(heatmaps)), *backward]
+
+
+def _forward_call(part: tuple, inputs: tuple[str, ...], outputs: tuple[str, ...]) -> Callable[[dict], dict]:
+    graphdef, params, stats = part
+    run = jax.jit(lambda p, s, xs: _apply_stage(graphdef, p, s, xs, False)[0])  # eval-mode BN
+
+    def call(env: dict) -> dict:
+        out = run(params, stats, tuple(env[k] for k in inputs))
+        return {**env, **dict(zip(outputs, out, strict=True)), "last": out}
+    return call
+
+
+def _vjp_forward_call(name: str, part: tuple, inputs: tuple[str, ...],
+                      outputs: tuple[str, ...]) -> Callable[[dict], dict]:
+    graphdef, params, stats = part
+    wants_input_grads = name != "stem"  # the image needs no gradient (as in loss_and_grads)
+
+    def forward(p, s, xs):  # train-mode BN; returns (outputs, VJP with residuals, new BN stats)
+        def apply(p, *grad_xs):
+            return _apply_stage(graphdef, p, s, grad_xs if wants_input_grads else xs, True)
+        return jax.vjp(apply, p, *(xs if wants_input_grads else ()), has_aux=True)
+    run = jax.jit(forward)  # jax.vjp's function is a pytree of residuals, so it can leave the jit
+
+    def call(env: dict) -> dict:
+        out, vjp_fn, new_stats = run(params, stats, tuple(env[k] for k in inputs))
+        return {**env, **dict(zip(outputs, out, strict=True)), f"vjp:{name}": vjp_fn, "last": (out, new_stats)}
+    return call
+
+
+def _loss_call(heatmaps: tuple[str, ...]) -> Callable[[dict], dict]:
+    # value and gradient of the loss w.r.t. each stack's heatmaps (N, h, w, K): the cotangents backward starts from
+    run = jax.jit(jax.value_and_grad(lambda hms, target: _loss(jnp.stack(hms), target)))
+
+    def call(env: dict) -> dict:
+        loss, cts = run(tuple(env[k] for k in heatmaps), env["target"])
+        return {**env, **{f"ct:{k}": ct for k, ct in zip(heatmaps, cts, strict=True)}, "last": (loss, cts)}
+    return call
+
+
+def _stage_backward(vjp_fn, out_cts: tuple, outs: tuple, in_cts: tuple) -> tuple[Any, tuple]:
+    """Parameter gradients and input cotangents (added to those already there) of one stage's VJP."""
+    # An output no later stage used (the last head's `previous`) has no cotangent: zeros
+    out_cts = tuple(jnp.zeros_like(out) if ct is None else ct for ct, out in zip(out_cts, outs, strict=True))
+    param_grads, *input_cts = vjp_fn(out_cts)
+    return param_grads, tuple(ct if old is None else ct + old for ct, old in zip(input_cts, in_cts, strict=True))
+
+
+def _backward_call(name: str, backward_jit: Callable, inputs: tuple[str, ...],
+                   outputs: tuple[str, ...]) -> Callable[[dict], dict]:
+    def call(env: dict) -> dict:
+        out_cts = tuple(env.get(f"ct:{k}") for k in outputs)  # None where no later stage used the output
+        in_cts = tuple(env.get(f"ct:{k}") for k in inputs)  # None until a consumer's backward has run
+        param_grads, in_cts = backward_jit(env[f"vjp:{name}"], out_cts, tuple(env[k] for k in outputs), in_cts)
+        return {**env, **{f"ct:{k}": ct for k, ct in zip(inputs, in_cts, strict=True)}, "last": (param_grads, in_cts)}
+    return call
+
+
+# A convolution in StableHLO text: kernel dimension labels ([0, 1, i, o]), then lhs, kernel and output types
+_CONV = re.compile(r"stablehlo\.convolution.*?\]x\[([^\]]*)\]->"
+                   r".*?: \(tensor<([^>]*)>, tensor<([^>]*)>\) -> tensor<([^>]*)>")
+
+
+def _stablehlo_conv_flops(text: str) -> tuple[int, int]:
+    """(2 * multiply-adds, count) of every convolution the program runs, counted densely from its shapes.
+
+    Per output element a convolution sums (kernel elements / output features) products, zero padding and
+    dilation holes included, as impls.count_flops counts. Private functions count once per call.
+    """
+    functions = {re.match(r"\w+ @([\w.$-]+)", chunk).group(1): chunk for chunk in text.split("func.func ")[1:]}
+
+    @functools.cache
+    def count(name: str) -> tuple[int, int]:
+        flops = convs = 0
+        for kernel_labels, _, kernel_type, out_type in _CONV.findall(functions[name]):
+            kernel_shape = [int(d) for d in kernel_type.split("x")[:-1]]  # the last part is the dtype
+            out_shape = [int(d) for d in out_type.split("x")[:-1]]
+            out_features = kernel_shape[[label.strip() for label in kernel_labels.split(",")].index("o")]
+            flops += 2 * math.prod(out_shape) * (math.prod(kernel_shape) // out_features)
+            convs += 1
+        for callee in re.findall(r"call @([\w.$-]+)", functions[name]):
+            callee_flops, callee_convs = count(callee)
+            flops, convs = flops + callee_flops, convs + callee_convs
+        return flops, convs
+
+    return count("main")
+
+
+def _program_facts(function: Callable, args: tuple, config: HourglassConfig, batch_size: int,
+                   phase: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The step program's FLOPs (XLA cost analysis, lowered convolutions) and its compiled size."""
+    lowered = function.lower(*args)  # after the first call: jit's caches hand back the same program
+    compiled = lowered.compile()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost  # a list of one dict in older jax
+    total_flops = int(cost["flops"]) if cost and "flops" in cost else None
+    conv_flops, conv_count = _stablehlo_conv_flops(lowered.as_text())
+    analytic = spec.count_flops(config, batch_size, phase)
+    flops = {
+        "source": "jax: lowered StableHLO convolutions (conv) and compiled.cost_analysis() (total)",
+        "conv_flops": conv_flops, "total_flops": total_flops,
+        "note": f"conv_flops: 2 x multiply-adds of the {conv_count} stablehlo.convolution ops of the lowered step "
+                f"(model: {len(spec.convs(config))} convs; forward_backward adds a weight- and an input-gradient "
+                f"conv per conv, no input gradient for the first), counted densely from their shapes "
+                f"(output elements x kernel window x input features); analytic count {analytic} "
+                f"(ratio {conv_flops / analytic:.4f}). total_flops: XLA's cost analysis of the optimised "
+                f"program, which counts convolution taps only where they hit real input (zero padding "
+                f"skipped: below the dense count on small maps), 1x1 convs XLA:CPU turned into dots as dots, "
+                f"plus BN, ReLU, residual adds, pooling, upsampling, the loss and the BN statistics updates.",
+    }  # fmt: skip
+    code_bytes = getattr(compiled.memory_analysis(), "generated_code_size_in_bytes", 0) or 0
+    size, unit = ((code_bytes, "bytes of generated code") if code_bytes
+                  else (len(compiled.as_text()), "chars of optimized HLO"))
+    program_info = {
+        "program_size": size, "program_size_unit": unit,
+        "note": "first_call_ms: the first step (trace, lower, XLA compile, one run). trace_compile_ms: what "
+                "jax.monitoring reports for that first call: jaxpr trace + MLIR lowering + XLA backend compile "
+                "durations. recompilations: the step's jitted function's _cache_size() after warmup vs after "
+                "the timed and profiled loops. program_size: the compiled program (.lower().compile(), served "
+                "from jit's cache) as text, or its generated code where memory_analysis() reports a size.",
+    }  # fmt: skip
+    return flops, program_info
