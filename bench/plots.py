@@ -331,7 +331,7 @@ def compile_cost(frame: pd.DataFrame, path: Path, title: str) -> Path:
 
 
 def efficiency(frame: pd.DataFrame, path: Path, title: str, ceilings: Sequence[str] = ()) -> Path:
-    """Achieved GFLOP/s per cell and its share of the run's measured 3x3 conv ceiling, per phase."""
+    """Achieved GFLOP/s per cell and its share of the run's measured conv/GEMM ceiling, per phase."""
     if frame.empty:
         return _empty("efficiency", path, title, "no model cells in this run")
     panel = sort_cells(frame.assign(_ph=frame["phase"].map({"forward": 0, "forward_backward": 1})))
@@ -341,7 +341,7 @@ def efficiency(frame: pd.DataFrame, path: Path, title: str, ceilings: Sequence[s
     fig, axes = _figure("efficiency", ncols=2)
     for ax, value, xlabel in (
         (axes[0], "achieved_gflop_per_s", "achieved GFLOP/s (analytic conv FLOPs / median latency)"),
-        (axes[1], "ceiling_percent", "share of the measured 3x3 conv ceiling (%)"),
+        (axes[1], "ceiling_percent", "share of the machine's measured conv/GEMM ceiling (%)"),
     ):
         _hbars(ax, panel.assign(ceiling_percent=panel["ceiling_fraction"] * 100), value, None, None)
         ax.set_yticks(np.arange(len(panel))[::-1], labels, fontsize=8)
