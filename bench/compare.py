@@ -15,10 +15,12 @@ per side such a drift is already "significant". Demanding the whole CI lie above
 would miss slowdowns a little above the threshold about half the time. `faster` mirrors the rule with
 1 / (1 + threshold). Exit code 1 when any model cell is `slower` or an invariant differs; 2 for bad input.
 
-`--normalize` divides every sample of a side by that run's calibration median for the same framework: the
-fixed reference conv (64x64, 64 -> 64, batch 1; the same workload whatever the config), or in runs that
-lack it the model's dominant 3x3 conv. The ratio then compares "model time in units of this machine's conv
-time", so runs from two machines can be compared.
+`--normalize` divides every sample of the new run by the machine ratio: the median over frameworks of
+new/base calibration time, each framework timing the fixed reference conv (64x64, 64 -> 64, batch 1; the
+same workload whatever the config; runs that lack it use the model's dominant 3x3 conv). So runs from two
+machines can be compared. A median over frameworks, not each framework's own ratio: one framework's
+yardstick can be bimodal from run to run (XLA:CPU's conv took 2.2-2.5 ms in some runs of identical code
+and 3.3-4.0 ms in others), and dividing by it would invent a 1.7x change.
 """
 
 from __future__ import annotations
@@ -69,7 +71,7 @@ class CellComparison:
     cell_id: str
     kind: str
     status: str  # compared | base_only | new_only | not_ok | no_calibration
-    base_value: float = math.nan  # median of the metric (ms, or unitless when normalised)
+    base_value: float = math.nan  # median of the metric (ms; the new side divided by the machine ratio when normalised)
     new_value: float = math.nan
     ratio: float = math.nan
     ci95_low: float = math.nan
@@ -93,7 +95,8 @@ class Comparison:
     normalized: bool
     cells: list[CellComparison] = field(default_factory=list)
     invariant_mismatches: list[str] = field(default_factory=list)
-    calibration_ratios: dict[str, float] = field(default_factory=dict)  # framework -> new/base conv median
+    calibration_ratios: dict[str, float] = field(default_factory=dict)  # framework -> new/base yardstick median
+    machine_ratio: float = math.nan  # median of calibration_ratios: how much slower the new run's machine was
     warnings: list[str] = field(default_factory=list)  # each run's own warnings (a busy machine above all)
 
     @property
@@ -373,6 +376,8 @@ def compare_runs(
             n_cal = _calibration_median_ms(new, framework, row["precision"], row["batch_size"])
             if not math.isnan(b_cal) and not math.isnan(n_cal):
                 result.calibration_ratios[framework] = n_cal / b_cal
+    if result.calibration_ratios:
+        result.machine_ratio = float(np.median(list(result.calibration_ratios.values())))
 
     base_rows = {r["cell_id"]: r for r in base.summary.to_dict("records") if r["kind"] == "model"}
     new_rows = {r["cell_id"]: r for r in new.summary.to_dict("records") if r["kind"] == "model"}
@@ -386,14 +391,16 @@ def compare_runs(
             result.cells.append(CellComparison(cell_id, "model", "not_ok", note=note))
             continue
         result.invariant_mismatches.extend(_invariant_mismatches(cell_id, base, new, b, n))
-        result.cells.append(_compare_cell(cell_id, base, new, b, n, metric, threshold, normalize, alpha))
+        result.cells.append(_compare_cell(cell_id, base, new, b, n, metric, threshold,
+                                          result.machine_ratio if normalize else None, alpha))  # fmt: skip
     return result
 
 
 def _compare_cell(
     cell_id: str, base: RunData, new: RunData, b: Mapping[str, Any], n: Mapping[str, Any],
-    metric: str, threshold: float, normalize: bool, alpha: float,
+    metric: str, threshold: float, machine_ratio: float | None, alpha: float,
 ) -> CellComparison:  # fmt: skip
+    """One cell's verdict; with `machine_ratio` (normalising) the new run's samples are divided by it first."""
     if metric == "first_call_ms":
         # One value per run: no spread to resample, so the verdict is the threshold alone (noted).
         base_v, new_v = _num(b.get("first_call_ms")), _num(n.get("first_call_ms"))
@@ -405,14 +412,11 @@ def _compare_cell(
     if base_s.size < 2 or new_s.size < 2:
         return CellComparison(cell_id, "model", "not_ok", n_base=base_s.size, n_new=new_s.size,
                               note="fewer than 2 samples on a side")  # fmt: skip
-    if normalize:
-        base_cal = _calibration_median_ms(base, b["framework"], b["precision"], b["batch_size"])
-        new_cal = _calibration_median_ms(new, n["framework"], n["precision"], n["batch_size"])
-        if math.isnan(base_cal) or math.isnan(new_cal):
-            side = "base" if math.isnan(base_cal) else "new"
+    if machine_ratio is not None:
+        if math.isnan(machine_ratio):
             return CellComparison(cell_id, "model", "no_calibration",
-                                  note=f"no ok {b['framework']} calibration row in the {side} run")  # fmt: skip
-        base_s, new_s = base_s / base_cal, new_s / new_cal
+                                  note="no framework has an ok calibration row in both runs")  # fmt: skip
+        new_s = new_s / machine_ratio
     stats = ratio_of_medians(base_s, new_s)
     return CellComparison(
         cell_id, "model", "compared", float(np.median(base_s)), float(np.median(new_s)), stats.ratio,
@@ -448,7 +452,7 @@ def print_comparison(comparison: Comparison) -> None:
     from bench.console import make_console
 
     console = make_console()
-    unit = "x calib" if comparison.normalized else "ms"
+    unit = "ms (new normalised)" if comparison.normalized else "ms"
     title = f"bench compare ({comparison.metric}, threshold {comparison.threshold:.0%}, p < {comparison.alpha:g})"
     table = Table(title=title, header_style="bold", pad_edge=False, box=None)
     for name in ("cell", f"base {unit}", f"new {unit}", "new/base", "95% CI", "p", "n", "verdict"):
@@ -464,11 +468,11 @@ def print_comparison(comparison: Comparison) -> None:
         )  # fmt: skip
     console.print(table)
     if comparison.normalized:
-        console.print("normalised: each side's samples divided by its own run's calibration conv median "
-                      "(unitless), so the ratio compares runs from different machines")  # fmt: skip
+        console.print(f"normalised: the new run's samples divided by the machine ratio {comparison.machine_ratio:.3f} "
+                      "(median over frameworks of new/base reference conv time)")  # fmt: skip
     if comparison.calibration_ratios:
         parts = ", ".join(f"{fw} {r:.3f}" for fw, r in comparison.calibration_ratios.items())
-        console.print(f"calibration conv new/base (machine speed): {parts}")
+        console.print(f"reference conv new/base per framework: {parts}")
     for c in comparison.cells:
         if c.status in ("base_only", "new_only"):
             console.print(f"[yellow]{c.status.replace('_', ' ')}[/yellow]: {c.cell_id}")

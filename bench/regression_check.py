@@ -6,8 +6,9 @@ Runs, interleaved so slow drift of the machine spreads over every kind: normal r
 `bench run --like`: the same cells as the given run), and per slowdown s and pair i a run S_i with the test
 switch HGBENCH_TEST_SLOWDOWN=s, which lengthens every timed model step by the fraction s of its own duration
 (calibration workloads are left alone). Then, for every threshold and with and without --normalize:
-- false alarms: compare(N_i, N_i+1) for i < pairs, the same code against itself; any cell judged `slower`
-  is a false alarm;
+- false alarms: compare(N_i, N_i+1) for i < pairs, the same code against itself ("same_code"), and
+  compare(LIKE, N_i) for every normal run, the same code against the given run as CI compares against its
+  committed baseline ("same_code_vs_like"); any cell judged `slower` is a false alarm;
 - detection: compare(N_i, S_i); the pair is detected when every model cell is judged `slower` (a slowdown
   that only some cells catch would be a flaky CI).
 Writes pairs.csv (one row per comparison and setting) and summary.csv (counts per setting) under --out.
@@ -79,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--slowdowns", default="0.25", help="comma list of injected slowdown fractions (default 0.25)")
     parser.add_argument("--thresholds", default=DEFAULT_THRESHOLDS, help=f"compare thresholds (default {DEFAULT_THRESHOLDS})")
     parser.add_argument("--out", required=True, help="folder for the runs and the CSVs")
+    parser.add_argument("--judge-only", action="store_true", help="measure nothing: judge the runs already in OUT/runs again")
     args = parser.parse_args(argv)
     like, out = Path(args.like), Path(args.out)
     if not (like / "run.json").is_file():
@@ -94,13 +96,23 @@ def main(argv: list[str] | None = None) -> int:
         print("error: --pairs must be >= 1 and every slowdown in (0, 10]", file=sys.stderr)
         return 2
     runs = out / "runs"
-    normal = [_run(like, runs, "normal-0", 0.0)]
-    slowed: dict[float, list[Path]] = {s: [] for s in slowdowns}
-    for i in range(args.pairs):
-        for s in slowdowns:
-            slowed[s].append(_run(like, runs, f"slow{s:g}-{i}", s))
-        normal.append(_run(like, runs, f"normal-{i + 1}", 0.0))
+    if args.judge_only:
+        normal = [runs / f"normal-{i}" for i in range(args.pairs + 1)]
+        slowed = {s: [runs / f"slow{s:g}-{i}" for i in range(args.pairs)] for s in slowdowns}
+        missing = [str(p) for p in [*normal, *(p for paths in slowed.values() for p in paths)] if not (p / "summary.csv").is_file()]
+        if missing:
+            print(f"error: --judge-only: {len(missing)} run(s) missing, e.g. {missing[0]}; run without it first", file=sys.stderr)
+            return 2
+    else:
+        normal = [_run(like, runs, "normal-0", 0.0)]
+        slowed = {s: [] for s in slowdowns}
+        for i in range(args.pairs):
+            for s in slowdowns:
+                slowed[s].append(_run(like, runs, f"slow{s:g}-{i}", s))
+            normal.append(_run(like, runs, f"normal-{i + 1}", 0.0))
     rows = []
+    for i, run_dir in enumerate(normal):
+        rows += _judge(like, run_dir, "same_code_vs_like", 0.0, i, thresholds)
     for i in range(args.pairs):
         rows += _judge(normal[i], normal[i + 1], "same_code", 0.0, i, thresholds)
         for s in slowdowns:

@@ -47,8 +47,8 @@ def write_run(
     all_cells = {**({CAL: calibration_ms} if calibration_ms is not None else {}), **cells}
     rows, samples = [], []
     for cell_id, values_ms in all_cells.items():
-        kind = "calibration" if cell_id == CAL else "model"
         framework, execution, precision, batch, phase = cell_id.split("-")
+        kind = "calibration" if execution.endswith("_benchmark") else "model"
         key = {"cell_id": cell_id, "kind": kind, "framework": framework, "execution": execution,
                "precision": precision, "batch_size": int(batch[1:]), "phase": phase}  # fmt: skip
         row = {**key, "device": "cpu", "status": "ok", "n_samples": len(values_ms),
@@ -206,7 +206,7 @@ def test_compare_normalize_cancels_a_uniformly_slower_machine(tmp_path: Path, ca
     capsys.readouterr()
     assert main(["compare", str(base), str(new), "--normalize"]) == 0
     out = capsys.readouterr().out
-    assert "normalised" in out and "calibration conv new/base (machine speed): torch 1.500" in out
+    assert "machine ratio 1.500" in out and "reference conv new/base per framework: torch 1.500" in out
     (cell,) = compare_runs(base, new, normalize=True).cells
     assert cell.ratio == pytest.approx(1.0, abs=1e-6)
 
@@ -223,7 +223,21 @@ def test_compare_normalize_without_calibration_row_reports_the_cell(tmp_path: Pa
     base = write_run(tmp_path, "base", {FWD: _noise(30, 54)}, calibration_ms=_noise(30, 55, 1.0))
     new = write_run(tmp_path, "new", {FWD: _noise(30, 56)})
     (cell,) = compare_runs(base, new, normalize=True).cells
-    assert cell.status == "no_calibration" and "new run" in cell.note
+    assert cell.status == "no_calibration" and "both runs" in cell.note
+
+
+def test_compare_normalize_uses_the_median_machine_ratio_so_one_bimodal_yardstick_is_outvoted(tmp_path: Path) -> None:
+    fwd = _noise(30, 57)
+    refs = {f"{fw}-conv_benchmark-fp32-b1-reference_conv": _noise(30, 58 + i, 2.0) for i, fw in enumerate(("torch", "tensorflow", "jax"))}
+    jax_ref = "jax-conv_benchmark-fp32-b1-reference_conv"
+    base = write_run(tmp_path, "base", {**refs, FWD: fwd})
+    # Same machine speed for torch and TensorFlow; JAX's yardstick alone came out 1.7x slower.
+    new = write_run(tmp_path, "new", {**refs, jax_ref: refs[jax_ref] * 1.7, FWD: fwd * 1.3})
+    comparison = compare_runs(base, new, normalize=True)
+    assert comparison.calibration_ratios["jax"] == pytest.approx(1.7)
+    assert comparison.machine_ratio == pytest.approx(1.0)
+    (cell,) = comparison.cells
+    assert cell.ratio == pytest.approx(1.3, rel=1e-6) and cell.verdict == "slower"
 
 
 # ---------------------------------------------------------------- bad input: exit 2, one line, no traceback
