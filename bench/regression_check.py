@@ -9,8 +9,9 @@ switch HGBENCH_TEST_SLOWDOWN=s, which lengthens every timed model step by the fr
 - false alarms: compare(N_i, N_i+1) for i < pairs, the same code against itself ("same_code"), and
   compare(LIKE, N_i) for every normal run, the same code against the given run as CI compares against its
   committed baseline ("same_code_vs_like"); any cell judged `slower` is a false alarm;
-- detection: compare(N_i, S_i); the pair is detected when every model cell is judged `slower` (a slowdown
-  that only some cells catch would be a flaky CI).
+- detection: compare(N_i, S_i) ("slowdown"), and compare(LIKE, S_i) as CI would see it ("slowdown_vs_like");
+  `flagged` counts comparisons that exit 1 (CI red), `all_cells_slower` those where every model cell is
+  judged slower (the slowdown is applied to every cell).
 Writes pairs.csv (one row per comparison and setting) and summary.csv (counts per setting) under --out.
 """
 
@@ -22,6 +23,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from bench.compare import compare_runs, parse_threshold
@@ -58,6 +60,19 @@ def _judge(base: Path, new: Path, kind: str, slowdown: float, pair: int, thresho
                 "ratio_max": max((c.ratio for c in model), default=float("nan")),
             })  # fmt: skip
     return rows
+
+
+def most_typical(runs: list[Path]) -> Path:
+    """The run whose model-cell medians stray least (largest |log ratio|) from the per-cell median over runs:
+    a baseline candidate that represents the machine's usual state rather than one fast or slow spell."""
+    medians = {}
+    for run_dir in runs:
+        summary = pd.read_csv(run_dir / "summary.csv")
+        model = summary[(summary["kind"] == "model") & (summary["status"] == "ok")]
+        medians[run_dir] = model.set_index("cell_id")["latency_ms_median"]
+    table = pd.DataFrame(medians).T  # (runs, cells)
+    spread = np.log(table / table.median()).abs().max(axis=1)
+    return Path(spread.idxmin())
 
 
 def summarize(pairs: pd.DataFrame) -> pd.DataFrame:
@@ -112,17 +127,21 @@ def main(argv: list[str] | None = None) -> int:
             normal.append(_run(like, runs, f"normal-{i + 1}", 0.0))
     rows = []
     for i, run_dir in enumerate(normal):
-        rows += _judge(like, run_dir, "same_code_vs_like", 0.0, i, thresholds)
+        if run_dir.resolve() != like.resolve():  # the --like run may be one of the normal runs
+            rows += _judge(like, run_dir, "same_code_vs_like", 0.0, i, thresholds)
     for i in range(args.pairs):
         rows += _judge(normal[i], normal[i + 1], "same_code", 0.0, i, thresholds)
         for s in slowdowns:
             rows += _judge(normal[i], slowed[s][i], "slowdown", s, i, thresholds)
+            rows += _judge(like, slowed[s][i], "slowdown_vs_like", s, i, thresholds)
     pairs = pd.DataFrame(rows)
     write_csv_atomic(out / "pairs.csv", pairs)
     table = summarize(pairs)
     write_csv_atomic(out / "summary.csv", table)
     with pd.option_context("display.width", 200, "display.max_rows", 200):
         print(table.to_string(index=False))
+    typical = most_typical(normal)
+    print(f"most typical normal run (closest to the per-cell medians of all {len(normal)}): {typical}")
     return 0
 
 

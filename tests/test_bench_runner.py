@@ -335,12 +335,14 @@ def test_regression_check_experiment_writes_pairs_and_summary(fake: pytest.Monke
     assert regression_check.main(["--like", str(base_dir), "--pairs", "1", "--slowdowns", "1.0",
                                   "--thresholds", "10%", "--out", str(out)]) == 0  # fmt: skip
     pairs = pd.read_csv(out / "pairs.csv")
-    # One same-code pair, two normal runs against the --like run, one slowed pair; with and without --normalize.
+    # One same-code pair, two normal runs and the slowed run against the --like run, one slowed pair;
+    # each with and without --normalize.
     assert sorted(zip(pairs["kind"], pairs["normalize"], strict=True)) == sorted(
-        [(kind, norm) for kind in ("same_code", "same_code_vs_like", "same_code_vs_like", "slowdown") for norm in (False, True)]
+        [(kind, norm) for kind in ("same_code", "same_code_vs_like", "same_code_vs_like", "slowdown", "slowdown_vs_like")
+         for norm in (False, True)]
     )
     assert (pairs["cells"] == 1).all() and (pairs["invariant_mismatches"] == 0).all()
     slowed = summary(out / "runs" / "slow1-0")
     assert slowed.loc["jax-jit-fp32-b1-forward", "injected_slowdown"] == 1.0
-    assert set(pd.read_csv(out / "summary.csv")["kind"]) == {"same_code", "same_code_vs_like", "slowdown"}
+    assert set(pd.read_csv(out / "summary.csv")["kind"]) == {"same_code", "same_code_vs_like", "slowdown", "slowdown_vs_like"}
     assert regression_check.main(["--like", str(tmp_path), "--out", str(out)]) == 2
