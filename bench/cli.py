@@ -32,6 +32,15 @@ batch of 16 and every execution. Exit codes: 0 all cells ok or skipped, 1 a cell
 out or ran out of memory (or a framework disagreed in the equivalence check), 2 bad input."""
 
 
+def _add_model_arguments(group: argparse._ArgumentGroup) -> None:
+    """Which frameworks and which network: the options `run` and `profile` share."""
+    group.add_argument("--framework", metavar="LIST", help="all (default) or a comma list: torch,tensorflow,jax")
+    group.add_argument("--preset", help="model preset: seed (default), newell or tiny")
+    for flag, field in CONFIG_FLAGS.items():
+        group.add_argument(f"--{flag}", metavar="N", help=f"override the preset's {field}")
+    group.add_argument("--input-size", metavar="HxW", help="override the input size: 256 or 256x192")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The parser for every command (built when main() runs, not at import)."""
     parser = _Parser(prog="python -m bench", description="Benchmark the Stacked Hourglass implementations.")
@@ -43,11 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )  # fmt: skip
     what = run.add_argument_group("what to measure")
-    what.add_argument("--framework", metavar="LIST", help="all (default) or a comma list: torch,tensorflow,jax")
-    what.add_argument("--preset", help="model preset: seed (default), newell or tiny")
-    for flag, field in CONFIG_FLAGS.items():
-        what.add_argument(f"--{flag}", metavar="N", help=f"override the preset's {field}")
-    what.add_argument("--input-size", metavar="HxW", help="override the input size: 256 or 256x192")
+    _add_model_arguments(what)
     what.add_argument("--batch-size", metavar="LIST", help="comma list of batch sizes, e.g. 1,8,16")
     what.add_argument("--phase", metavar="LIST", help="forward, forward_backward or all (default: both)")
     what.add_argument("--execution", metavar="LIST",
@@ -109,11 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=_PROFILE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )  # fmt: skip
     what = profile.add_argument_group("what to profile (as for run)")
-    what.add_argument("--framework", metavar="LIST", help="all (default) or a comma list: torch,tensorflow,jax")
-    what.add_argument("--preset", help="model preset: seed (default), newell or tiny")
-    for flag, field in CONFIG_FLAGS.items():
-        what.add_argument(f"--{flag}", metavar="N", help=f"override the preset's {field}")
-    what.add_argument("--input-size", metavar="HxW", help="override the input size: 256 or 256x192")
+    _add_model_arguments(what)
     what.add_argument("--phase", metavar="LIST", help="forward, forward_backward or all (default: both)")
     what.add_argument("--batch-size", metavar="N", help="one batch size (default: 1 on a CPU, 16 on a GPU)")
     what.add_argument("--execution", metavar="LIST", help="default, all (default) or a comma list, as for run")

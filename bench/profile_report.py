@@ -24,21 +24,7 @@ from bench.report import _CSS, ReportError, RunData, _environment_display, _html
 _FIX = "give a results/<run_id>-profile folder written by `python -m bench profile`"
 FIGURE_NAME = "stage_shares"
 FIGURE_TITLE = "Where the step goes, per stage (% of the step the stages partition)"
-_REQUIRED = {
-    "stages.csv": [
-        "framework",
-        "execution",
-        "phase",
-        "stage",
-        "ms",
-        "share_of_step",
-        "method",
-        "stage_step_ms",
-        "step_ms",
-        "status",
-        "error",
-    ]
-}
+_REQUIRED = {"stages.csv": tables.REQUIRED_STAGE_COLUMNS}
 
 
 @dataclass

@@ -42,6 +42,8 @@ STAGE_COLUMNS = [
     "analytic_conv_flops",
     "conv_gflop_per_s",
 ]
+# What a report needs from stages.csv (the rest is optional there).
+REQUIRED_STAGE_COLUMNS = [c for c in STAGE_COLUMNS if c not in ("batch_size", "precision", "analytic_conv_flops", "conv_gflop_per_s")]
 OP_COLUMNS = ["framework", "execution", "phase", "rank", "op", "calls", "total_ms", "self_ms", "share_of_step"]
 FLOP_COLUMNS = [
     "framework",

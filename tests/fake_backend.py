@@ -105,14 +105,7 @@ class FakeModel(AbstractHourglassModel):
         def step() -> None:
             calls[0] += 1
             if calls[0] == 1:
-                if "crash" in kinds:
-                    os.abort()
-                if "exit" in kinds:
-                    os._exit(3)
-                if "oom" in kinds:
-                    raise RuntimeError("CUDA out of memory. Tried to allocate 20.00 GiB")
-                if "hang" in kinds:
-                    time.sleep(3600)
+                _inject(kinds)
             if "slow" in kinds:
                 time.sleep(0.02)
             _work(size)
@@ -124,7 +117,7 @@ class FakeModel(AbstractHourglassModel):
 
 
 def _inject(kinds: set[str]) -> None:
-    """The first-step faults, for profile() (which has no separate step)."""
+    """The faults that strike at the first step (of a benchmark step or of profile())."""
     if "crash" in kinds:
         os.abort()
     if "exit" in kinds:
