@@ -208,15 +208,20 @@ def test_runner_interrupted_run_keeps_finished_cells_and_resume_completes_it(
 ) -> None:
     env = {**os.environ, "HGBENCH_FAKE_FAULTS": "hang@jax/*/forward_backward"}
     args = [sys.executable, "-m", "bench", "run", *TINY, "--framework", "torch,jax", "--execution", "default", "--out", str(tmp_path)]
-    parent = subprocess.Popen(
-        args, cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
-    )
+    # The parent's stderr goes to a file: an unread pipe could fill and block it.
+    stderr_path = tmp_path.parent / f"{tmp_path.name}-parent-stderr.txt"
+    with open(stderr_path, "w") as stderr:
+        parent = subprocess.Popen(args, cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=stderr, text=True)
     try:
         # Two frameworks' calibration rows (3 workloads each) and three cells come before the hanging one.
         _wait_for_rows(_summary_path(tmp_path), 9)
         time.sleep(0.5)
         parent.send_signal(signal.SIGINT)
-        assert parent.wait(timeout=30) == 130
+        try:
+            code = parent.wait(timeout=120)  # generous: a loaded CI machine once took longer than 30 s
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"the run did not stop after SIGINT; its stderr:\n{stderr_path.read_text()}") from None
+        assert code == 130
     finally:
         if parent.poll() is None:
             parent.kill()
