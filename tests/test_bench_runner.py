@@ -211,14 +211,17 @@ def test_runner_interrupted_run_keeps_finished_cells_and_resume_completes_it(
     # The parent's stderr goes to a file: an unread pipe could fill and block it.
     stderr_path = tmp_path.parent / f"{tmp_path.name}-parent-stderr.txt"
     with open(stderr_path, "w") as stderr:
-        parent = subprocess.Popen(args, cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=stderr, text=True)
+        # SIGINT at its default, whatever pytest inherited: a shell starts background jobs with SIGINT
+        # ignored, and Python then installs no KeyboardInterrupt handler (the run would never stop).
+        parent = subprocess.Popen(args, cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=stderr, text=True,
+                                  preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # noqa: PLW1509 (no threads fork here)  # fmt: skip
     try:
         # Two frameworks' calibration rows (3 workloads each) and three cells come before the hanging one.
         _wait_for_rows(_summary_path(tmp_path), 9)
         time.sleep(0.5)
         parent.send_signal(signal.SIGINT)
         try:
-            code = parent.wait(timeout=120)  # generous: a loaded CI machine once took longer than 30 s
+            code = parent.wait(timeout=60)
         except subprocess.TimeoutExpired:
             raise AssertionError(f"the run did not stop after SIGINT; its stderr:\n{stderr_path.read_text()}") from None
         assert code == 130
