@@ -1,0 +1,258 @@
+"""`python -m bench.ab_check`: CI's timing gate. Is this checkout slower than the code that made the committed
+baseline, when both are measured side by side on this machine?
+
+    python -m bench.ab_check --baseline results/baseline --out DIR [--threshold 20%]
+
+Why not compare against the baseline's committed numbers: those were measured on another machine, and no
+single yardstick carries timings across machines. CI's machine once ran the tiny cells 1.2x (jax) to 1.6x
+(torch) faster than the machine that made the baseline, while its reference conv sped up 1.6x (torch),
+1.3x (tensorflow) and 2.0x (jax, whose XLA:CPU conv is bimodal from run to run); normalising by the median
+yardstick turned jax's smaller gain into a 1.33x "regression". So the committed baseline fixes *what* to
+measure (its cells and settings, `bench run --like`) and *which code* is the reference (the git commit in
+its run.json); this tool measures that code and this checkout alternately on the machine it runs on:
+
+  pair 1: base-1 (the baseline's commit, extracted with `git archive`), then new-1 (this checkout);
+          compared with `bench compare` (not normalised: same machine, minutes apart).
+          No cell significantly slower by more than the threshold -> pass.
+  pair 2: only when pair 1 flagged a cell, in the reverse order (new-2, then base-2), so a machine that
+          drifts one way during the check favours neither side. Fail when a cell is flagged in both pairs.
+
+It also fails on a cell that is not ok in a new run and on any change of the exact invariants (parameter
+counts, FLOPs, equivalence) between the pairs or against the committed numbers. The comparison with the
+committed numbers (normalised) is printed for information: how this machine differs from the baseline's.
+
+HGBENCH_TEST_SLOWDOWN (the runner's test switch) reaches the new runs only: it stands for slower code
+under test, which is how the gate's detection rate is measured. Writes OUT/runs/{base,new}-{1,2} and
+OUT/verdict.json. Exit codes: 0 pass, 1 fail, 2 bad input or the baseline's code could not be run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from bench.atomic import write_json_atomic
+from bench.compare import CompareError, Comparison, compare_runs, parse_threshold, print_comparison
+from bench.launch import REPO_ROOT
+
+DEFAULT_THRESHOLD = "20%"  # from reports/regression-check: 0/20 same-code false alarms, 20/20 25% slowdowns caught
+SLOWDOWN_SWITCH = "HGBENCH_TEST_SLOWDOWN"
+CODE_PATHS = ("bench", "impls")  # the packages a run imports; everything else is data
+
+
+class ABCheckError(RuntimeError):
+    """The check cannot be made; the message says what was found, what was expected and the fix."""
+
+
+class BaseCodeMissing(ABCheckError):
+    """The baseline's commit cannot be had from this repository (no git, no history, a foreign commit)."""
+
+
+def _git(repo: Path, *args: str) -> subprocess.CompletedProcess[bytes]:
+    try:
+        # safe.directory: CI may run as another user than the one who cloned; git then refuses to read the repo.
+        command = ["git", "-c", "safe.directory=*", "-C", str(repo), *args]
+        return subprocess.run(command, capture_output=True, check=False, timeout=300)
+    except (OSError, subprocess.TimeoutExpired) as err:
+        raise BaseCodeMissing(f"git {' '.join(args)} in {repo} could not run ({err}); install git") from err
+
+
+def baseline_commit(baseline: Path) -> str:
+    """The commit recorded in the baseline's run.json; it must be a clean checkout, or its code is unknown."""
+    try:
+        record = json.loads((baseline / "run.json").read_text())
+    except (OSError, ValueError) as err:
+        raise ABCheckError(f"--baseline {baseline}: no readable run.json ({err}); give a run directory") from err
+    git = (record.get("environment") or {}).get("git") or {}
+    commit, dirty = git.get("commit"), git.get("dirty")
+    if not commit:
+        raise ABCheckError(f"--baseline {baseline}: run.json records no git commit, so the code that made it "
+                           "is unknown; make the baseline from a git checkout (README, 'Refreshing the baseline')")  # fmt: skip
+    if dirty is not False:
+        raise ABCheckError(f"--baseline {baseline}: it was made from a checkout with uncommitted changes "
+                           f"(commit {commit[:12]}, dirty={dirty}), so no commit holds its code; remake it from a "
+                           "clean checkout")  # fmt: skip
+    return str(commit)
+
+
+def extract_code(repo: Path, commit: str, dest: Path) -> None:
+    """Write the baseline commit's bench/ and impls/ into dest (a folder outside any git checkout).
+
+    A shallow clone may lack the commit: then one `git fetch --unshallow` is tried before giving up."""
+    if _git(repo, "cat-file", "-e", f"{commit}^{{commit}}").returncode != 0:
+        shallow = _git(repo, "rev-parse", "--is-shallow-repository").stdout.decode().strip() == "true"
+        if shallow:
+            _git(repo, "fetch", "--quiet", "--unshallow")
+        if _git(repo, "cat-file", "-e", f"{commit}^{{commit}}").returncode != 0:
+            raise BaseCodeMissing(f"the baseline's commit {commit[:12]} is not in the git repository at {repo}"
+                               f"{' (a shallow clone; fetching its history failed)' if shallow else ''}; "
+                               "clone with full history, or refresh the baseline from a commit on this branch")  # fmt: skip
+    archive = _git(repo, "archive", "--format=tar", commit, *CODE_PATHS)
+    if archive.returncode != 0:
+        raise BaseCodeMissing(f"git archive {commit[:12]} {' '.join(CODE_PATHS)} failed: "
+                           f"{archive.stderr.decode(errors='replace').strip()}")  # fmt: skip
+    with tarfile.open(fileobj=io.BytesIO(archive.stdout)) as tar:
+        tar.extractall(dest, filter="data")
+
+
+def _run(code_root: Path, baseline: Path, runs: Path, run_id: str, slowdown: bool) -> int:
+    """`bench run --like baseline` with the code in code_root (its own folder first on the import path)."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(code_root), env.get("PYTHONPATH", "")) if p)
+    if not slowdown:
+        env.pop(SLOWDOWN_SWITCH, None)
+    command = [sys.executable, "-m", "bench", "run", "--like", str(baseline.resolve()), "--out", str(runs.resolve()),
+               "--run-id", run_id, "--no-report"]  # fmt: skip
+    print(f"+ ({code_root}) python {' '.join(command[1:])}", flush=True)
+    return subprocess.run(command, cwd=code_root, env=env, check=False).returncode
+
+
+def _pair(order: tuple[str, str], number: int, base_code: Path, baseline: Path, runs: Path) -> tuple[Path, Path]:
+    """Measure base-N and new-N in the given order; a base run that cannot finish is an error (exit 2)."""
+    dirs = {}
+    for side in order:
+        run_id = f"{side}-{number}"
+        code = _run(base_code if side == "base" else REPO_ROOT, baseline, runs, run_id, slowdown=side == "new")
+        if not (runs / run_id / "summary.csv").is_file():
+            raise ABCheckError(f"{side} run {runs / run_id} wrote no summary.csv (exit {code}); see its output "
+                               "above. A base run that cannot run here means the baseline is too old for this "
+                               "machine's packages: refresh it (README, 'Refreshing the baseline')")  # fmt: skip
+        dirs[side] = runs / run_id
+    return dirs["base"], dirs["new"]
+
+
+def _cells_not_ok(run_dir: Path) -> list[str]:
+    """Model cells of a run that are not ok (a crash, OOM or timeout cannot pass the gate: nothing was timed)."""
+    summary = pd.read_csv(run_dir / "summary.csv")
+    bad = summary[(summary["kind"] == "model") & (summary["status"] != "ok")]
+    return [f"{row.cell_id} ({row.status})" for row in bad.itertuples()]
+
+
+def _summary(comparison: Comparison) -> dict[str, Any]:
+    d = comparison.to_dict()
+    keys = ("base_run", "new_run", "normalized", "machine_ratio", "calibration_ratios", "regressions",
+            "invariant_mismatches", "exit_code")  # fmt: skip
+    ratios = {c.cell_id: c.ratio for c in comparison.cells if c.status == "compared"}
+    return {**{k: d[k] for k in keys}, "ratios": ratios}
+
+
+def _ab_pairs(commit: str, base_code: Path, baseline: Path, runs: Path, threshold: float,
+              verdict: dict[str, Any]) -> tuple[Path, list[str]]:  # fmt: skip
+    """Pair 1, and pair 2 when pair 1 flagged a cell; returns (new-1, the failure reasons)."""
+    reasons: list[str] = []
+    comparisons: list[Comparison] = []
+    for number, order in ((1, ("base", "new")), (2, ("new", "base"))):
+        base_dir, new_dir = _pair(order, number, base_code, baseline, runs)
+        comparison = compare_runs(base_dir, new_dir, threshold=threshold)
+        print(f"\npair {number} ({order[0]} first): base = commit {commit[:12]}, new = this checkout", flush=True)
+        print_comparison(comparison)
+        comparisons.append(comparison)
+        verdict["pairs"].append(_summary(comparison))
+        reasons += [f"pair {number}: invariant mismatch: {m}" for m in comparison.invariant_mismatches]
+        for side, run_dir in (("base", base_dir), ("new", new_dir)):
+            reasons += [f"pair {number}: {side} run: cell not ok: {m}" for m in _cells_not_ok(run_dir)]
+        if reasons or not comparison.regressions:
+            break
+    flagged = [{c.cell_id for c in comp.regressions} for comp in comparisons]
+    confirmed = sorted(set.intersection(*flagged)) if len(flagged) == 2 else []
+    if len(flagged) == 2 and not confirmed:
+        print(f"pair 1 flagged {', '.join(sorted(flagged[0]))}; pair 2 did not confirm it: not a regression")
+    verdict["confirmed_regressions"] = confirmed
+    reasons += [f"{cell}: significantly slower by more than {threshold:.0%} in both pairs" for cell in confirmed]
+    return Path(comparisons[0].new_run), reasons
+
+
+def check(
+    baseline: Path, out: Path, threshold: float, repo: Path = REPO_ROOT, if_base_code_missing: str = "fail"
+) -> tuple[int, dict[str, Any]]:
+    """Run the gate; returns (exit code 0|1, the verdict record). Raises ABCheckError when it cannot.
+
+    if_base_code_missing="warn": when the baseline's commit cannot be had (BaseCodeMissing), measure this
+    checkout once and gate only what needs no timing (failed cells, invariants against the committed numbers),
+    with a loud warning that timing was not gated; verdict.json then says timing_gated: false."""
+    commit = baseline_commit(baseline)
+    runs = out / "runs"
+    runs.mkdir(parents=True, exist_ok=True)
+    taken = sorted(p.name for p in runs.iterdir())
+    if taken:
+        raise ABCheckError(f"--out {out}: {runs} already holds {', '.join(taken)}; give an empty or new folder")
+    verdict: dict[str, Any] = {"baseline": str(baseline), "base_commit": commit, "threshold": threshold,
+                               "timing_gated": True, "pairs": [], "confirmed_regressions": []}  # fmt: skip
+    reasons: list[str] = []
+    base_code = Path(tempfile.mkdtemp(prefix="hgbench-base-code-"))  # outside the checkout: git sees no repo there
+    try:
+        try:
+            extract_code(repo, commit, base_code)
+        except BaseCodeMissing as err:
+            if if_base_code_missing != "warn":
+                raise
+            print(f"WARNING: timing is NOT gated: {err}", file=sys.stderr, flush=True)
+            verdict["timing_gated"], verdict["timing_not_gated_because"] = False, str(err)
+            code = _run(REPO_ROOT, baseline, runs, "new-1", slowdown=True)
+            if not (runs / "new-1" / "summary.csv").is_file():
+                raise ABCheckError(
+                    f"the run {runs / 'new-1'} wrote no summary.csv (exit {code}); see its output"
+                ) from err
+            new_1 = runs / "new-1"
+            reasons += [f"new run: cell not ok: {m}" for m in _cells_not_ok(new_1)]
+        else:
+            print(f"base code: commit {commit[:12]} ({', '.join(CODE_PATHS)}) in {base_code}", flush=True)
+            new_1, pair_reasons = _ab_pairs(commit, base_code, baseline, runs, threshold, verdict)
+            reasons += pair_reasons
+
+        # For information: this machine against the machine that made the baseline (numbers, not code).
+        # Only its invariants gate: parameters and FLOPs cannot depend on the machine.
+        print("\nfor information: new-1 against the committed numbers (another machine; normalised, does not gate)")
+        committed = compare_runs(baseline, new_1, threshold=threshold, normalize=True)
+        print_comparison(committed)
+        verdict["against_committed"] = _summary(committed)
+        reasons += [f"against the committed baseline: invariant mismatch: {m}" for m in committed.invariant_mismatches]
+    finally:
+        shutil.rmtree(base_code, ignore_errors=True)
+    verdict["failures"] = reasons
+    verdict["exit_code"] = 1 if reasons else 0
+    write_json_atomic(out / "verdict.json", verdict)
+    print()
+    for reason in reasons:
+        print(f"FAIL {reason}")
+    if not reasons and verdict["timing_gated"]:
+        print(f"PASS: no cell significantly slower than commit {commit[:12]} by more than {threshold:.0%}")
+    elif not reasons:
+        print("PASS (invariants and cell status only; timing NOT gated, see the warning above)")
+    return verdict["exit_code"], verdict
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.ab_check", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--baseline", default="results/baseline",
+                        help="committed baseline run: its cells and its git commit (default results/baseline)")  # fmt: skip
+    parser.add_argument("--out", required=True, help="folder for the runs and verdict.json (new or empty)")
+    parser.add_argument(
+        "--threshold", default=DEFAULT_THRESHOLD, help=f"smallest slowdown that fails (default {DEFAULT_THRESHOLD})"
+    )
+    parser.add_argument("--if-base-code-missing", choices=("fail", "warn"), default="fail",
+                        help="the baseline's commit is not in this repository: exit 2 (default), or warn, "
+                             "measure this checkout once and gate only failed cells and invariants")  # fmt: skip
+    args = parser.parse_args(argv)
+    try:
+        threshold = parse_threshold(args.threshold)
+        code, _ = check(Path(args.baseline), Path(args.out), threshold, if_base_code_missing=args.if_base_code_missing)
+    except (ABCheckError, CompareError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return code
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
