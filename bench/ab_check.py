@@ -112,6 +112,12 @@ def _run(code_root: Path, baseline: Path, runs: Path, run_id: str, slowdown: boo
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(code_root), env.get("PYTHONPATH", "")) if p)
     if not slowdown:
         env.pop(SLOWDOWN_SWITCH, None)
+    # The installed checkout (an editable install) must not shadow code_root: ask the interpreter itself.
+    probe = [sys.executable, "-c", "import bench, impls; print(bench.__file__); print(impls.__file__)"]
+    found = subprocess.run(probe, cwd=code_root, env=env, capture_output=True, text=True, check=False).stdout.split()
+    if len(found) != 2 or not all(Path(f).resolve().is_relative_to(code_root.resolve()) for f in found):
+        raise ABCheckError(f"with {code_root} first on the import path, Python imports bench and impls from "
+                           f"{found or 'nowhere'}; check PYTHONPATH and .pth files for an entry that shadows it")  # fmt: skip
     command = [sys.executable, "-m", "bench", "run", "--like", str(baseline.resolve()), "--out", str(runs.resolve()),
                "--run-id", run_id, "--no-report"]  # fmt: skip
     print(f"+ ({code_root}) python {' '.join(command[1:])}", flush=True)

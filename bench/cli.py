@@ -100,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--metric", default="latency_ms", help="latency_ms (default; the samples) or first_call_ms")
     compare.add_argument("--threshold", default="10%", help="smallest slowdown that fails, 10%% or 0.1 (default 10%%)")
     compare.add_argument("--normalize", action="store_true",
-                         help="divide each run's samples by its calibration conv median (runs from two machines)")  # fmt: skip
+                         help="divide the new run's samples by the machine ratio of reference-conv times (two machines; a rough guide)")  # fmt: skip
     compare.add_argument("--json", metavar="FILE", help="also write the comparison as JSON")
     compare.add_argument("--csv", metavar="FILE", help="also write one row per cell as CSV")
 

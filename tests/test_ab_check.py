@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -129,3 +130,18 @@ def test_gate_without_the_base_code_warns_and_gates_only_what_needs_no_timing(
         baseline, tmp_path / "out2", 0.2, repo=tmp_path / "repo", if_base_code_missing="warn"
     )
     assert code == 1 and any("cell not ok" in reason for reason in verdict["failures"])
+
+
+def test_experiment_counts_false_alarms_and_detections(fake: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from bench import ab_check_experiment
+
+    commit = make_repo(tmp_path / "repo")
+    baseline = make_baseline(tmp_path / "baseline", commit)
+    out = tmp_path / "experiment"
+    argv = ["--baseline", str(baseline), "--rounds", "1", "--slowdown", "3", "--out", str(out)]
+    assert ab_check_experiment.main(argv, repo=tmp_path / "repo") == 0
+    rounds = pd.read_csv(out / "rounds.csv").set_index("kind")
+    assert not rounds.loc["same_code", "failed"] and rounds.loc["same_code", "pairs_measured"] == 1
+    assert rounds.loc["slowdown", "failed"] and rounds.loc["slowdown", "confirmed"] == 1
+    assert "HGBENCH_TEST_SLOWDOWN" not in os.environ  # the switch does not leak out of the experiment
+    assert ab_check_experiment.main(argv, repo=tmp_path / "repo") == 2  # --out is no longer empty
