@@ -20,7 +20,7 @@ from typing import Any
 
 import pandas as pd
 
-from bench.ab_check import SLOWDOWN_SWITCH, ABCheckError, check
+from bench.ab_check import DEFAULT_THRESHOLD, SLOWDOWN_SWITCH, ABCheckError, check
 from bench.compare import CompareError, parse_threshold
 from bench.launch import REPO_ROOT
 from bench.results import write_csv_atomic
@@ -46,7 +46,9 @@ def main(argv: list[str] | None = None, *, repo: Path | None = None) -> int:
     parser.add_argument("--baseline", default="results/baseline", help="as for bench.ab_check")
     parser.add_argument("--rounds", type=int, default=10, help="gates of each kind (default 10)")
     parser.add_argument("--slowdown", type=float, default=0.25, help="injected slowdown fraction (default 0.25)")
-    parser.add_argument("--threshold", default="20%", help="the gate's threshold (default 20%%)")
+    parser.add_argument(
+        "--threshold", default=DEFAULT_THRESHOLD, help=f"the gate's threshold (default {DEFAULT_THRESHOLD})"
+    )
     parser.add_argument("--out", required=True, help="new folder for the gates' runs and rounds.csv")
     args = parser.parse_args(argv)
     out = Path(args.out)

@@ -96,10 +96,14 @@ def rel_err(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.linalg.norm(a64 - b64) / np.linalg.norm(b64))
 
 
-def assert_close(a: np.ndarray, b: np.ndarray, tol: float, what: str) -> None:
-    """Fail with the measured relative error when ||a-b||/||b|| > tol (shapes must match)."""
+def _assert_same_shape_and_finite(a: np.ndarray, b: np.ndarray, what: str) -> None:
     assert np.shape(a) == np.shape(b), f"{what}: shape {np.shape(a)} != {np.shape(b)}"
     assert np.all(np.isfinite(a)), f"{what}: non-finite values"
+
+
+def assert_close(a: np.ndarray, b: np.ndarray, tol: float, what: str) -> None:
+    """Fail with the measured relative error when ||a-b||/||b|| > tol (shapes must match)."""
+    _assert_same_shape_and_finite(a, b, what)
     err = rel_err(a, b)
     assert err <= tol, f"{what}: relative error {err:.3e} > {tol:.0e}"
 
@@ -132,8 +136,7 @@ def assert_grads_close(got: dict[str, np.ndarray], want: dict[str, np.ndarray], 
     rms = math.sqrt(total_sq / sum(np.size(g) for g in want.values()))
     for name in want:
         a, b = np.asarray(got[name], np.float64), np.asarray(want[name], np.float64)
-        assert a.shape == b.shape, f"grad {name} {what}: shape {a.shape} != {b.shape}"
-        assert np.all(np.isfinite(a)), f"grad {name} {what}: non-finite values"
+        _assert_same_shape_and_finite(a, b, f"grad {name} {what}")
         err, norm, typical = float(np.linalg.norm(a - b)), float(np.linalg.norm(b)), rms * math.sqrt(b.size)
         assert err <= tol * (norm + typical), (
             f"grad {name} {what}: ||a-b|| {err:.3e} > {tol:.0e} x (||b|| {norm:.3e} + typical {typical:.3e}); "
