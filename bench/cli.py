@@ -9,7 +9,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from bench.settings import CONFIG_FLAGS, SettingsError, build_settings
+from bench.core.settings import CONFIG_FLAGS, SettingsError, build_settings
 
 
 class UsageError(Exception):
@@ -147,14 +147,14 @@ profile contract, 2 bad input."""
 
 
 def _profile(args: argparse.Namespace, argv: list[str]) -> int:
-    from bench import profile
+    from bench.profile import runner as profile
 
     options = {k: v for k, v in vars(args).items() if k != "command" and v is not None}
     return profile.start(profile.build_profile_settings(**options), argv)
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from bench.compare import CompareError, run_compare
+    from bench.regress.compare import CompareError, run_compare
 
     try:
         files = {"json_path": args.json, "csv_path": args.csv}
@@ -164,7 +164,7 @@ def _compare(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from bench.report import ReportError, run
+    from bench.report.run_report import ReportError, run
 
     try:
         return run(args.run_dirs, args.out, args.baseline)
@@ -173,7 +173,7 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace, argv: list[str]) -> int:
-    from bench import orchestrate
+    from bench.run import runner as orchestrate
 
     options = {k: v for k, v in vars(args).items() if k not in ("command", "resume", "no_report", "run_id", "like") and v is not None}
     if args.like is not None:
@@ -210,8 +210,8 @@ def _recorded_settings(flag: str, run_dir: Path) -> dict:
 
 def _run_like(args: argparse.Namespace, argv: list[str], options: dict) -> int:
     """A new run with RUN_DIR's recorded settings; only where the results go may differ."""
-    from bench import orchestrate
-    from bench.settings import RunSettings
+    from bench.core.settings import RunSettings
+    from bench.run import runner as orchestrate
 
     extra = [k for k in options if k != "out"] + (["resume"] if args.resume is not None else [])
     if extra:
@@ -229,8 +229,8 @@ def _run_like(args: argparse.Namespace, argv: list[str], options: dict) -> int:
 
 
 def _overhead(args: argparse.Namespace) -> int:
-    from bench.overhead import measure_overhead
-    from bench.settings import parse_positive_int
+    from bench.core.settings import parse_positive_int
+    from bench.run.overhead import measure_overhead
 
     rounds = parse_positive_int("--rounds", args.rounds)
     options = {k: v for k, v in vars(args).items() if k not in ("command", "rounds") and v is not None}
@@ -252,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:  # noqa: PLR0911 (one return per
             return _overhead(args)
         if args.command == "profile":
             return _profile(args, argv)
-        from bench import inventory
+        from bench.run import inventory
 
         if args.command == "list":
             return inventory.list_frameworks(probe_workers=not args.no_probe)

@@ -13,8 +13,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from bench import ab_check, cli
-from bench.launch import REPO_ROOT
+from bench import cli
+from bench.engine.launch import REPO_ROOT
+from bench.regress import ab_check
 
 TINY = ["--preset", "tiny", "--batch-size", "1", "--iters", "30", "--warmup", "1", "--min-time", "0.01"]
 BASE_ONLY_SWITCH = "HGBENCH_TEST_SLOWDOWN_BASE_CODE"  # read only by the committed copy (see make_repo)
@@ -146,7 +147,7 @@ def test_gate_without_the_base_code_warns_and_gates_only_what_needs_no_timing(
 
 
 def test_experiment_counts_false_alarms_and_detections(fake: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    from bench import ab_check_experiment
+    from bench.experiments import ab_check_experiment
 
     # Steps of a few microseconds differ by 20% between two runs of the same code; 20 ms sleeps do not.
     fake.setenv("HGBENCH_FAKE_FAULTS", "slow@jax")

@@ -6,7 +6,9 @@ import json
 
 import pytest
 
-from bench import cli, inventory, settings
+from bench import cli
+from bench.core import settings
+from bench.run import inventory
 
 
 def test_list_shows_every_framework_and_the_install_command_of_missing_ones(

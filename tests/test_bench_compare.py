@@ -16,8 +16,8 @@ import pytest
 
 import impls
 from bench.cli import main
-from bench.compare import CompareError, compare_runs, parse_threshold, ratio_of_medians, verdict
-from bench.results import SAMPLE_COLUMNS, SUMMARY_COLUMNS
+from bench.core.rundir import SAMPLE_COLUMNS, SUMMARY_COLUMNS
+from bench.regress.compare import CompareError, compare_runs, parse_threshold, ratio_of_medians, verdict
 
 FWD = "torch-eager-fp32-b1-forward"
 BWD = "torch-eager-fp32-b1-forward_backward"

@@ -16,7 +16,9 @@ import pandas as pd
 import pytest
 
 import impls
-from bench import cli, profile_tables, settings
+from bench import cli
+from bench.core import settings
+from bench.profile import tables as profile_tables
 from impls.profiling import stage_names
 
 REPO_ROOT = Path(__file__).resolve().parent.parent

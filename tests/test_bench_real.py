@@ -13,7 +13,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from bench.settings import EXECUTIONS
+from bench.core.settings import EXECUTIONS
 from impls import FRAMEWORKS, is_installed, load
 
 REPO_ROOT = Path(__file__).resolve().parent.parent

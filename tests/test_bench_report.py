@@ -20,7 +20,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from bench import cli, plots, report, settings
+from bench import cli
+from bench.core import settings
+from bench.report import plots
+from bench.report import run_report as report
 
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "tiny_run"
 SWEEP_FIGURES = ("latency", "throughput_vs_batch", "memory_vs_batch", "distribution", "compile_cost", "efficiency")

@@ -17,8 +17,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from bench import cli, settings
-from bench.results import SUMMARY_COLUMNS
+from bench import cli
+from bench.core import settings
+from bench.core.rundir import SUMMARY_COLUMNS
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 # --no-report: these tests are about the runner; the report at the end of a run is tested in test_bench_report.py.
@@ -264,7 +265,7 @@ def test_runner_resume_of_a_complete_run_measures_nothing(fake: pytest.MonkeyPat
 
 
 def test_runner_warns_when_the_machine_is_busy(fake: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    from bench import envinfo
+    from bench.core import envinfo
 
     fake.setattr(envinfo, "load_average", lambda: [64.0, 64.0, 64.0])
     code, run_dir = run(tmp_path, "--framework", "jax", "--phase", "forward")
@@ -305,7 +306,7 @@ def test_test_slowdown_switch_rejects_a_malformed_value(fake: pytest.MonkeyPatch
 
 
 def test_slowed_step_lasts_at_least_the_fraction_longer() -> None:
-    from bench.worker import slowed
+    from bench.engine.worker import slowed
 
     def step() -> None:
         time.sleep(0.002)
@@ -335,7 +336,7 @@ def test_run_like_measures_the_same_cells_into_a_new_run(
 
 
 def test_regression_check_experiment_writes_pairs_and_summary(fake: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    from bench import regression_check
+    from bench.experiments import regression_check
 
     code, base_dir = run(tmp_path / "base", "--framework", "jax", "--phase", "forward")
     assert code == 0

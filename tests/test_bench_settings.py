@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from bench import cli, settings
-from bench.settings import RunSettings, build_settings
+from bench import cli
+from bench.core import settings
+from bench.core.settings import RunSettings, build_settings
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -144,10 +145,10 @@ def test_bad_input_in_a_real_process_prints_no_traceback() -> None:
 def test_help_and_parent_modules_import_no_framework() -> None:
     code = (
         "import sys, contextlib, io\n"
-        "import bench.cli, bench.orchestrate, bench.inventory, bench.results, bench.console, bench.envinfo\n"
+        "import bench.cli, bench.run.runner, bench.run.inventory, bench.core.rundir, bench.core.console, bench.core.envinfo\n"
         "with contextlib.redirect_stdout(io.StringIO()):\n"
         "    try:\n        bench.cli.main(['run', '--help'])\n    except SystemExit:\n        pass\n"
-        "bench.envinfo.collect([])\n"
+        "bench.core.envinfo.collect([])\n"
         "loaded = {'torch', 'tensorflow', 'jax', 'flax'} & set(sys.modules)\n"
         "assert not loaded, loaded\n"
     )

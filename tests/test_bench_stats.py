@@ -7,9 +7,10 @@ import math
 import numpy as np
 import pytest
 
-from bench import stats, timing
-from bench.calibration import ConvShape, dominant_conv3x3
-from bench.equivalence import compare, relative_error
+from bench.core import stats
+from bench.core.calibration import ConvShape, dominant_conv3x3
+from bench.engine import timing
+from bench.run.equivalence import compare, relative_error
 from impls import get_preset
 
 # Five samples of 1..5 ms, in nanoseconds, shuffled: order must not matter.

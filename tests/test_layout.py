@@ -33,5 +33,120 @@ def test_impl_module_imports_exactly_its_framework(framework: str) -> None:
 
 def test_framework_free_modules_import_no_framework() -> None:
     shared = [p for p in (ROOT / "impls").glob("*.py") if not p.name.endswith("_hourglass.py")]
-    offenders = {str(p.relative_to(ROOT)): _imported_frameworks(p) for p in [*shared, *(ROOT / "bench").glob("*.py")]}
+    offenders = {str(p.relative_to(ROOT)): _imported_frameworks(p) for p in [*shared, *(ROOT / "bench").rglob("*.py")]}
     assert {k: v for k, v in offenders.items() if v} == {}
+
+
+# ---------------------------------------------------------------- the dependency direction
+
+# Packages of bench/ by rank: a module may import its own package and packages of a lower rank only
+# (core <- engine <- jobs <- report/regress <- experiments <- cli). impls/ sits below all of bench/.
+BENCH_RANKS: dict[str, int] = {
+    "bench.core": 0,
+    "bench.engine": 1,
+    "bench.run": 2,
+    "bench.profile": 2,
+    "bench.report": 3,
+    "bench.regress": 3,
+    "bench.experiments": 4,
+    "bench.cli": 5,
+    "bench.__main__": 5,
+}
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def _project_modules() -> dict[str, Path]:
+    return {_module_name(p): p for package in ("bench", "impls") for p in (ROOT / package).rglob("*.py")}
+
+
+def _imports(path: Path, name: str, known: set[str]) -> set[str]:
+    """Project modules that `path` imports anywhere in it (function-level imports included)."""
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            targets = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join([*anchor, base] if base else anchor)
+            # `from pkg import mod` imports pkg.mod when that is a module, else a name of pkg.
+            targets = [f"{base}.{alias.name}" if f"{base}.{alias.name}" in known else base for alias in node.names]
+        else:
+            continue
+        for target in targets:
+            while target and target not in known:
+                target = target.rpartition(".")[0]
+            if target and target != name:
+                found.add(target)
+    return found
+
+
+def _graph() -> dict[str, set[str]]:
+    modules = _project_modules()
+    known = set(modules)
+    return {name: _imports(path, name, known) for name, path in modules.items()}
+
+
+def _rank(module: str) -> tuple[str, int] | None:
+    for package, rank in BENCH_RANKS.items():
+        if module == package or module.startswith(package + "."):
+            return package, rank
+    return None
+
+
+def test_every_bench_module_belongs_to_a_ranked_package() -> None:
+    unranked = [m for m in _project_modules() if m.startswith("bench.") and _rank(m) is None]
+    assert unranked == [], f"add these to a package of BENCH_RANKS: {unranked}"
+
+
+def test_no_module_imports_upward() -> None:
+    upward = []
+    for module, targets in _graph().items():
+        for target in targets:
+            if module.startswith("impls") and target.startswith("bench"):
+                upward.append(f"{module} -> {target} (impls/ never imports bench/)")
+                continue
+            mine, theirs = _rank(module), _rank(target)
+            if mine and theirs and mine[0] != theirs[0] and theirs[1] >= mine[1]:
+                upward.append(f"{module} ({mine[0]}, rank {mine[1]}) -> {target} ({theirs[0]}, rank {theirs[1]})")
+    assert upward == []
+
+
+def test_no_import_cycles() -> None:
+    graph = _graph()
+    state: dict[str, int] = {}  # 1 on the current path, 2 done
+    cycles: list[list[str]] = []
+
+    def visit(node: str, path: list[str]) -> None:
+        state[node] = 1
+        for nxt in sorted(graph.get(node, ())):
+            if nxt.startswith(node + "."):  # a package's __init__ naming its own submodule is no cycle
+                continue
+            if state.get(nxt) == 1:
+                cycles.append([*path[path.index(nxt) :], nxt] if nxt in path else [node, nxt])
+            elif nxt not in state:
+                visit(nxt, [*path, nxt])
+        state[node] = 2
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module, [module])
+    assert cycles == []
+
+
+def test_layout_rules_catch_a_violation(tmp_path: Path) -> None:
+    """The rank check is not vacuous: an import of bench.report from bench.core would be flagged."""
+    fake = tmp_path / "mod.py"
+    fake.write_text("from bench.report import plots\n")
+    known = set(_project_modules())
+    targets = _imports(fake, "bench.core.fake", known)
+    assert targets == {"bench.report.plots"}
+    assert _rank("bench.report.plots")[1] >= _rank("bench.core.fake")[1]

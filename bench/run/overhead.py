@@ -1,6 +1,6 @@
 """`python -m bench overhead`: does the harness add measurable time? Harness loop vs bare loop, one process.
 
-A worker builds one cell's model and alternates rounds of the harness's sampling loop (`bench.timing`)
+A worker builds one cell's model and alternates rounds of the harness's sampling loop (`bench.engine.timing`)
 with a bare `perf_counter` loop on the same step; the medians of both are printed with their difference.
 The full cell (fresh worker, the run's own path) is measured too, for comparison with a run's row.
 """
@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 from rich.markup import escape
 
-from bench import console as out
-from bench.launch import run_worker
-from bench.settings import RunSettings
+from bench.core import console as out
+from bench.core.settings import RunSettings
+from bench.engine.launch import run_worker
 
 
 def measure_overhead(settings: RunSettings, rounds: int = 20) -> int:

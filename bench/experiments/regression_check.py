@@ -1,6 +1,6 @@
 """How trustworthy is `bench compare` on this machine? Measure its false alarms and its detection rate.
 
-    python -m bench.regression_check --like results/baseline --pairs 10 --slowdowns 0.25,0.15,0.10
+    python -m bench.experiments.regression_check --like results/baseline --pairs 10 --slowdowns 0.25,0.15,0.10
 
 Runs, interleaved so slow drift of the machine spreads over every kind: normal runs N_0..N_pairs (each
 `bench run --like`: the same cells as the given run), and per slowdown s and pair i a run S_i with the test
@@ -26,8 +26,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from bench.compare import compare_runs, parse_threshold
-from bench.results import write_csv_atomic
+from bench.core.rundir import write_csv_atomic
+from bench.regress.compare import compare_runs, parse_threshold
 
 DEFAULT_THRESHOLDS = "5%,10%,15%,20%,25%"
 
@@ -89,7 +89,7 @@ def summarize(pairs: pd.DataFrame) -> pd.DataFrame:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the experiment; exit 0 when it completed (its findings are in the CSVs), 2 on bad input."""
-    parser = argparse.ArgumentParser(prog="python -m bench.regression_check", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.experiments.regression_check", description=__doc__.split("\n\n")[0])
     parser.add_argument("--like", required=True, help="run directory whose cells every run measures (e.g. results/baseline)")
     parser.add_argument("--pairs", type=int, default=10, help="same-code pairs and slowed runs per slowdown (default 10)")
     parser.add_argument("--slowdowns", default="0.25", help="comma list of injected slowdown fractions (default 0.25)")

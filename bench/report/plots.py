@@ -1,6 +1,6 @@
 """Figures of one or more runs' results, as PNG files. Plots only; measures nothing.
 
-Every function takes the tidy table that bench.report builds (one row per model cell, a `run` column
+Every function takes the tidy table that bench.report.run_report builds (one row per model cell, a `run` column
 naming the run it came from) and writes one PNG of a fixed pixel size (`FIGURE_PX`), so reports line up
 and tests can check the size. Framework colours and order are fixed across every figure; execution modes
 are told apart by hatching, runs by position and alpha. A cell that failed or was skipped is drawn as a

@@ -2,7 +2,7 @@
 
 Reads what `bench run` wrote (summary.csv, samples.csv, run.json), checks it is that and nothing else,
 and what `bench profile` wrote (stages.csv and the rest: bench/profile_report.py adds a Profile section),
-and writes into one folder: the PNGs of bench.plots, report.md (figures beside it) and report.html (the
+and writes into one folder: the PNGs of bench.report.plots, report.md (figures beside it) and report.html (the
 same figures embedded as data: URIs, no script, no network). Several runs are shown side by side, as
 series. A user's mistake (a missing folder, a foreign or malformed CSV) is a ReportError whose one-line
 message names the path and the fix; the CLI prints it and exits 2.
@@ -21,9 +21,9 @@ from typing import Any
 
 import pandas as pd
 
-from bench import plots
-from bench.results import CELL_COLUMNS, FINAL_STATUSES, SUMMARY_COLUMNS
-from bench.settings import EXECUTIONS
+from bench.core.rundir import CELL_COLUMNS, FINAL_STATUSES, SUMMARY_COLUMNS
+from bench.core.settings import EXECUTIONS
+from bench.report import plots
 from impls import FRAMEWORKS
 
 REQUIRED_SUMMARY_COLUMNS = [*CELL_COLUMNS, "status"]
@@ -463,7 +463,9 @@ def build_report(run_dirs: Sequence[str | Path], out_dir: str | Path, baseline: 
     """Write the figures, report.md and report.html for `run_dirs` into `out_dir`; returns report.html."""
     if baseline not in FRAMEWORKS:
         raise ReportError(f"--baseline must be one of {', '.join(FRAMEWORKS)}, got {baseline!r}")
-    from bench import profile_report  # `bench profile` folders (stages.csv) add a section, or are the report
+    from bench.report import (
+        profile_section as profile_report,  # `bench profile` folders (stages.csv) add a section, or are the report
+    )
 
     profiles = [profile_report.load_profile(d) for d in run_dirs if profile_report.is_profile_dir(d)]
     run_dirs = [d for d in run_dirs if not (profile_report.is_profile_dir(d) and not (Path(d) / "summary.csv").is_file())]

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from bench import nvml
+from bench.core import nvml
 from impls import FRAMEWORKS, PHASES, ConfigError, HourglassConfig, get_preset, install_command, is_installed
 from impls.base import PRECISIONS
 from impls.registry import EXECUTIONS, UnknownFrameworkError, canonical_name

@@ -19,9 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.atomic import read_json, write_json_atomic
-from bench.settings import WORKER_ENV
-from bench.worker import ERROR_TAIL_LINES, OOM_MARKERS, STAGE_PREFIX
+from bench.core.files import read_json, write_json_atomic
+from bench.core.settings import WORKER_ENV
+from bench.engine.worker import ERROR_TAIL_LINES, OOM_MARKERS, STAGE_PREFIX
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -80,14 +80,14 @@ def _crash_outcome(returncode: int, stage: str, tail: str, wall_s: float) -> Wor
 
 
 def run_worker(spec: Mapping[str, Any], *, workdir: Path, name: str, log_path: Path, timeout_s: float) -> WorkerOutcome:
-    """Run `python -m bench.worker` on `spec` in a fresh process group; never raises for worker faults."""
+    """Run `python -m bench.engine.worker` on `spec` in a fresh process group; never raises for worker faults."""
     spec_path, result_path = workdir / f"{name}.spec.json", workdir / f"{name}.result.json"
     write_json_atomic(spec_path, spec)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "bench.worker", str(spec_path), str(result_path)],
+            [sys.executable, "-m", "bench.engine.worker", str(spec_path), str(result_path)],
             cwd=REPO_ROOT,
             env=worker_env(),
             stdin=subprocess.DEVNULL,

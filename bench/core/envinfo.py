@@ -16,7 +16,7 @@ from typing import Any
 
 import psutil
 
-from bench import nvml
+from bench.core import nvml
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 

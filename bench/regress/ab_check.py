@@ -1,7 +1,7 @@
-"""`python -m bench.ab_check`: CI's timing gate. Is this checkout slower than the code that made the committed
+"""`python -m bench.regress.ab_check`: CI's timing gate. Is this checkout slower than the code that made the committed
 baseline, when both are measured side by side on this machine?
 
-    python -m bench.ab_check --baseline results/baseline --out DIR [--threshold 20%]
+    python -m bench.regress.ab_check --baseline results/baseline --out DIR [--threshold 20%]
 
 Why not compare against the baseline's committed numbers: those were measured on another machine, and no
 single yardstick carries timings across machines. CI's machine once ran the tiny cells 1.2x (jax) to 1.6x
@@ -42,9 +42,9 @@ from typing import Any
 
 import pandas as pd
 
-from bench.atomic import write_json_atomic
-from bench.compare import CompareError, Comparison, compare_runs, parse_threshold, print_comparison
-from bench.launch import REPO_ROOT
+from bench.core.files import write_json_atomic
+from bench.engine.launch import REPO_ROOT
+from bench.regress.compare import CompareError, Comparison, compare_runs, parse_threshold, print_comparison
 
 DEFAULT_THRESHOLD = "20%"  # reports/ab-check: 0 of 10 same-code gates failed, 10 of 10 with a 25% slowdown
 SLOWDOWN_SWITCH = "HGBENCH_TEST_SLOWDOWN"
@@ -240,7 +240,7 @@ def check(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.ab_check", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.regress.ab_check", description=__doc__.split("\n\n")[0])
     parser.add_argument("--baseline", default="results/baseline",
                         help="committed baseline run: its cells and its git commit (default results/baseline)")  # fmt: skip
     parser.add_argument("--out", required=True, help="folder for the runs and verdict.json (new or empty)")

@@ -10,10 +10,10 @@ from typing import Any
 from rich.markup import escape
 from rich.table import Table
 
-from bench import console as out
-from bench import envinfo, nvml
-from bench import settings as settings_mod
-from bench.launch import run_worker
+from bench.core import console as out
+from bench.core import envinfo, nvml
+from bench.core import settings as settings_mod
+from bench.engine.launch import run_worker
 from impls import FRAMEWORKS, install_command
 
 _DISTRIBUTIONS: dict[str, tuple[str, ...]] = {

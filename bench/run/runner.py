@@ -2,7 +2,7 @@
 
 Order of a run: equivalence check (one worker per framework), conv calibration (one worker per
 framework), then every cell. Faults are data: a worker that crashes, runs out of memory or passes
---timeout becomes a row with that status and the tail of its output (see bench.launch), and the run
+--timeout becomes a row with that status and the tail of its output (see bench.engine.launch), and the run
 goes on.
 """
 
@@ -19,15 +19,15 @@ from typing import Any
 import numpy as np
 from rich.markup import escape
 
-from bench import console as out
-from bench import envinfo
-from bench import settings as settings_mod
-from bench.calibration import calibration_workloads, dominant_conv3x3, dominant_gemm
-from bench.equivalence import compare
-from bench.launch import WorkerOutcome, run_worker
-from bench.results import RunStore
-from bench.settings import MIN_ITERS, WORKER_ENV, Cell, RunSettings
-from bench.stats import summarize
+from bench.core import console as out
+from bench.core import envinfo
+from bench.core import settings as settings_mod
+from bench.core.calibration import calibration_workloads, dominant_conv3x3, dominant_gemm
+from bench.core.rundir import RunStore
+from bench.core.settings import MIN_ITERS, WORKER_ENV, Cell, RunSettings
+from bench.core.stats import summarize
+from bench.engine.launch import WorkerOutcome, run_worker
+from bench.run.equivalence import compare
 from impls import count_flops, install_command
 
 FAILED_STATUSES = ("failed", "timeout", "oom")
@@ -445,7 +445,7 @@ def _execute(runner: Runner, report: bool = True) -> int:
 
 def _write_report(runner: Runner) -> None:
     """The run's report into reports/<run_id>/ beside the results folder; a failure here never loses the run."""
-    from bench import report
+    from bench.report import run_report as report
 
     run_dir = runner.store.run_dir
     try:

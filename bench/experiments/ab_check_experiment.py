@@ -1,6 +1,6 @@
 """How trustworthy is CI's timing gate (bench/ab_check.py)? Run it again and again, with and without a slowdown.
 
-    python -m bench.ab_check_experiment --baseline results/baseline --rounds 10 --slowdown 0.25 --out DIR
+    python -m bench.experiments.ab_check_experiment --baseline results/baseline --rounds 10 --slowdown 0.25 --out DIR
 
 Round i runs the whole gate twice, one after the other: once on this checkout as it is ("same_code": any
 failure is a false alarm, provided the checkout's code is not really slower than the baseline's commit), and
@@ -20,10 +20,10 @@ from typing import Any
 
 import pandas as pd
 
-from bench.ab_check import DEFAULT_THRESHOLD, SLOWDOWN_SWITCH, ABCheckError, check
-from bench.compare import CompareError, parse_threshold
-from bench.launch import REPO_ROOT
-from bench.results import write_csv_atomic
+from bench.core.rundir import write_csv_atomic
+from bench.engine.launch import REPO_ROOT
+from bench.regress.ab_check import DEFAULT_THRESHOLD, SLOWDOWN_SWITCH, ABCheckError, check
+from bench.regress.compare import CompareError, parse_threshold
 
 
 def _row(kind: str, round_number: int, verdict: dict[str, Any]) -> dict[str, Any]:
@@ -42,8 +42,8 @@ def main(argv: list[str] | None = None, *, repo: Path | None = None) -> int:
     """Run the rounds; exit 0 when they completed (the findings are in rounds.csv), 2 on bad input.
 
     repo: where the baseline's commit is looked up (default: this checkout's repository; tests pass another)."""
-    parser = argparse.ArgumentParser(prog="python -m bench.ab_check_experiment", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--baseline", default="results/baseline", help="as for bench.ab_check")
+    parser = argparse.ArgumentParser(prog="python -m bench.experiments.ab_check_experiment", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--baseline", default="results/baseline", help="as for bench.regress.ab_check")
     parser.add_argument("--rounds", type=int, default=10, help="gates of each kind (default 10)")
     parser.add_argument("--slowdown", type=float, default=0.25, help="injected slowdown fraction (default 0.25)")
     parser.add_argument(

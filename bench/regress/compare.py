@@ -450,7 +450,7 @@ def print_comparison(comparison: Comparison) -> None:
     from rich.markup import escape
     from rich.table import Table
 
-    from bench.console import make_console
+    from bench.core.console import make_console
 
     console = make_console()
     unit = "ms (new normalised)" if comparison.normalized else "ms"

@@ -17,9 +17,9 @@ from typing import Any
 
 import pandas as pd
 
-from bench import plots
-from bench import profile_tables as tables
-from bench.report import _CSS, ReportError, RunData, _environment_display, _html_table, _md_table
+from bench.profile import tables
+from bench.report import plots
+from bench.report.run_report import _CSS, ReportError, RunData, _environment_display, _html_table, _md_table
 
 _FIX = "give a results/<run_id>-profile folder written by `python -m bench profile`"
 FIGURE_NAME = "stage_shares"

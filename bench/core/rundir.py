@@ -13,7 +13,7 @@ from typing import Any
 
 import pandas as pd
 
-from bench.atomic import atomic_write, read_json, write_json_atomic
+from bench.core.files import atomic_write, read_json, write_json_atomic
 
 CELL_COLUMNS = ["cell_id", "kind", "framework", "execution", "precision", "batch_size", "phase"]
 CONFIG_COLUMNS = ["preset", "num_stacks", "depth", "channels", "num_keypoints", "input_height", "input_width"]

@@ -1,4 +1,4 @@
-"""One measurement in a fresh process: `python -m bench.worker SPEC.json RESULT.json`.
+"""One measurement in a fresh process: `python -m bench.engine.worker SPEC.json RESULT.json`.
 
 The only module of `bench` that loads a framework (through `impls.load`). The parent writes a JSON spec;
 this process runs one of these modes and writes a JSON result atomically:
@@ -31,10 +31,10 @@ from typing import Any
 
 import numpy as np
 
-from bench import nvml
-from bench.atomic import write_json_atomic
-from bench.calibration import ConvShape
-from bench.timing import measure
+from bench.core import nvml
+from bench.core.calibration import ConvShape
+from bench.core.files import write_json_atomic
+from bench.engine.timing import measure
 
 # Test hook: a module whose load(framework) returns a stand-in for an impls module (tests/fake_backend.py).
 BACKEND_OVERRIDE_ENV = "HGBENCH_BACKEND_OVERRIDE"
@@ -265,7 +265,7 @@ def run_overhead(backend: ModuleType, spec: dict[str, Any]) -> dict[str, Any]:
     The bare loop is what a user would write: `t0 = perf_counter(); step(); times.append(perf_counter() - t0)`.
     Alternating rounds spreads any drift (thermal, other load) over both.
     """
-    from bench.timing import sample
+    from bench.engine.timing import sample
 
     config = _config(spec)
     device = _device(backend, spec)
@@ -346,7 +346,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point: read the spec, run it, write the result; exit 0 whenever a result was written."""
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 2:
-        print("usage: python -m bench.worker SPEC.json RESULT.json", file=sys.stderr)
+        print("usage: python -m bench.engine.worker SPEC.json RESULT.json", file=sys.stderr)
         return 2
     spec = json.loads(Path(args[0]).read_text())
     result = execute(spec)

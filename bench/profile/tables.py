@@ -19,8 +19,8 @@ from typing import Any
 
 import pandas as pd
 
-from bench.results import write_csv_atomic
-from bench.settings import EXECUTIONS, Cell
+from bench.core.rundir import write_csv_atomic
+from bench.core.settings import EXECUTIONS, Cell
 from impls import count_flops
 from impls.config import HourglassConfig
 from impls.profiling import EXTRA_STAGES, ProfileContractError, stage_conv_flops, stage_names

@@ -22,14 +22,11 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from bench import console as out
-from bench import envinfo
-from bench import profile_tables as tables
-from bench import settings as settings_mod
-from bench.atomic import write_json_atomic
-from bench.launch import WorkerOutcome, run_worker
-from bench.orchestrate import new_run_dir
-from bench.settings import (
+from bench.core import console as out
+from bench.core import envinfo
+from bench.core import settings as settings_mod
+from bench.core.files import write_json_atomic
+from bench.core.settings import (
     WORKER_ENV,
     Cell,
     RunSettings,
@@ -39,6 +36,9 @@ from bench.settings import (
     parse_int_list,
     parse_positive_int,
 )
+from bench.engine.launch import WorkerOutcome, run_worker
+from bench.profile import tables
+from bench.run.runner import new_run_dir
 from impls import install_command
 from impls.base import PRECISIONS
 from impls.profiling import ProfileContractError, check_profile
@@ -105,7 +105,7 @@ def build_profile_settings(
 ) -> ProfileSettings:
     """ProfileSettings from the `profile` command's option strings (None = not given); raises SettingsError.
 
-    Everything `run` also has is parsed by bench.settings.build_settings, so the two commands accept and
+    Everything `run` also has is parsed by bench.core.settings.build_settings, so the two commands accept and
     reject the same values.
     """
     if batch_size is not None and len(parse_int_list("--batch-size", batch_size)) > 1:

@@ -1,0 +1,1 @@
+"""`bench run` and its stages (equivalence check, calibration, cells), plus `bench list`, `env` and `overhead`."""
