@@ -9,7 +9,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from bench.core.settings import CONFIG_FLAGS, SettingsError, build_settings
+from bench.core.rundir import RunDirError
+from bench.core.settings import CONFIG_FLAGS, RunSettings, SettingsError, build_settings
 
 
 class UsageError(Exception):
@@ -159,7 +160,7 @@ def _compare(args: argparse.Namespace) -> int:
     try:
         files = {"json_path": args.json, "csv_path": args.csv}
         return run_compare(args.base_run, args.new_run, args.metric, args.threshold, args.normalize, **files)
-    except CompareError as err:
+    except (CompareError, RunDirError) as err:
         raise UsageError(str(err)) from None
 
 
@@ -168,64 +169,45 @@ def _report(args: argparse.Namespace) -> int:
 
     try:
         return run(args.run_dirs, args.out, args.baseline)
-    except ReportError as err:
+    except (ReportError, RunDirError) as err:
         raise UsageError(str(err)) from None
 
 
 def _run(args: argparse.Namespace, argv: list[str]) -> int:
-    from bench.run import runner as orchestrate
+    """`run`: a new run, a resumed one (--resume) or a replay of a recorded one (--like); then its report."""
+    from bench.run import runner
 
     options = {k: v for k, v in vars(args).items() if k not in ("command", "resume", "no_report", "run_id", "like") and v is not None}
-    if args.like is not None:
-        return _run_like(args, argv, options)
-    if args.resume is not None:
-        if options or args.run_id is not None:
-            flags = ", ".join("--" + k.replace("_", "-") for k in [*options, *(["run_id"] if args.run_id else [])])
-            raise UsageError(f"--resume takes every setting from RUN_DIR/run.json; drop {flags}")
-        run_dir = Path(args.resume)
-        if not (run_dir / "run.json").is_file():
-            raise UsageError(
-                f"--resume: {str(run_dir)!r} is not a run directory (no run.json in it); give one such as results/<run_id>"
-            )
-        return orchestrate.resume(run_dir, argv, report=not args.no_report)
-    settings = build_settings(**options)
     try:
-        return orchestrate.start(settings, argv, report=not args.no_report, run_id=args.run_id)
-    except orchestrate.RunDirError as err:
+        if args.like is not None:
+            result = runner.start(_like_settings(args, options), argv, run_id=args.run_id)
+        elif args.resume is not None:
+            if options or args.run_id is not None:
+                flags = ", ".join("--" + k.replace("_", "-") for k in [*options, *(["run_id"] if args.run_id else [])])
+                raise UsageError(f"--resume takes every setting from RUN_DIR/run.json; drop {flags}")
+            result = runner.resume(Path(args.resume), argv)
+        else:
+            result = runner.start(build_settings(**options), argv, run_id=args.run_id)
+    except RunDirError as err:
         raise UsageError(str(err)) from None
+    if not args.no_report and not result.interrupted:
+        from bench.report.run_report import write_after_run
+
+        write_after_run(result.run_dir)
+    return result.exit_code
 
 
-def _recorded_settings(flag: str, run_dir: Path) -> dict:
-    """RUN_DIR/run.json's settings, or a UsageError saying what RUN_DIR should be."""
-    import json
-
-    path = run_dir / "run.json"
-    if not path.is_file():
-        raise UsageError(f"{flag}: {str(run_dir)!r} is not a run directory (no run.json in it); give one such as results/<run_id>")
-    try:
-        return json.loads(path.read_text())["settings"]
-    except (ValueError, KeyError) as err:
-        raise UsageError(f"{flag}: {path} is not a run record this version can read ({err}); re-run it instead") from None
-
-
-def _run_like(args: argparse.Namespace, argv: list[str], options: dict) -> int:
-    """A new run with RUN_DIR's recorded settings; only where the results go may differ."""
-    from bench.core.settings import RunSettings
-    from bench.run import runner as orchestrate
+def _like_settings(args: argparse.Namespace, options: dict) -> RunSettings:
+    """RUN_DIR's recorded settings for a new run; only where the results go may differ."""
+    from bench.core.rundir import read_record
+    from bench.run.runner import settings_from_record
 
     extra = [k for k in options if k != "out"] + (["resume"] if args.resume is not None else [])
     if extra:
         flags = ", ".join("--" + k.replace("_", "-") for k in extra)
         raise UsageError(f"--like takes every measurement setting from RUN_DIR/run.json; drop {flags} (only --out, --run-id and --no-report may be given)")
-    recorded = _recorded_settings("--like", Path(args.like))
-    try:
-        settings = RunSettings.from_dict({**recorded, "out_dir": options.get("out", "results")})
-    except (TypeError, ValueError) as err:
-        raise UsageError(f"--like: the settings in {args.like}/run.json cannot be used by this version ({err})") from None
-    try:
-        return orchestrate.start(settings, argv, report=not args.no_report, run_id=args.run_id)
-    except orchestrate.RunDirError as err:
-        raise UsageError(str(err)) from None
+    recorded = read_record(Path(args.like))["settings"]
+    return settings_from_record({**recorded, "out_dir": options.get("out", "results")}, f"--like: {args.like}/run.json")
 
 
 def _overhead(args: argparse.Namespace) -> int:

@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 
 from bench import cli
-from bench.engine.launch import REPO_ROOT
+from bench.core.paths import REPO_ROOT
 from bench.regress import ab_check
 
 TINY = ["--preset", "tiny", "--batch-size", "1", "--iters", "30", "--warmup", "1", "--min-time", "0.01"]

@@ -16,7 +16,7 @@ import pytest
 
 import impls
 from bench.cli import main
-from bench.core.rundir import SAMPLE_COLUMNS, SUMMARY_COLUMNS
+from bench.core.columns import SAMPLE_COLUMNS, SUMMARY_COLUMNS
 from bench.regress.compare import CompareError, compare_runs, parse_threshold, ratio_of_medians, verdict
 
 FWD = "torch-eager-fp32-b1-forward"
@@ -260,7 +260,7 @@ def test_compare_cli_foreign_csv_exits_2_naming_the_missing_columns(tmp_path: Pa
     new = write_run(tmp_path, "new", {FWD: _noise(30, 62)})
     pd.DataFrame({"name": ["a"], "value": [1]}).to_csv(new / "summary.csv", index=False)
     assert main(["compare", str(base), str(new)]) == 2
-    assert "is not an hgbench summary.csv: it lacks the column(s) cell_id" in _one_line_error(capsys)
+    assert "summary.csv is not an hgbench results file (missing columns cell_id" in _one_line_error(capsys)
 
 
 def test_compare_cli_malformed_samples_exits_2(tmp_path: Path, capsys) -> None:

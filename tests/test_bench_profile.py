@@ -18,6 +18,7 @@ import pytest
 import impls
 from bench import cli
 from bench.core import settings
+from bench.core.columns import PROFILE_CSVS
 from bench.profile import tables as profile_tables
 from impls.profiling import stage_names
 
@@ -55,7 +56,7 @@ def test_profile_writes_every_csv_run_json_and_a_trace_per_cell(
     code, run_dir = profile(tmp_path, "--framework", "torch,jax", "--top-k", "2")
     assert code == 0
     assert re.fullmatch(r"\d{8}T\d{6}Z-cpu-profile", run_dir.name)
-    for name, columns in profile_tables.CSV_FILES.items():
+    for name, columns in PROFILE_CSVS.items():
         assert list(read(run_dir, name).columns) == columns, name
     cells = {("torch", "eager"), ("torch", "compile"), ("jax", "jit")}
     stages = read(run_dir, "stages.csv")

@@ -9,7 +9,8 @@ from pathlib import Path
 import pandas as pd
 
 from bench.core.files import write_json_atomic
-from bench.core.rundir import SUMMARY_COLUMNS, RunStore
+from bench.core.columns import SUMMARY_COLUMNS
+from bench.core.rundir import RunStore
 
 ROW = {"cell_id": "torch-eager-fp32-b1-forward", "kind": "model", "framework": "torch", "execution": "eager",
        "precision": "fp32", "batch_size": 1, "phase": "forward", "status": "ok", "latency_ms_median": 1.25}  # fmt: skip

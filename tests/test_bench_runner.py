@@ -19,7 +19,7 @@ import pytest
 
 from bench import cli
 from bench.core import settings
-from bench.core.rundir import SUMMARY_COLUMNS
+from bench.core.columns import SUMMARY_COLUMNS
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 # --no-report: these tests are about the runner; the report at the end of a run is tested in test_bench_report.py.

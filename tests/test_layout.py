@@ -50,7 +50,7 @@ BENCH_RANKS: dict[str, int] = {
     "bench.regress": 3,
     "bench.experiments": 4,
     "bench.cli": 5,
-    "bench.__main__": 5,
+    "bench.__main__": 6,
 }
 
 

@@ -17,8 +17,7 @@ from typing import Any
 import psutil
 
 from bench.core import nvml
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from bench.core.paths import REPO_ROOT
 
 # Distribution names whose versions matter to the numbers; several names cover one framework's builds.
 PACKAGES: tuple[str, ...] = (

@@ -152,6 +152,12 @@ class RunSettings:
         return cls(**fields)
 
 
+def execution_rank(framework: str, execution: str) -> int:
+    """Position of `execution` in the framework's declared order (unknown ones last), for sorting tables."""
+    order = EXECUTIONS.get(framework, ())
+    return order.index(execution) if execution in order else len(order)
+
+
 # ---------------------------------------------------------------- parsing of single values and lists
 
 

@@ -20,10 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from bench.core.files import read_json, write_json_atomic
+from bench.core.paths import REPO_ROOT
 from bench.core.settings import WORKER_ENV
 from bench.engine.worker import ERROR_TAIL_LINES, OOM_MARKERS, STAGE_PREFIX
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 @dataclass

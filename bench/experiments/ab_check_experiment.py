@@ -20,8 +20,8 @@ from typing import Any
 
 import pandas as pd
 
+from bench.core.paths import REPO_ROOT
 from bench.core.rundir import write_csv_atomic
-from bench.engine.launch import REPO_ROOT
 from bench.regress.ab_check import DEFAULT_THRESHOLD, SLOWDOWN_SWITCH, ABCheckError, check
 from bench.regress.compare import CompareError, parse_threshold
 

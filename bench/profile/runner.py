@@ -25,7 +25,8 @@ from rich.table import Table
 from bench.core import console as out
 from bench.core import envinfo
 from bench.core import settings as settings_mod
-from bench.core.files import write_json_atomic
+from bench.core.columns import FAILED_STATUSES
+from bench.core.rundir import ProfileStore, new_run_dir
 from bench.core.settings import (
     WORKER_ENV,
     Cell,
@@ -38,7 +39,6 @@ from bench.core.settings import (
 )
 from bench.engine.launch import WorkerOutcome, run_worker
 from bench.profile import tables
-from bench.run.runner import new_run_dir
 from impls import install_command
 from impls.base import PRECISIONS
 from impls.profiling import ProfileContractError, check_profile
@@ -133,7 +133,7 @@ class ProfileRunner:
         self.settings = settings
         self.run_dir = run_dir
         self.record = record
-        self.store = tables.ProfileStore(run_dir)
+        self.store = ProfileStore(run_dir)
         self.console = out.make_console()
         self.errors = Console(stderr=True, highlight=False)  # warnings that must not drown in the tables
         self.installed = {fw: settings_mod.is_installed(fw) for fw in settings.base.frameworks}
@@ -141,7 +141,7 @@ class ProfileRunner:
 
     def save_record(self) -> None:
         """run.json, atomically."""
-        write_json_atomic(self.run_dir / "run.json", self.record)
+        self.store.write_run_json(self.record)
 
     def _warn(self, text: str) -> None:
         out.warn(self.errors, text)
@@ -266,7 +266,7 @@ class ProfileRunner:
         )
         self.save_record()
         print_tables(self.console, self.run_dir, self.store, self.record)
-        return 1 if any(status in tables.FAILED_STATUSES for status in statuses) else 0
+        return 1 if any(status in FAILED_STATUSES for status in statuses) else 0
 
 
 def new_record(settings: ProfileSettings, run_dir: Path, args: list[str]) -> dict[str, Any]:
@@ -324,7 +324,7 @@ def _rich_table(frame: pd.DataFrame, title: str, caption: str | None = None, lef
     return table
 
 
-def print_tables(console: Console, run_dir: Path, store: tables.ProfileStore, record: Mapping[str, Any]) -> None:
+def print_tables(console: Console, run_dir: Path, store: ProfileStore, record: Mapping[str, Any]) -> None:
     """Stage tables per phase, op tables per cell, the FLOP check, the compile table, problems and traces."""
     stages, ops = store.frame("stages.csv"), store.frame("ops.csv")
     phases = [p for p in ("forward", "forward_backward") if p in set(stages["phase"])]

@@ -13,72 +13,24 @@ profiled step for method "profiler", the staged step for "staged"), so the stage
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
-from bench.core.rundir import write_csv_atomic
-from bench.core.settings import EXECUTIONS, Cell
+from bench.core.columns import (
+    COMPILE_COLUMNS,
+)
+from bench.core.numbers import fmt
+from bench.core.settings import Cell, execution_rank
 from impls import count_flops
 from impls.config import HourglassConfig
 from impls.profiling import EXTRA_STAGES, ProfileContractError, stage_conv_flops, stage_names
 
-STAGE_COLUMNS = [
-    "framework",
-    "execution",
-    "phase",
-    "batch_size",
-    "precision",
-    "stage",
-    "ms",
-    "share_of_step",
-    "method",
-    "stage_step_ms",
-    "step_ms",
-    "status",
-    "error",
-    "analytic_conv_flops",
-    "conv_gflop_per_s",
-]
-# What a report needs from stages.csv (the rest is optional there).
-REQUIRED_STAGE_COLUMNS = [c for c in STAGE_COLUMNS if c not in ("batch_size", "precision", "analytic_conv_flops", "conv_gflop_per_s")]
-OP_COLUMNS = ["framework", "execution", "phase", "rank", "op", "calls", "total_ms", "self_ms", "share_of_step"]
-FLOP_COLUMNS = [
-    "framework",
-    "execution",
-    "phase",
-    "batch_size",
-    "analytic_conv_flops",
-    "reported_conv_flops",
-    "conv_diff_percent",
-    "reported_total_flops",
-    "source",
-    "note",
-]
-COMPILE_COLUMNS = [
-    "framework",
-    "execution",
-    "phase",
-    "first_call_ms",
-    "trace_compile_ms",
-    "recompilations_in_timed_loop",
-    "program_size",
-    "program_size_unit",
-    "note",
-]
-CSV_FILES: dict[str, list[str]] = {
-    "stages.csv": STAGE_COLUMNS,
-    "ops.csv": OP_COLUMNS,
-    "flops.csv": FLOP_COLUMNS,
-    "compile.csv": COMPILE_COLUMNS,
-}
-
 OTHER_STAGE = "other"  # the step minus the stage rows: time no stage scope covers
 OTHER_LABEL = "other / unattributed"
 CONV_FLOPS_TOLERANCE_PERCENT = 1.0  # issue 6's bar for analytic vs framework-reported conv FLOPs
-FAILED_STATUSES = ("failed", "timeout", "oom")
 
 METHOD_FOOTNOTE = (
     "profiler = stage times are the framework profiler's events inside each stage's named scope "
@@ -218,43 +170,7 @@ def recompilations(result: Mapping[str, Any]) -> int:
     return int(count) if isinstance(count, (int, float)) and count > 0 else 0
 
 
-class ProfileStore:
-    """The four CSVs of a profile run, rewritten atomically after every cell so an interruption keeps them."""
-
-    def __init__(self, run_dir: Path) -> None:
-        self.run_dir = Path(run_dir)
-        self.rows: dict[str, list[dict[str, Any]]] = {name: [] for name in CSV_FILES}
-
-    def add(self, name: str, rows: Sequence[Mapping[str, Any]]) -> None:
-        """Append rows to one table (a key of CSV_FILES)."""
-        self.rows[name].extend(dict(row) for row in rows)
-
-    def frame(self, name: str) -> pd.DataFrame:
-        """One table with its fixed columns (missing values empty)."""
-        columns = CSV_FILES[name]
-        return pd.DataFrame([{c: row.get(c) for c in columns} for row in self.rows[name]], columns=columns)
-
-    def write(self) -> None:
-        """Every CSV, atomically (an empty table still gets its header)."""
-        for name in CSV_FILES:
-            write_csv_atomic(self.run_dir / name, self.frame(name))
-
-
 # ---------------------------------------------------------------- display tables (strings, for terminal and report)
-
-
-def _fmt(value: Any, spec: str, scale: float = 1.0) -> str:
-    """`value * scale` formatted; empty for None, NaN or text."""
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        return ""
-    return "" if math.isnan(number) else format(number * scale, spec)
-
-
-def _execution_rank(framework: str, execution: str) -> int:
-    order = EXECUTIONS.get(framework, ())
-    return order.index(execution) if execution in order else len(order)
 
 
 def ok_cells(stages: pd.DataFrame, phase: str) -> list[dict[str, Any]]:
@@ -271,7 +187,7 @@ def ok_cells(stages: pd.DataFrame, phase: str) -> list[dict[str, Any]]:
     fw_rank = {fw: i for i, fw in enumerate(frameworks)}
     return sorted(
         cells,
-        key=lambda c: (fw_rank.get(c["framework"], 9), c["framework"], _execution_rank(c["framework"], c["execution"])),
+        key=lambda c: (fw_rank.get(c["framework"], 9), c["framework"], execution_rank(c["framework"], c["execution"])),
     )
 
 
@@ -310,10 +226,10 @@ def stage_display(stages: pd.DataFrame, phase: str, gflops: bool = False) -> pd.
     for cell in cells:
         label = cell_label(cell, with_run)
         by_stage = cell["rows"].set_index("stage")
-        table[f"{label} ms"] = [_fmt(by_stage["ms"].get(s), ".3f") for s in order]
-        table[f"{label} %"] = [_fmt(by_stage["share_of_step"].get(s), ".1f", 100) for s in order]
+        table[f"{label} ms"] = [fmt(by_stage["ms"].get(s), ".3f") for s in order]
+        table[f"{label} %"] = [fmt(by_stage["share_of_step"].get(s), ".1f", 100) for s in order]
         if gflops:
-            table[f"{label} GFLOP/s"] = [_fmt(by_stage["conv_gflop_per_s"].get(s), ".1f") for s in order]
+            table[f"{label} GFLOP/s"] = [fmt(by_stage["conv_gflop_per_s"].get(s), ".1f") for s in order]
     table["stage"] = [OTHER_LABEL if s == OTHER_STAGE else s for s in order]
     frame = pd.DataFrame(table)
     totals = []
@@ -321,7 +237,7 @@ def stage_display(stages: pd.DataFrame, phase: str, gflops: bool = False) -> pd.
         row = {"stage": name}
         for cell in cells:
             label = cell_label(cell, with_run)
-            row[f"{label} ms"] = _fmt(cell[column], ".3f")
+            row[f"{label} ms"] = fmt(cell[column], ".3f")
             row[f"{label} %"] = "100.0" if column == "stage_step_ms" else ""
         totals.append(row)
     return pd.concat([frame, pd.DataFrame(totals)], ignore_index=True).fillna("")
@@ -334,17 +250,17 @@ def op_display(ops: pd.DataFrame, framework: str, execution: str, phase: str) ->
         {
             "rank": mine["rank"].astype(int).astype(str),
             "op": mine["op"].astype(str),
-            "calls/step": [_fmt(v, ".3g") for v in mine["calls"]],
-            "total ms": [_fmt(v, ".3f") for v in mine["total_ms"]],
-            "self ms": [_fmt(v, ".3f") for v in mine["self_ms"]],
-            "% of step": [_fmt(v, ".1f", 100) for v in mine["share_of_step"]],
+            "calls/step": [fmt(v, ".3g") for v in mine["calls"]],
+            "total ms": [fmt(v, ".3f") for v in mine["total_ms"]],
+            "self ms": [fmt(v, ".3f") for v in mine["self_ms"]],
+            "% of step": [fmt(v, ".1f", 100) for v in mine["share_of_step"]],
         }
     )
 
 
 def within_tolerance(diff_percent: Any) -> str:
     """'yes' / 'NO' for a conv FLOP difference against the 1% bar; 'n/a' when nothing was reported."""
-    text = _fmt(diff_percent, ".6g")
+    text = fmt(diff_percent, ".6g")
     if not text:
         return "n/a"
     return "yes" if abs(float(text)) <= CONV_FLOPS_TOLERANCE_PERCENT else "NO"
@@ -355,11 +271,11 @@ def flop_display(flops: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(
         {
             "cell": [f"{r.framework} {r.execution} {r.phase}" for r in flops.itertuples()],
-            "analytic conv GFLOP": [_fmt(v, ".4f", 1e-9) for v in flops["analytic_conv_flops"]],
-            "reported conv GFLOP": [_fmt(v, ".4f", 1e-9) for v in flops["reported_conv_flops"]],
-            "diff %": [_fmt(v, "+.3f") for v in flops["conv_diff_percent"]],
+            "analytic conv GFLOP": [fmt(v, ".4f", 1e-9) for v in flops["analytic_conv_flops"]],
+            "reported conv GFLOP": [fmt(v, ".4f", 1e-9) for v in flops["reported_conv_flops"]],
+            "diff %": [fmt(v, "+.3f") for v in flops["conv_diff_percent"]],
             "within 1%": [within_tolerance(v) for v in flops["conv_diff_percent"]],
-            "reported total GFLOP": [_fmt(v, ".4f", 1e-9) for v in flops["reported_total_flops"]],
+            "reported total GFLOP": [fmt(v, ".4f", 1e-9) for v in flops["reported_total_flops"]],
             "source": flops["source"].fillna("").astype(str),
             "note": flops["note"].fillna("").astype(str),
         }
@@ -370,18 +286,18 @@ def compile_display(compiles: pd.DataFrame) -> pd.DataFrame:
     """First call, trace/compile, recompilations (flagged when > 0) and program size per cell."""
 
     def recompiled(value: Any) -> str:
-        text = _fmt(value, ".0f")
+        text = fmt(value, ".0f")
         return f"{text} RECOMPILED" if text and float(text) > 0 else text or "unknown"
 
     sizes = [
-        f"{_fmt(size, ',.0f')} {unit}".strip() if _fmt(size, ".0f") else ""
+        f"{fmt(size, ',.0f')} {unit}".strip() if fmt(size, ".0f") else ""
         for size, unit in zip(compiles["program_size"], compiles["program_size_unit"].fillna(""), strict=True)
     ]
     return pd.DataFrame(
         {
             "cell": [f"{r.framework} {r.execution} {r.phase}" for r in compiles.itertuples()],
-            "first call ms": [_fmt(v, ".1f") for v in compiles["first_call_ms"]],
-            "trace + compile ms": [_fmt(v, ".1f") for v in compiles["trace_compile_ms"]],
+            "first call ms": [fmt(v, ".1f") for v in compiles["first_call_ms"]],
+            "trace + compile ms": [fmt(v, ".1f") for v in compiles["trace_compile_ms"]],
             "recompilations in timed loop": [recompiled(v) for v in compiles["recompilations_in_timed_loop"]],
             "program size": sizes,
             "note": compiles["note"].fillna("").astype(str),

@@ -43,7 +43,7 @@ from typing import Any
 import pandas as pd
 
 from bench.core.files import write_json_atomic
-from bench.engine.launch import REPO_ROOT
+from bench.core.paths import REPO_ROOT
 from bench.regress.compare import CompareError, Comparison, compare_runs, parse_threshold, print_comparison
 
 DEFAULT_THRESHOLD = "20%"  # reports/ab-check: 0 of 10 same-code gates failed, 10 of 10 with a 25% slowdown

@@ -37,6 +37,9 @@ import numpy as np
 import pandas as pd
 from scipy import stats as sps
 
+from bench.core.numbers import num
+from bench.core.rundir import RunData, read_run
+
 BOOTSTRAP_RESAMPLES = 2000
 BOOTSTRAP_SEED = 0  # fixed: the same two runs always give the same interval and verdict
 ALPHA = 0.01  # Mann-Whitney significance level; strict, because CI runs are many and false alarms are costly
@@ -47,8 +50,6 @@ EQUIVALENCE_ERR_ATOL = 1e-5
 METRICS = ("latency_ms", "first_call_ms")
 _BOOTSTRAP_CHUNK = 250  # resamples per vectorised block: bounds memory to ~250 x n floats per side
 
-_SUMMARY_REQUIRED = ("cell_id", "kind", "framework", "precision", "batch_size", "phase", "status")
-_SAMPLES_REQUIRED = ("cell_id", "latency_ns")
 
 
 class CompareError(ValueError):
@@ -187,77 +188,6 @@ def parse_threshold(text: str) -> float:
 # ---------------------------------------------------------------- loading and validating runs
 
 
-@dataclass(frozen=True)
-class RunData:
-    """A run directory read back: its summary rows, samples and run.json."""
-
-    path: Path
-    summary: pd.DataFrame
-    samples: pd.DataFrame
-    record: dict[str, Any]
-
-    def samples_ms(self, cell_id: str) -> np.ndarray:
-        """One cell's per-iteration latencies in ms, in iteration order."""
-        rows = self.samples[self.samples["cell_id"] == cell_id]
-        return rows["latency_ns"].to_numpy(dtype=np.float64) / 1e6
-
-
-def _read_csv(path: Path, required: Sequence[str], what: str) -> pd.DataFrame:
-    if not path.is_file():
-        raise CompareError(f"{str(path)!r} not found: a run directory holds {what}; give one such as results/<run_id>")
-    try:
-        frame = pd.read_csv(path)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CompareError(
-            f"{str(path)!r} is not a readable CSV ({reason}); give the {what} that `bench run` writes"
-        ) from None
-    missing = [c for c in required if c not in frame.columns]
-    if missing:
-        raise CompareError(
-            f"{str(path)!r} is not an hgbench {what}: it lacks the column(s) {', '.join(missing)}; "
-            "give a directory written by `python -m bench run`"
-        )
-    return frame
-
-
-def load_run(path: str | Path) -> RunData:
-    """Read and validate a run directory; raises CompareError naming the file and the fix."""
-    run_dir = Path(path)
-    if not run_dir.is_dir():
-        raise CompareError(f"run directory {str(run_dir)!r} not found; give one such as results/<run_id>")
-    summary = _read_csv(run_dir / "summary.csv", _SUMMARY_REQUIRED, "summary.csv")
-    samples = _read_csv(run_dir / "samples.csv", _SAMPLES_REQUIRED, "samples.csv")
-    latency = pd.to_numeric(samples["latency_ns"], errors="coerce")
-    if latency.isna().any() or (latency <= 0).any():
-        bad = samples.loc[latency.isna() | (latency <= 0), "latency_ns"].iloc[0]
-        raise CompareError(
-            f"{str(run_dir / 'samples.csv')!r}: latency_ns must be positive integers, got {bad!r}; "
-            "give the samples.csv that `bench run` writes"
-        )
-    samples = samples.assign(latency_ns=latency)
-    run_json = run_dir / "run.json"
-    if not run_json.is_file():
-        raise CompareError(
-            f"{str(run_json)!r} not found: a run directory holds run.json; give one written by `bench run`"
-        )
-    try:
-        record = json.loads(run_json.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise CompareError(
-            f"{str(run_json)!r} is not valid JSON ({err}); give the run.json that `bench run` writes"
-        ) from None
-    if (
-        not isinstance(record, dict)
-        or not isinstance(record.get("settings"), dict)
-        or "config" not in record["settings"]
-    ):
-        raise CompareError(f"{str(run_json)!r} has no settings.config; give the run.json that `bench run` writes")
-    summary = summary.assign(cell_id=summary["cell_id"].astype(str))
-    samples = samples.assign(cell_id=samples["cell_id"].astype(str))
-    return RunData(run_dir, summary, samples, record)
-
-
 def _check_same_config(base: RunData, new: RunData) -> None:
     """Runs of different models or devices are not comparable: CompareError naming the first difference."""
     base_cfg, new_cfg = base.record["settings"]["config"], new.record["settings"]["config"]
@@ -278,21 +208,14 @@ def _check_same_config(base: RunData, new: RunData) -> None:
 # ---------------------------------------------------------------- invariants
 
 
-def _num(value: Any) -> float:
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return math.nan
-
-
 def _same(a: float, b: float) -> bool:
     return (math.isnan(a) and math.isnan(b)) or a == b
 
 
 def _params(run: RunData, row: Mapping[str, Any]) -> float:
     """The row's `num_params` when the run recorded one, else the analytic count of the run's config."""
-    if "num_params" in row and not math.isnan(_num(row["num_params"])):
-        return _num(row["num_params"])
+    if "num_params" in row and not math.isnan(num(row["num_params"])):
+        return num(row["num_params"])
     from impls import HourglassConfig, count_params  # impls imports no framework
 
     config = dict(run.record["settings"]["config"])
@@ -307,14 +230,14 @@ def _invariant_mismatches(
     problems = []
     if not _same(_params(base, b), _params(new, n)):
         problems.append(f"{cell_id}: parameter count {_params(base, b):.0f} (base) != {_params(new, n):.0f} (new)")
-    if not _same(_num(b.get("gflop_per_step")), _num(n.get("gflop_per_step"))):
+    if not _same(num(b.get("gflop_per_step")), num(n.get("gflop_per_step"))):
         problems.append(
             f"{cell_id}: gflop_per_step {b.get('gflop_per_step')} (base) != {n.get('gflop_per_step')} (new)"
         )
     base_eq, new_eq = str(b.get("equivalent")).lower(), str(n.get("equivalent")).lower()
     if base_eq != new_eq:
         problems.append(f"{cell_id}: equivalent {b.get('equivalent')} (base) != {n.get('equivalent')} (new)")
-    base_err, new_err = _num(b.get("equivalence_max_rel_err")), _num(n.get("equivalence_max_rel_err"))
+    base_err, new_err = num(b.get("equivalence_max_rel_err")), num(n.get("equivalence_max_rel_err"))
     if math.isnan(base_err) != math.isnan(new_err) or abs(base_err - new_err) > EQUIVALENCE_ERR_ATOL:
         problems.append(
             f"{cell_id}: equivalence_max_rel_err {base_err:.3g} (base) vs {new_err:.3g} (new) differ by more "
@@ -361,7 +284,7 @@ def compare_runs(
         raise CompareError(f"--metric must be one of {', '.join(METRICS)}, got {metric!r}")
     if normalize and metric != "latency_ms":
         raise CompareError(f"--normalize applies to latency_ms only, got --metric {metric}; drop one of them")
-    base, new = load_run(base_dir), load_run(new_dir)
+    base, new = read_run(base_dir), read_run(new_dir)
     _check_same_config(base, new)
     result = Comparison(str(base.path), str(new.path), metric, threshold, alpha, normalize)
     for side, run in (("base", base), ("new", new)):
@@ -404,7 +327,7 @@ def _compare_cell(
     """One cell's verdict; with `machine_ratio` (normalising) the new run's samples are divided by it first."""
     if metric == "first_call_ms":
         # One value per run: no spread to resample, so the verdict is the threshold alone (noted).
-        base_v, new_v = _num(b.get("first_call_ms")), _num(n.get("first_call_ms"))
+        base_v, new_v = num(b.get("first_call_ms")), num(n.get("first_call_ms"))
         ratio = new_v / base_v if base_v > 0 else math.nan
         word = "slower" if ratio > 1 + threshold else "faster" if ratio < 1 / (1 + threshold) else "unchanged"
         return CellComparison(cell_id, "model", "compared", base_v, new_v, ratio, n_base=1, n_new=1,

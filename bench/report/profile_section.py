@@ -7,79 +7,25 @@ A run directory holding stages.csv was written by `python -m bench profile`. ben
 
 from __future__ import annotations
 
-import base64
 import html
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pandas as pd
 
+from bench.core.columns import PROFILE_CSVS
+from bench.core.rundir import ProfileData
 from bench.profile import tables
-from bench.report import plots
-from bench.report.run_report import _CSS, ReportError, RunData, _environment_display, _html_table, _md_table
+from bench.report import plots, render
 
-_FIX = "give a results/<run_id>-profile folder written by `python -m bench profile`"
 FIGURE_NAME = "stage_shares"
 FIGURE_TITLE = "Where the step goes, per stage (% of the step the stages partition)"
-_REQUIRED = {"stages.csv": tables.REQUIRED_STAGE_COLUMNS}
-
-
-@dataclass
-class ProfileData:
-    """One profile run directory as read."""
-
-    label: str
-    path: Path
-    record: dict[str, Any]
-    tables: dict[str, pd.DataFrame]  # stages.csv, ops.csv, flops.csv, compile.csv (missing ones empty)
-
-
-def is_profile_dir(path: str | Path) -> bool:
-    """True for a folder written by `bench profile` (it holds stages.csv)."""
-    return (Path(path) / "stages.csv").is_file()
-
-
-def _read(path: Path, columns: list[str], required: list[str]) -> pd.DataFrame:
-    if not path.is_file():
-        return pd.DataFrame(columns=columns)
-    try:
-        frame = pd.read_csv(path, keep_default_na=True)
-    except pd.errors.EmptyDataError:
-        raise ReportError(f"{path} is empty; re-run the profile or {_FIX}") from None
-    except (pd.errors.ParserError, UnicodeDecodeError, ValueError) as err:
-        raise ReportError(
-            f"{path} is not a readable CSV ({type(err).__name__}); re-run the profile or {_FIX}"
-        ) from None
-    missing = [c for c in required if c not in frame.columns]
-    if missing:
-        raise ReportError(f"{path} is not an hgbench profile file (missing columns {', '.join(missing)}); {_FIX}")
-    for column in columns:
-        if column not in frame:
-            frame[column] = None
-    for column in ("error", "stage", "note", "source", "program_size_unit", "op"):
-        if column in frame:
-            frame[column] = frame[column].astype("string").fillna("").astype(str)
-    return frame
-
-
-def load_profile(run_dir: str | Path) -> ProfileData:
-    """Read one profile run directory; raises ReportError for anything that is not one."""
-    path = Path(run_dir)
-    run_json = path / "run.json"
-    try:
-        record = json.loads(run_json.read_text()) if run_json.is_file() else {}
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ReportError(f"{run_json} is not valid JSON ({err}); re-run the profile or {_FIX}") from None
-    frames = {name: _read(path / name, columns, _REQUIRED.get(name, [])) for name, columns in tables.CSV_FILES.items()}
-    return ProfileData(label=str(record.get("run_id") or path.name), path=path, record=record, tables=frames)
 
 
 def _combined(profiles: Sequence[ProfileData], name: str) -> pd.DataFrame:
     parts = [p.tables[name].assign(run=p.label) for p in profiles if not p.tables[name].empty]
-    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=[*tables.CSV_FILES[name], "run"])
+    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=[*PROFILE_CSVS[name], "run"])
 
 
 def _title(profiles: Sequence[ProfileData]) -> str:
@@ -150,25 +96,23 @@ def section(profiles: Sequence[ProfileData], out_dir: Path) -> Section:
 def _markdown(figure: Path, blocks: list[tuple[str, pd.DataFrame, str]], trace_note: str) -> str:
     parts = ["## Profile\n", tables.METHOD_FOOTNOTE + "\n", f"### {FIGURE_TITLE}\n\n![{FIGURE_NAME}]({figure.name})\n"]
     for heading, frame, note in blocks:
-        parts += [f"### {heading}\n", *([note + "\n"] if note else []), _md_table(frame)]
+        parts += [f"### {heading}\n", *([note + "\n"] if note else []), render.md_table(frame)]
     parts.append(trace_note + "\n")
     return "\n".join(parts)
 
 
 def _html(figure: Path, blocks: list[tuple[str, pd.DataFrame, str]], trace_note: str) -> str:
     esc = html.escape
-    data = base64.b64encode(figure.read_bytes()).decode("ascii")
     body = [
         '<section id="profile"><h2>Profile</h2>',
         f"<p>{esc(tables.METHOD_FOOTNOTE)}</p>",
-        f'<figure id="figure-{FIGURE_NAME}"><figcaption><h3>{esc(FIGURE_TITLE)}</h3></figcaption>'
-        f'<img alt="{FIGURE_NAME}" data-figure="{figure.name}" src="data:image/png;base64,{data}"></figure>',
+        render.figure_html(FIGURE_NAME, FIGURE_TITLE, figure),
     ]
     for index, (heading, frame, note) in enumerate(blocks):
         body += [
             f"<h3>{esc(heading)}</h3>",
             *([f"<p>{esc(note)}</p>"] if note else []),
-            _html_table(frame, f"profile-table-{index}"),
+            render.html_table(frame, f"profile-table-{index}"),
         ]
     body += [f"<p>{esc(trace_note)}</p>", "</section>"]
     return "\n".join(body)
@@ -185,38 +129,28 @@ def build_profile_only(profiles: Sequence[ProfileData], out_dir: str | Path) -> 
     notes += [
         f"{r.cell} {r.status}: {r.error}" for r in tables.problem_rows(_combined(profiles, "stages.csv")).itertuples()
     ]
-    environment = _environment_display(
-        [RunData(p.label, p.path, p.record, pd.DataFrame(), pd.DataFrame()) for p in profiles]
-    )
+    environment = render.environment_display(profiles)
     md = [
         f"# {heading}\n",
         f"{title}\n",
         "## Warnings\n",
-        "\n".join(f"- {n}" for n in notes) + "\n" if notes else "_none_\n",
+        render.warnings_md(notes),
         part.markdown,
         "## Environment\n",
-        _md_table(environment),
+        render.md_table(environment),
     ]
     (out / "report.md").write_text("\n".join(md))
     esc = html.escape
-    warnings = (
-        "<ul>" + "".join(f'<li class="warning">{esc(n)}</li>' for n in notes) + "</ul>"
-        if notes
-        else "<p><em>none</em></p>"
-    )
     body = [
         f"<h1>{esc(heading)}</h1>",
         f"<p>{esc(title)}</p>",
         "<h2>Warnings</h2>",
-        warnings,
+        render.warnings_html(notes),
         part.html,
         "<h2>Environment</h2>",
-        _html_table(environment, "environment-table"),
+        render.html_table(environment, "environment-table"),
     ]
-    page = (
-        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
-        f"<title>{esc(heading)}</title><style>{_CSS}</style></head>\n<body>\n" + "\n".join(body) + "\n</body></html>\n"
-    )
+    page = render.page(heading, body)
     html_path = out / "report.html"
     html_path.write_text(page)
     return html_path

@@ -1,35 +1,32 @@
 """`python -m bench report`: figures, report.md and a self-contained report.html from one or more run dirs.
 
 Reads what `bench run` wrote (summary.csv, samples.csv, run.json), checks it is that and nothing else,
-and what `bench profile` wrote (stages.csv and the rest: bench/profile_report.py adds a Profile section),
+and what `bench profile` wrote (stages.csv and the rest: bench/report/profile_section.py adds a Profile section),
 and writes into one folder: the PNGs of bench.report.plots, report.md (figures beside it) and report.html (the
 same figures embedded as data: URIs, no script, no network). Several runs are shown side by side, as
 series. A user's mistake (a missing folder, a foreign or malformed CSV) is a ReportError whose one-line
-message names the path and the fix; the CLI prints it and exits 2.
+message names the path and the fix (bench.core.rundir reads and validates every file); the CLI prints it and exits 2.
 """
 
 from __future__ import annotations
 
-import base64
 import html
-import json
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
+from rich.markup import escape
 
-from bench.core.rundir import CELL_COLUMNS, FINAL_STATUSES, SUMMARY_COLUMNS
-from bench.core.settings import EXECUTIONS
-from bench.report import plots
+from bench.core.columns import SAMPLE_COLUMNS, SUMMARY_COLUMNS
+from bench.core.console import make_console, warn
+from bench.core.numbers import fmt
+from bench.core.rundir import RunData, is_profile_dir, read_profile, read_run
+from bench.core.settings import EXECUTIONS, execution_rank
+from bench.report import plots, profile_section, render
 from impls import FRAMEWORKS
 
-REQUIRED_SUMMARY_COLUMNS = [*CELL_COLUMNS, "status"]
-REQUIRED_SAMPLE_COLUMNS = ["cell_id", "latency_ns"]
-_TEXT_COLUMNS = {*CELL_COLUMNS, "device", "status", "error", "noisy", "equivalent", "preset"} - {"batch_size"}
-_FIX = "give a results/<run_id> folder written by `python -m bench run`"
 # Figures in the order the report shows them; the two batch sweeps only when a run swept batch sizes.
 FIGURES: dict[str, str] = {
     "latency": "Median latency per framework and execution mode",
@@ -45,102 +42,14 @@ class ReportError(ValueError):
     """Input that is not a usable run directory; the message names the path and the fix."""
 
 
-@dataclass
-class RunData:
-    """One run directory as read: its label in figures, its record and its tables."""
-
-    label: str
-    path: Path
-    record: dict[str, Any]
-    summary: pd.DataFrame  # every row (model and calibration), numbers parsed
-    samples: pd.DataFrame  # one row per timed iteration
-
-
 # ---------------------------------------------------------------- loading and validation
 
 
-def _read_csv(path: Path, required: list[str]) -> pd.DataFrame:
-    """A CSV written by the runner, or a ReportError saying why this one is not."""
-    if not path.is_file():
-        raise ReportError(f"{path} is missing; {_FIX}")
-    try:
-        frame = pd.read_csv(path)
-    except pd.errors.EmptyDataError:
-        raise ReportError(f"{path} is empty; re-run the benchmark or {_FIX}") from None
-    except (pd.errors.ParserError, UnicodeDecodeError, ValueError) as err:
-        reason = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
-        raise ReportError(f"{path} is not a readable CSV ({reason}); re-run the benchmark or {_FIX}") from None
-    missing = [c for c in required if c not in frame.columns]
-    if missing:
-        raise ReportError(f"{path} is not an hgbench results file (missing columns {', '.join(missing)}); {_FIX}")
-    return frame
-
-
-def _check_numbers(path: Path, frame: pd.DataFrame, columns: Sequence[str]) -> None:
-    """Numeric columns must hold numbers or nothing; text in one means the file was damaged or edited."""
-    for column in columns:
-        if column not in frame or pd.api.types.is_numeric_dtype(frame[column]):
-            continue
-        parsed = pd.to_numeric(frame[column], errors="coerce")
-        bad = frame[column][parsed.isna() & frame[column].notna()]
-        if not bad.empty:
-            raise ReportError(
-                f"{path} is malformed: column {column} holds {str(bad.iloc[0])!r} (row {int(bad.index[0]) + 2}), "
-                f"not a number; re-run the benchmark or {_FIX}"
-            )
-        frame[column] = parsed
-
-
-def load_run(run_dir: str | Path) -> RunData:
-    """Read and validate one run directory; raises ReportError for anything that is not one."""
-    path = Path(run_dir)
-    if not path.exists():
-        raise ReportError(f"run directory {str(path)!r} does not exist; {_FIX}")
-    if not path.is_dir():
-        raise ReportError(f"{str(path)!r} is not a directory; {_FIX}")
-    if not (path / "summary.csv").is_file():
-        raise ReportError(f"{str(path)!r} is not a run directory (no summary.csv in it); {_FIX}")
-    run_json = path / "run.json"
-    if not run_json.is_file():
-        raise ReportError(f"{run_json} is missing; {_FIX}")
-    try:
-        record = json.loads(run_json.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ReportError(f"{run_json} is not valid JSON ({err}); re-run the benchmark or {_FIX}") from None
-    if not isinstance(record, dict):
-        raise ReportError(f"{run_json} is not an hgbench run record (not a JSON object); {_FIX}")
-
-    summary = _read_csv(path / "summary.csv", REQUIRED_SUMMARY_COLUMNS)
-    numeric = [c for c in SUMMARY_COLUMNS if c not in _TEXT_COLUMNS]
-    _check_numbers(path / "summary.csv", summary, numeric)
-    for column in SUMMARY_COLUMNS:
-        if column not in summary:
-            summary[column] = math.nan
-    statuses = set(summary["status"].dropna().astype(str))
-    unknown = statuses - set(FINAL_STATUSES)
-    if unknown:
-        raise ReportError(
-            f"{path / 'summary.csv'} is malformed: unknown status {sorted(unknown)[0]!r} "
-            f"(expected one of {', '.join(FINAL_STATUSES)}); {_FIX}"
-        )
-    summary["error"] = summary["error"].astype("string").fillna("").astype(str)
-    summary["noisy"] = summary["noisy"].astype(str).str.lower() == "true"
-
-    samples_path = path / "samples.csv"
-    if samples_path.is_file():
-        samples = _read_csv(samples_path, REQUIRED_SAMPLE_COLUMNS)
-        _check_numbers(samples_path, samples, ["latency_ns"])
-    else:  # a run whose every cell failed may have written none
-        samples = pd.DataFrame(columns=REQUIRED_SAMPLE_COLUMNS)
-    label = str(record.get("run_id") or path.name)
-    return RunData(label=label, path=path, record=record, summary=summary, samples=samples)
-
-
 def load_runs(run_dirs: Sequence[str | Path]) -> list[RunData]:
-    """Every run, with unique labels (a repeated run id gets #2, #3, ...)."""
+    """Every run, validated (bench.core.rundir.read_run), with unique labels (a repeated run id gets #2, #3, ...)."""
     if not run_dirs:
-        raise ReportError(f"no run directory given; {_FIX}")
-    runs = [load_run(d) for d in run_dirs]
+        raise ReportError("no run directory given; give a results/<run_id> folder written by `python -m bench run`")
+    runs = [read_run(d) for d in run_dirs]
     seen: dict[str, int] = {}
     for run in runs:
         seen[run.label] = seen.get(run.label, 0) + 1
@@ -150,11 +59,6 @@ def load_runs(run_dirs: Sequence[str | Path]) -> list[RunData]:
 
 
 # ---------------------------------------------------------------- derived tables
-
-
-def _execution_rank(framework: str, execution: str) -> int:
-    order = EXECUTIONS.get(framework, ())
-    return order.index(execution) if execution in order else len(order)
 
 
 def model_table(runs: Sequence[RunData]) -> pd.DataFrame:
@@ -167,7 +71,7 @@ def model_table(runs: Sequence[RunData]) -> pd.DataFrame:
     table = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=SUMMARY_COLUMNS)
     table["batch_size"] = pd.to_numeric(table["batch_size"], errors="coerce").astype("Int64")
     table["execution_rank"] = [
-        _execution_rank(fw, ex) for fw, ex in zip(table["framework"], table["execution"], strict=True)
+        execution_rank(fw, ex) for fw, ex in zip(table["framework"], table["execution"], strict=True)
     ]
     table["payback_iterations"] = math.nan
     table["payback_note"] = ""
@@ -224,11 +128,6 @@ def best_per_framework(table: pd.DataFrame, baseline: str) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def _threads(record: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    return {fw: {k: info.get(k) for k in ("intra_op_threads", "inter_op_threads")}
-            for fw, info in record.get("frameworks", {}).items() if isinstance(info, dict)}  # fmt: skip
-
-
 def collect_warnings(runs: Sequence[RunData], table: pd.DataFrame, best: pd.DataFrame, baseline: str) -> list[str]:
     """Everything a reader must not miss: failed/skipped/noisy cells, thread or precision differences, disagreement."""
     notes: list[str] = []
@@ -239,7 +138,7 @@ def collect_warnings(runs: Sequence[RunData], table: pd.DataFrame, best: pd.Data
             notes.append(f"{prefix}the run is {run.record.get('status')}, not complete; finish it with "
                          f"`python -m bench run --resume {run.path}`")  # fmt: skip
         for key in ("intra_op_threads", "inter_op_threads"):
-            counts = {fw: t[key] for fw, t in _threads(run.record).items() if t.get(key)}
+            counts = {fw: t[key] for fw, t in render.threads(run.record).items() if t.get(key)}
             text = f"frameworks use different {key}: " + ", ".join(f"{fw} {n}" for fw, n in counts.items())
             if len(set(map(str, counts.values()))) > 1 and text not in run.record.get("warnings", []):
                 notes.append(prefix + text)
@@ -309,14 +208,6 @@ def _ceilings(runs: Sequence[RunData]) -> list[str]:
 # ---------------------------------------------------------------- formatting
 
 
-def _fmt(value: Any, spec: str = ".3g") -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)) or value is pd.NA:
-        return ""
-    if isinstance(value, (int, float)):
-        return format(value, spec)
-    return str(value)
-
-
 def _share(fraction: Any) -> float:
     """A fraction as percent; NaN when absent (runs made before a column existed)."""
     try:
@@ -333,13 +224,13 @@ def _summary_display(best: pd.DataFrame, baseline: str, multi: bool) -> pd.DataF
             **({"run": r["run"]} if multi else {}),
             "phase": r["phase"], "framework": r["framework"],
             "best configuration": f"{r['execution']} {r['precision']} batch {int(r['batch_size'])}" if ok else f"none ({r['status']})",
-            "median ms": _fmt(r.get("latency_ms_median"), ".2f") if ok else "",
+            "median ms": fmt(r.get("latency_ms_median"), ".2f") if ok else "",
             "95% CI ms": f"{r['latency_ms_median_ci95_low']:.2f}-{r['latency_ms_median_ci95_high']:.2f}"
             if ok and pd.notna(r.get("latency_ms_median_ci95_low")) else "",
-            "images/s": _fmt(r.get("throughput_img_per_s"), ".2f") if ok else "",
-            "GFLOP/s": _fmt(r.get("achieved_gflop_per_s"), ".1f") if ok else "",
-            "% ceiling": _fmt(_share(r.get("ceiling_fraction")), ".0f") if ok else "",
-            "% own fw ceiling": _fmt(_share(r.get("framework_ceiling_fraction")), ".0f") if ok else "",
+            "images/s": fmt(r.get("throughput_img_per_s"), ".2f") if ok else "",
+            "GFLOP/s": fmt(r.get("achieved_gflop_per_s"), ".1f") if ok else "",
+            "% ceiling": fmt(_share(r.get("ceiling_fraction")), ".0f") if ok else "",
+            "% own fw ceiling": fmt(_share(r.get("framework_ceiling_fraction")), ".0f") if ok else "",
             f"speedup vs {baseline}": f"{r['speedup_vs_baseline']:.2f}x" if ok and pd.notna(r.get("speedup_vs_baseline")) else "n/a",
         })  # fmt: skip
     return pd.DataFrame(rows)
@@ -353,14 +244,14 @@ def _cells_display(table: pd.DataFrame, multi: bool) -> pd.DataFrame:
         rows.append({
             **({"run": r["run"]} if multi else {}),
             "cell": r["cell_id"], "status": r["status"],
-            "median ms": _fmt(r["latency_ms_median"], ".2f"),
-            "IQR %": _fmt(r["latency_ms_iqr"] / r["latency_ms_median"] * 100, ".1f") if r["latency_ms_median"] else "",
+            "median ms": fmt(r["latency_ms_median"], ".2f"),
+            "IQR %": fmt(r["latency_ms_iqr"] / r["latency_ms_median"] * 100, ".1f") if r["latency_ms_median"] else "",
             "noisy": "yes" if r["noisy"] else "",
-            "first call ms": _fmt(r["first_call_ms"], ".1f"),
-            "images/s": _fmt(r["throughput_img_per_s"], ".2f"),
-            "GFLOP/s": _fmt(r["achieved_gflop_per_s"], ".1f"),
-            "% ceiling": _fmt(_share(r.get("ceiling_fraction")), ".0f"),
-            "% own fw ceiling": _fmt(_share(r.get("framework_ceiling_fraction")), ".0f"),
+            "first call ms": fmt(r["first_call_ms"], ".1f"),
+            "images/s": fmt(r["throughput_img_per_s"], ".2f"),
+            "GFLOP/s": fmt(r["achieved_gflop_per_s"], ".1f"),
+            "% ceiling": fmt(_share(r.get("ceiling_fraction")), ".0f"),
+            "% own fw ceiling": fmt(_share(r.get("framework_ceiling_fraction")), ".0f"),
             "compile payback": r["payback_note"],
             "error": _last_line(r["error"]),
         })  # fmt: skip
@@ -375,72 +266,12 @@ def _equivalence_display(runs: Sequence[RunData]) -> pd.DataFrame:
             rows.append({
                 **({"run": run.label} if len(runs) > 1 else {}),
                 "framework": fw, "status": entry.get("status", ""), "execution": entry.get("execution", ""),
-                "largest relative error": _fmt(entry.get("max_rel_err"), ".2e"),
-                "tolerance": _fmt(eq.get("rtol"), "g"),
+                "largest relative error": fmt(entry.get("max_rel_err"), ".2e"),
+                "tolerance": fmt(eq.get("rtol"), "g"),
                 "agrees": {True: "yes", False: "NO"}.get(entry.get("equivalent"), ""),
                 "compared with": entry.get("reference", "") or _last_line(entry.get("error")),
             })  # fmt: skip
     return pd.DataFrame(rows)
-
-
-def _environment_display(runs: Sequence[RunData]) -> pd.DataFrame:
-    rows = []
-    for run in runs:
-        env = run.record.get("environment", {}) or {}
-        gpus = env.get("gpus") or []
-        packages = env.get("packages", {}) or {}
-        threads = _threads(run.record)
-        git = env.get("git", {}) or {}
-        items = {
-            "run": run.label,
-            "started (UTC)": run.record.get("started_utc", ""),
-            "command": run.record.get("command_line", ""),
-            "host / OS": f"{env.get('host', '')} / {env.get('os', '')}",
-            "CPU": f"{env.get('cpu_model', '')}, {env.get('cpu_cores_usable', '?')} usable cores",
-            "RAM": f"{env.get('ram_bytes', 0) / 2**30:.1f} GiB" if env.get("ram_bytes") else "",
-            "GPU": "; ".join(f"{g.get('name', '?')} (driver {g.get('driver', '?')})" for g in gpus if isinstance(g, dict)) or "none",
-            "Python": env.get("python", ""),
-            "packages": ", ".join(f"{k} {v}" for k, v in packages.items()),
-            "threads (intra/inter)": ", ".join(f"{fw} {_threads_text(t)}" for fw, t in threads.items()),
-            "git": f"{str(git.get('commit', ''))[:12]}{' (dirty)' if git.get('dirty') else ''}",
-            "wall time": f"{run.record['bench_wall_s']:.0f} s" if run.record.get("bench_wall_s") else "",
-        }  # fmt: skip
-        rows.append(items)
-    return pd.DataFrame(rows).set_index("run").T.reset_index(names="")
-
-
-def _threads_text(threads: dict[str, Any]) -> str:
-    """'2/2'; 0 or None is the framework's own default (TF reports 0), written as such."""
-    return "/".join(str(n) if n else "default" for n in (threads["intra_op_threads"], threads["inter_op_threads"]))
-
-
-def _md_table(frame: pd.DataFrame) -> str:
-    if frame.empty:
-        return "_none_\n"
-    cells = frame.astype(str).map(lambda s: s.replace("|", "\\|").replace("\n", " "))
-    lines = ["| " + " | ".join(map(str, frame.columns)) + " |", "|" + "---|" * len(frame.columns)]
-    lines += ["| " + " | ".join(row) + " |" for row in cells.itertuples(index=False)]
-    return "\n".join(lines) + "\n"
-
-
-def _html_table(frame: pd.DataFrame, table_id: str) -> str:
-    if frame.empty:
-        return "<p><em>none</em></p>"
-    table = frame.to_html(index=False, escape=True, na_rep="", border=0, table_id=table_id, classes="data")
-    return f'<div class="scroll">{table}</div>'  # wide tables scroll inside the page, not the page itself
-
-
-_CSS = """
-body { font-family: system-ui, sans-serif; margin: 2em auto; padding: 0 1em; max-width: 1450px; color: #222; }
-table.data { border-collapse: collapse; font-size: 13px; margin: 0.5em 0 1.5em; }
-table.data th, table.data td { border: 1px solid #ccc; padding: 3px 8px; text-align: left; vertical-align: top; }
-table.data th { background: #f2f2f2; }
-table.data td { overflow-wrap: anywhere; max-width: 40em; }
-div.scroll { overflow-x: auto; max-width: 100%; }
-figure { margin: 1.5em 0; } figure img { max-width: 100%; border: 1px solid #ddd; }
-.alert { background: #fde8ea; border: 2px solid #b00020; color: #b00020; padding: 0.8em; font-weight: bold; }
-li.warning { color: #8a4b00; }
-"""
 
 
 # ---------------------------------------------------------------- the report
@@ -463,21 +294,18 @@ def build_report(run_dirs: Sequence[str | Path], out_dir: str | Path, baseline: 
     """Write the figures, report.md and report.html for `run_dirs` into `out_dir`; returns report.html."""
     if baseline not in FRAMEWORKS:
         raise ReportError(f"--baseline must be one of {', '.join(FRAMEWORKS)}, got {baseline!r}")
-    from bench.report import (
-        profile_section as profile_report,  # `bench profile` folders (stages.csv) add a section, or are the report
-    )
-
-    profiles = [profile_report.load_profile(d) for d in run_dirs if profile_report.is_profile_dir(d)]
-    run_dirs = [d for d in run_dirs if not (profile_report.is_profile_dir(d) and not (Path(d) / "summary.csv").is_file())]
+    # `bench profile` folders (stages.csv) add a section, or are the whole report when given alone.
+    profiles = [read_profile(d) for d in run_dirs if is_profile_dir(d)]
+    run_dirs = [d for d in run_dirs if not (is_profile_dir(d) and not (Path(d) / "summary.csv").is_file())]
     if profiles and not run_dirs:
-        return profile_report.build_profile_only(profiles, out_dir)
+        return profile_section.build_profile_only(profiles, out_dir)
     runs = load_runs(run_dirs)
     table = model_table(runs)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     samples = pd.concat(
         [run.samples.assign(run=run.label) for run in runs if not run.samples.empty]
-        or [pd.DataFrame(columns=[*REQUIRED_SAMPLE_COLUMNS, "run"])],
+        or [pd.DataFrame(columns=[*SAMPLE_COLUMNS, "run"])],
         ignore_index=True,
     )
     title = _title(table, runs) if not table.empty else ", ".join(run.label for run in runs)
@@ -496,7 +324,7 @@ def build_report(run_dirs: Sequence[str | Path], out_dir: str | Path, baseline: 
         "summary": _summary_display(best, baseline, multi),
         "cells": _cells_display(table, multi) if not table.empty else pd.DataFrame(),
         "equivalence": _equivalence_display(runs),
-        "environment": _environment_display(runs),
+        "environment": render.environment_display(runs),
     }
     notes = collect_warnings(runs, table, best, baseline)
     banners = _failure_banners(runs, table)
@@ -504,7 +332,7 @@ def build_report(run_dirs: Sequence[str | Path], out_dir: str | Path, baseline: 
     markdown = _markdown(heading, title, baseline, banners, figures, sections, notes)
     page = _html(heading, title, baseline, banners, figures, sections, notes)
     if profiles:
-        extra = profile_report.section(profiles, out)
+        extra = profile_section.section(profiles, out)
         markdown, page = markdown + "\n" + extra.markdown, page.replace("\n</body>", "\n" + extra.html + "\n</body>", 1)
     (out / "report.md").write_text(markdown)
     html_path = out / "report.html"
@@ -521,14 +349,14 @@ def _markdown(heading: str, title: str, baseline: str, banners: list[str], figur
               sections: dict[str, pd.DataFrame], notes: list[str]) -> str:  # fmt: skip
     parts = [f"# {heading}\n", f"{title}\n"]
     parts += [f"> **{b}**\n" for b in banners]
-    parts += [f"## Summary (baseline: {baseline})\n", _SUMMARY_NOTE + "\n", _md_table(sections["summary"])]
-    parts += ["## Warnings\n", "\n".join(f"- {n}" for n in notes) + "\n" if notes else "_none_\n"]
+    parts += [f"## Summary (baseline: {baseline})\n", _SUMMARY_NOTE + "\n", render.md_table(sections["summary"])]
+    parts += ["## Warnings\n", render.warnings_md(notes)]
     parts.append("## Figures\n")
     for name, path in figures.items():
         parts.append(f"### {FIGURES[name]}\n\n![{name}]({path.name})\n")
-    parts += ["## Cells\n", _md_table(sections["cells"])]
-    parts += ["## Equivalence (heatmaps of one weight set, before timing)\n", _md_table(sections["equivalence"])]
-    parts += ["## Environment\n", _md_table(sections["environment"])]
+    parts += ["## Cells\n", render.md_table(sections["cells"])]
+    parts += ["## Equivalence (heatmaps of one weight set, before timing)\n", render.md_table(sections["equivalence"])]
+    parts += ["## Environment\n", render.md_table(sections["environment"])]
     return "\n".join(parts)
 
 
@@ -538,34 +366,32 @@ def _html(heading: str, title: str, baseline: str, banners: list[str], figures: 
     body = [f"<h1>{esc(heading)}</h1>", f"<p>{esc(title)}</p>"]
     body += [f'<p class="alert">{esc(b)}</p>' for b in banners]
     body += [f"<h2>Summary (baseline: {esc(baseline)})</h2>", f"<p>{esc(_SUMMARY_NOTE)}</p>",
-             _html_table(sections["summary"], "summary-table")]  # fmt: skip
-    body.append("<h2>Warnings</h2>")
-    body.append(
-        "<ul>" + "".join(f'<li class="warning">{esc(n)}</li>' for n in notes) + "</ul>"
-        if notes
-        else "<p><em>none</em></p>"
-    )
-    body.append("<h2>Figures</h2>")
-    for name, path in figures.items():
-        data = base64.b64encode(path.read_bytes()).decode("ascii")
-        body.append(
-            f'<figure id="figure-{name}"><figcaption><h3>{esc(FIGURES[name])}</h3></figcaption>'
-            f'<img alt="{name}" data-figure="{path.name}" src="data:image/png;base64,{data}"></figure>'
-        )
-    body += ["<h2>Cells</h2>", _html_table(sections["cells"], "cells-table")]
+             render.html_table(sections["summary"], "summary-table")]  # fmt: skip
+    body += ["<h2>Warnings</h2>", render.warnings_html(notes), "<h2>Figures</h2>"]
+    body += [render.figure_html(name, FIGURES[name], path) for name, path in figures.items()]
+    body += ["<h2>Cells</h2>", render.html_table(sections["cells"], "cells-table")]
     body += ["<h2>Equivalence (heatmaps of one weight set, before timing)</h2>",
-             _html_table(sections["equivalence"], "equivalence-table")]  # fmt: skip
-    body += ["<h2>Environment</h2>", _html_table(sections["environment"], "environment-table")]
-    return (
-        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
-        f"<title>{esc(heading)}</title><style>{_CSS}</style></head>\n<body>\n" + "\n".join(body) + "\n</body></html>\n"
-    )
+             render.html_table(sections["equivalence"], "equivalence-table")]  # fmt: skip
+    body += ["<h2>Environment</h2>", render.html_table(sections["environment"], "environment-table")]
+    return render.page(heading, body)
 
 
 def report_dir_for(run_dir: str | Path) -> Path:
     """Where `bench run` puts its automatic report: reports/<run_id>/ beside the results folder."""
     run_dir = Path(run_dir).resolve()
     return run_dir.parent.parent / "reports" / run_dir.name
+
+
+def write_after_run(run_dir: Path) -> None:
+    """The automatic report of a finished `bench run` in reports/<run_id>/; a failure here never loses the run."""
+    console = make_console()
+    try:
+        html_path = build_report([run_dir], report_dir_for(run_dir))
+    except Exception as err:  # the results are on disk already; a report bug must not change the run's outcome
+        warn(console, f"the report could not be written ({type(err).__name__}: {err}); the results are intact, "
+                      f"retry with: python -m bench report {run_dir}")  # fmt: skip
+        return
+    console.print(f"report: {escape(str(html_path))}")
 
 
 def run(run_dirs: Sequence[str], out: str | None = None, baseline: str = "torch") -> int:

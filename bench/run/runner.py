@@ -9,10 +9,10 @@ goes on.
 from __future__ import annotations
 
 import math
-import re
 import tempfile
 import time
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,14 +23,16 @@ from bench.core import console as out
 from bench.core import envinfo
 from bench.core import settings as settings_mod
 from bench.core.calibration import calibration_workloads, dominant_conv3x3, dominant_gemm
-from bench.core.rundir import RunStore
+from bench.core.columns import FAILED_STATUSES
+from bench.core.numbers import num
+from bench.core.rundir import RunDirError, RunStore, new_run_dir
 from bench.core.settings import MIN_ITERS, WORKER_ENV, Cell, RunSettings
 from bench.core.stats import summarize
 from bench.engine.launch import WorkerOutcome, run_worker
 from bench.run.equivalence import compare
 from impls import count_flops, install_command
 
-FAILED_STATUSES = ("failed", "timeout", "oom")
+INTERRUPTED_EXIT_CODE = 130  # 128 + SIGINT, as shells report Ctrl-C
 BUSY_LOAD_PER_CORE = 0.5  # a 1-minute load above this share of the usable cores triggers a warning
 
 
@@ -70,13 +72,6 @@ def _measured_row(
     return row
 
 
-def _num(value: Any) -> float:
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return math.nan
-
-
 CEILING_KINDS = ("conv3x3", "gemm")  # calibration phases on the model's own shapes
 
 
@@ -85,12 +80,12 @@ def ceilings(rows: Iterable[Mapping[str, Any]]) -> dict[tuple[str, str, int], fl
     shapes, and ("*", precision, batch size) -> the fastest framework's: the machine's ceiling."""
     best: dict[tuple[str, str, int], float] = {}
     for row in rows:
-        rate = _num(row.get("achieved_gflop_per_s"))
+        rate = num(row.get("achieved_gflop_per_s"))
         if row.get("kind") != "calibration" or row.get("status") != "ok" or row.get("phase") not in CEILING_KINDS:
             continue
         if math.isnan(rate):
             continue
-        precision, batch = str(row["precision"]), int(_num(row["batch_size"]))
+        precision, batch = str(row["precision"]), int(num(row["batch_size"]))
         for key in ((str(row["framework"]), precision, batch), ("*", precision, batch)):
             best[key] = max(best.get(key, 0.0), rate)
     return best
@@ -116,38 +111,6 @@ def exit_code(rows: Iterable[Mapping[str, Any]], equivalence: Mapping[str, Mappi
 
 
 # ---------------------------------------------------------------- the run
-
-
-RUN_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
-
-
-class RunDirError(ValueError):
-    """A --run-id that is malformed or names a run that already exists."""
-
-
-def new_run_dir(out_dir: str, device: str, run_id: str | None = None) -> Path:
-    """results/<UTC time>-<device>[-n]: sortable, and never reuses an existing directory.
-
-    With `run_id`, results/<run_id> exactly (for scripts such as CI that need a fixed path); it must not
-    exist yet, so no run is ever overwritten.
-    """
-    if run_id is not None:
-        if not RUN_ID_PATTERN.fullmatch(run_id):
-            raise RunDirError(f"--run-id {run_id!r} is not a plain folder name; use letters, digits, '.', '_' or '-' "
-                              "(starting with a letter or digit), e.g. --run-id ci-tiny")  # fmt: skip
-        path = Path(out_dir).resolve() / run_id
-        if path.exists():
-            raise RunDirError(f"--run-id {run_id!r}: {path} already exists; choose another id or remove that folder")
-        path.mkdir(parents=True)
-        return path
-    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-    base = Path(out_dir).resolve() / f"{stamp}-{device}"
-    candidate, n = base, 1
-    while candidate.exists():
-        n += 1
-        candidate = base.with_name(f"{base.name}-{n}")
-    candidate.mkdir(parents=True)
-    return candidate
 
 
 class Runner:
@@ -384,9 +347,21 @@ class Runner:
         return exit_code(rows, self.record.get("equivalence", {}).get("frameworks", {}))
 
 
-def start(settings: RunSettings, args: list[str], report: bool = True, run_id: str | None = None) -> int:
-    """A new run of `settings` in a fresh results directory, results/<run_id> when given (then its report,
-    unless `report` is False)."""
+@dataclass(frozen=True)
+class RunResult:
+    """How a run ended and where its results are."""
+
+    exit_code: int  # 0 ok, 1 a cell failed or a framework disagreed, 130 interrupted
+    run_dir: Path
+
+    @property
+    def interrupted(self) -> bool:
+        """True when the run stopped before its last cell."""
+        return self.exit_code == INTERRUPTED_EXIT_CODE
+
+
+def start(settings: RunSettings, args: list[str], run_id: str | None = None) -> RunResult:
+    """A new run of `settings` in a fresh results directory (results/<run_id> when given)."""
     run_dir = new_run_dir(settings.out_dir, settings.device, run_id)
     record: dict[str, Any] = {
         "run_id": run_dir.name,
@@ -413,20 +388,29 @@ def start(settings: RunSettings, args: list[str], report: bool = True, run_id: s
         "warnings": [],
         "resumes": [],
     }
-    return _execute(Runner(settings, RunStore(run_dir), record), report)
+    return _execute(Runner(settings, RunStore(run_dir), record))
 
 
-def resume(run_dir: Path, args: list[str], report: bool = True) -> int:
-    """Complete an interrupted run with the settings it recorded (then its report, unless `report` is False)."""
-    store = RunStore(run_dir)
+def resume(run_dir: Path, args: list[str]) -> RunResult:
+    """Complete an interrupted run with the settings it recorded; RunDirError when it is not one this version reads."""
+    store = RunStore.reopen(run_dir)
     record = store.read_run_json()
-    settings = RunSettings.from_dict(record["settings"])
-    record["resumes"].append({"utc_time": envinfo.utc_now(), "command_line": envinfo.command_line(args)})
+    settings = settings_from_record(record["settings"], f"--resume: {run_dir / 'run.json'}")
+    record.setdefault("resumes", []).append({"utc_time": envinfo.utc_now(), "command_line": envinfo.command_line(args)})
     record["status"] = "running"
-    return _execute(Runner(settings, store, record), report)
+    return _execute(Runner(settings, store, record))
 
 
-def _execute(runner: Runner, report: bool = True) -> int:
+def settings_from_record(recorded: Mapping[str, Any], where: str) -> RunSettings:
+    """RunSettings from a run.json's settings, or RunDirError saying the record is not one this version reads."""
+    try:
+        return RunSettings.from_dict(recorded)
+    except (TypeError, ValueError, KeyError) as err:
+        raise RunDirError(f"{where}: the recorded settings cannot be used by this version ({type(err).__name__}: "
+                          f"{err}); re-run the cells instead of resuming or replaying them") from None  # fmt: skip
+
+
+def _execute(runner: Runner) -> RunResult:
     runner.store.write_run_json(runner.record)
     try:
         code = runner.execute()
@@ -437,24 +421,5 @@ def _execute(runner: Runner, report: bool = True) -> int:
             f"[red]interrupted[/]: finished cells are in {escape(str(runner.store.run_dir))}; complete the run with: "
             f"python -m bench run --resume {escape(str(runner.store.run_dir))}"
         )
-        return 130
-    if report:
-        _write_report(runner)
-    return code
-
-
-def _write_report(runner: Runner) -> None:
-    """The run's report into reports/<run_id>/ beside the results folder; a failure here never loses the run."""
-    from bench.report import run_report as report
-
-    run_dir = runner.store.run_dir
-    try:
-        html_path = report.build_report([run_dir], report.report_dir_for(run_dir))
-    except Exception as err:  # the results are on disk already; a report bug must not change the run's outcome
-        out.warn(
-            runner.console,
-            f"the report could not be written ({type(err).__name__}: {err}); the results are intact, "
-            f"retry with: python -m bench report {run_dir}",
-        )
-        return
-    runner.console.print(f"report: {escape(str(html_path))}")
+        return RunResult(INTERRUPTED_EXIT_CODE, runner.store.run_dir)
+    return RunResult(code, runner.store.run_dir)
