@@ -1,6 +1,6 @@
 """A framework-free stand-in for an impls module, for fast tests of the runner (numpy only).
 
-Selected with HGBENCH_BACKEND_OVERRIDE=tests.fake_backend (read only by bench/worker.py): the worker then
+Selected with HGBENCH_BACKEND_OVERRIDE=tests.fake_backend (read only by bench/engine/worker.py): the worker then
 calls `load(framework)` here instead of `impls.load(framework)`. Faults are injected with
 HGBENCH_FAKE_FAULTS, a comma list of KIND@SELECTOR; SELECTOR is a framework ("jax") or an fnmatch pattern
 over "framework/execution/phase" ("torch/*/forward_backward"). Kinds:

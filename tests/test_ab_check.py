@@ -41,7 +41,7 @@ def make_repo(root: Path) -> str:
     root.mkdir()
     for package in ("bench", "impls"):
         shutil.copytree(REPO_ROOT / package, root / package, ignore=shutil.ignore_patterns("__pycache__"))
-    worker = root / "bench" / "worker.py"
+    worker = root / "bench" / "engine" / "protocol.py"
     text = worker.read_text()
     assert 'SLOWDOWN_ENV = "HGBENCH_TEST_SLOWDOWN"' in text
     worker.write_text(text.replace('SLOWDOWN_ENV = "HGBENCH_TEST_SLOWDOWN"', f'SLOWDOWN_ENV = "{BASE_ONLY_SWITCH}"'))

@@ -8,6 +8,7 @@ import pytest
 
 from bench import cli
 from bench.core import settings
+from bench.engine import protocol
 from bench.run import inventory
 
 
@@ -35,7 +36,7 @@ def test_env_prints_the_environment_record_as_json(capsys: pytest.CaptureFixture
     assert cli.main(["env"]) == 0
     record = json.loads(capsys.readouterr().out)
     assert record["command_line"] == "python -m bench env"
-    assert record["worker_env"] == settings.WORKER_ENV
+    assert record["worker_env"] == protocol.WORKER_ENV
     assert {
         "utc_time",
         "host",

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from bench.core.files import write_json_atomic
 from bench.core.columns import SUMMARY_COLUMNS
+from bench.core.files import write_json_atomic
 from bench.core.rundir import RunStore
 
 ROW = {"cell_id": "torch-eager-fp32-b1-forward", "kind": "model", "framework": "torch", "execution": "eager",

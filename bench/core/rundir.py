@@ -14,7 +14,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import math
 import re
 import time
 from collections.abc import Iterable, Mapping, Sequence

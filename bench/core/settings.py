@@ -17,19 +17,6 @@ from impls import FRAMEWORKS, PHASES, ConfigError, HourglassConfig, get_preset, 
 from impls.base import PRECISIONS
 from impls.registry import EXECUTIONS, UnknownFrameworkError, canonical_name
 
-# Environment of every worker, set in this one place and recorded in run.json.
-# Allocator knobs: JAX would otherwise preallocate 75% of the GPU and TF map all of it, so the memory
-# figures would describe the allocator's policy, not the model. Compile caches off: torch.compile keeps an
-# on-disk cache across processes, which made a second run's first_call_ms 6 s instead of 30 s; a
-# first-call figure must not depend on what ran before (JAX's and TF's persistent caches are off by
-# default). TF_CPP_MIN_LOG_LEVEL=2 keeps TF's info banners out of the error tails.
-WORKER_ENV: dict[str, str] = {
-    "XLA_PYTHON_CLIENT_PREALLOCATE": "false",
-    "TF_FORCE_GPU_ALLOW_GROWTH": "true",
-    "TORCHINDUCTOR_FORCE_DISABLE_CACHES": "1",
-    "TF_CPP_MIN_LOG_LEVEL": "2",
-}
-
 DEVICES: tuple[str, ...] = ("auto", "cpu", "gpu")
 PROTOCOLS: tuple[str, ...] = ("default", "seed")
 CONFIG_FLAGS: dict[str, str] = {  # CLI option -> HourglassConfig field
@@ -75,6 +62,16 @@ _DEFAULTS: dict[str, _Defaults] = {
 # `--protocol seed`: the seed's loop exactly: batch 16, 10 untimed burn-in calls (our first call plus 9
 # warm-ups), 100 timed calls, on the seed preset.
 _SEED_PROTOCOL = {"preset": "seed", "batch_sizes": (16,), "warmup": 9, "iters": 100, "min_time_s": None}
+
+
+@dataclass(frozen=True)
+class LoopSettings:
+    """How a worker times a step (bench.engine.timing.measure takes these as its keyword arguments)."""
+
+    warmup: int  # untimed calls after the separately timed first call
+    max_iters: int  # at most this many timed calls; exactly this many when min_time_s is None
+    min_time_s: float | None  # time calls until this much loop time has passed ...
+    min_iters: int  # ... and at least this many calls are done
 
 
 class SettingsError(ValueError):
@@ -131,6 +128,11 @@ class RunSettings:
             for fw in self.frameworks
             for ex, pr, bs, ph in itertools.product(self.executions[fw], self.precisions, self.batch_sizes, self.phases)
         ]
+
+    def loop(self) -> LoopSettings:
+        """The timing loop every cell and calibration worker of this run uses."""
+        timed = self.min_time_s is not None
+        return LoopSettings(self.warmup, self.iters or MAX_ITERS, self.min_time_s, MIN_ITERS if timed else 1)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready record (run.json), readable back by `from_dict`."""

@@ -13,25 +13,33 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
 from contextlib import suppress
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from bench.core.files import read_json, write_json_atomic
 from bench.core.paths import REPO_ROOT
-from bench.core.settings import WORKER_ENV
-from bench.engine.worker import ERROR_TAIL_LINES, OOM_MARKERS, STAGE_PREFIX
+from bench.engine.protocol import (
+    ERROR_TAIL_LINES,
+    OOM_MARKERS,
+    STAGE_PREFIX,
+    WORKER_ENV,
+    ProtocolError,
+    WorkerResult,
+    WorkerSpec,
+    empty_result,
+    result_from_json,
+    spec_to_json,
+)
 
 
 @dataclass
 class WorkerOutcome:
-    """What came back from one worker process."""
+    """What came back from one worker process: how it ended, and its typed result (empty when it wrote none)."""
 
     status: str  # ok | failed | skipped | timeout | oom
     error: str
-    result: dict[str, Any] = field(default_factory=dict)
+    result: WorkerResult
     wall_s: float = math.nan
 
 
@@ -61,27 +69,26 @@ def _kill_group(proc: subprocess.Popen[bytes]) -> None:
     proc.wait()
 
 
-def _crash_outcome(returncode: int, stage: str, tail: str, wall_s: float) -> WorkerOutcome:
+def _ended(spec: WorkerSpec, status: str, error: str, wall_s: float) -> WorkerOutcome:
+    return WorkerOutcome(status, error, empty_result(spec, status, error), wall_s)
+
+
+def _crash_outcome(spec: WorkerSpec, returncode: int, stage: str, tail: str, wall_s: float) -> WorkerOutcome:
     """Classify a worker that exited without writing a result."""
     if returncode < 0:
         sig = signal.Signals(-returncode).name
         if sig == "SIGKILL":  # nobody else sends it here: the kernel's out-of-memory killer
-            return WorkerOutcome(
-                "oom",
-                f"worker killed by SIGKILL during {stage} (most likely the out-of-memory killer)\n{tail}".rstrip(),
-                wall_s=wall_s,
-            )
-        return WorkerOutcome("failed", f"worker died of {sig} during {stage}\n{tail}".rstrip(), wall_s=wall_s)
+            error = f"worker killed by SIGKILL during {stage} (most likely the out-of-memory killer)\n{tail}"
+            return _ended(spec, "oom", error.rstrip(), wall_s)
+        return _ended(spec, "failed", f"worker died of {sig} during {stage}\n{tail}".rstrip(), wall_s)
     status = "oom" if any(m in tail.lower() for m in (*OOM_MARKERS, "memoryerror")) else "failed"
-    return WorkerOutcome(
-        status, f"worker exited with code {returncode} during {stage} without a result\n{tail}".rstrip(), wall_s=wall_s
-    )
+    return _ended(spec, status, f"worker exited with code {returncode} during {stage} without a result\n{tail}".rstrip(), wall_s)
 
 
-def run_worker(spec: Mapping[str, Any], *, workdir: Path, name: str, log_path: Path, timeout_s: float) -> WorkerOutcome:
+def run_worker(spec: WorkerSpec, *, workdir: Path, name: str, log_path: Path, timeout_s: float) -> WorkerOutcome:
     """Run `python -m bench.engine.worker` on `spec` in a fresh process group; never raises for worker faults."""
     spec_path, result_path = workdir / f"{name}.spec.json", workdir / f"{name}.result.json"
-    write_json_atomic(spec_path, spec)
+    write_json_atomic(spec_path, spec_to_json(spec))
     log_path.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     with open(log_path, "wb") as log:
@@ -100,18 +107,18 @@ def run_worker(spec: Mapping[str, Any], *, workdir: Path, name: str, log_path: P
             _kill_group(proc)
             stage, tail = _log_tail(log_path)
             wall_s = time.perf_counter() - start
-            return WorkerOutcome(
-                "timeout", f"no result after --timeout {timeout_s:g} s, during {stage}\n{tail}".rstrip(), wall_s=wall_s
-            )
+            return _ended(spec, "timeout", f"no result after --timeout {timeout_s:g} s, during {stage}\n{tail}".rstrip(), wall_s)
         except BaseException:  # Ctrl-C: never leave a worker running behind us
             _kill_group(proc)
             raise
     wall_s = time.perf_counter() - start
     stage, tail = _log_tail(log_path)
     if not result_path.exists():
-        return _crash_outcome(returncode, stage, tail, wall_s)
-    result = read_json(result_path)
-    error = result.get("error") or ""
-    if result["status"] != "ok" and not error:
-        error = tail
-    return WorkerOutcome(result["status"], error, result, wall_s)
+        return _crash_outcome(spec, returncode, stage, tail, wall_s)
+    try:
+        result = result_from_json(spec.MODE, read_json(result_path))
+    except ProtocolError as err:  # a worker of another version, or a bug: its result cannot be trusted
+        return _ended(spec, "failed", f"the worker's result does not follow bench.engine.protocol: {err}", wall_s)
+    if result.status != "ok" and not result.error:
+        result.error = tail
+    return WorkerOutcome(result.status, result.error, result, wall_s)

@@ -1,7 +1,7 @@
 """One measurement in a fresh process: `python -m bench.engine.worker SPEC.json RESULT.json`.
 
-The only module of `bench` that loads a framework (through `impls.load`). The parent writes a JSON spec;
-this process runs one of these modes and writes a JSON result atomically:
+The only module of `bench` that loads a framework (through `impls.load`). The parent writes a typed spec
+(bench.engine.protocol); this process runs its mode and writes the mode's typed result atomically:
 
 - `cell`: build the model, time the first call alone, warm up, time every iteration; memory figures.
 - `equivalence`: heatmaps of the canonical weights on the parent's input, saved as .npy.
@@ -17,6 +17,7 @@ writes nothing and the parent reads the exit status and stderr instead. Progress
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import json
 import os
@@ -34,18 +35,23 @@ import numpy as np
 from bench.core import nvml
 from bench.core.calibration import ConvShape
 from bench.core.files import write_json_atomic
+from bench.core.settings import LoopSettings
+from bench.engine import protocol as proto
+from bench.engine.protocol import (
+    BACKEND_OVERRIDE_ENV,
+    ERROR_TAIL_LINES,
+    OOM_MARKERS,
+    SLOWDOWN_ENV,
+    STAGE_PREFIX,
+    CalibrationSpec,
+    CellSpec,
+    EquivalenceSpec,
+    InfoSpec,
+    OverheadSpec,
+    ProfileSpec,
+    WorkerSpec,
+)
 from bench.engine.timing import measure
-
-# Test hook: a module whose load(framework) returns a stand-in for an impls module (tests/fake_backend.py).
-BACKEND_OVERRIDE_ENV = "HGBENCH_BACKEND_OVERRIDE"
-# Test switch: lengthen every timed model step by this fraction of its own duration (busy wait), so the
-# regression check can be shown to catch a known slowdown. Recorded in the result and flagged by the runner.
-SLOWDOWN_ENV = "HGBENCH_TEST_SLOWDOWN"
-ERROR_TAIL_LINES = 15
-STAGE_PREFIX = "hgbench-worker: stage "
-
-# How each framework words allocator exhaustion (torch CUDA, TF/XLA RESOURCE_EXHAUSTED, JAX).
-OOM_MARKERS = ("out of memory", "resource_exhausted", "resourceexhausted", "outofmemory", "oom when allocating")
 
 
 def stage(name: str) -> None:
@@ -91,18 +97,18 @@ def runtime_record(backend: ModuleType) -> dict[str, Any]:
         return {"error": error_tail(err, lines=1)}
 
 
-def _config(spec: dict[str, Any]) -> Any:
+def _config(spec: WorkerSpec) -> Any:
     from impls import HourglassConfig
 
-    fields = dict(spec["config"])
+    fields = dict(spec.config)
     fields["input_hw"] = tuple(fields["input_hw"])
     return HourglassConfig(**fields)
 
 
-def _device(backend: ModuleType, spec: dict[str, Any]) -> str:
+def _device(backend: ModuleType, spec: WorkerSpec) -> str:
     """The device to build on; under --device auto a framework that sees no GPU falls back to the CPU."""
-    device = spec["device"]
-    if device == "gpu" and spec.get("device_requested") == "auto" and not backend.gpu_available():
+    device = spec.device
+    if device == "gpu" and spec.device_requested == "auto" and not backend.gpu_available():
         return "cpu"
     return device
 
@@ -155,15 +161,8 @@ def slowed(step: Callable[[], None], fraction: float) -> Callable[[], None]:
     return slow_step
 
 
-def _timed(spec: dict[str, Any], step: Callable[[], None], on_stage: Callable[[str], None]) -> dict[str, Any]:
-    timings = measure(
-        step,
-        warmup=spec["warmup"],
-        max_iters=spec["iters"],
-        min_time_s=spec["min_time_s"],
-        min_iters=spec["min_iters"],
-        on_stage=on_stage,
-    )
+def _timed(loop: LoopSettings, step: Callable[[], None], on_stage: Callable[[str], None]) -> dict[str, Any]:
+    timings = measure(step, **dataclasses.asdict(loop), on_stage=on_stage)
     return {
         "first_call_ms": timings.first_call_ns / 1e6,
         "warmup_calls": timings.warmup_calls,
@@ -171,7 +170,7 @@ def _timed(spec: dict[str, Any], step: Callable[[], None], on_stage: Callable[[s
     }
 
 
-def run_cell(backend: ModuleType, spec: dict[str, Any]) -> dict[str, Any]:
+def run_cell(backend: ModuleType, spec: CellSpec) -> dict[str, Any]:
     """Build, time and measure one cell."""
     config = _config(spec)
     device = _device(backend, spec)
@@ -179,14 +178,14 @@ def run_cell(backend: ModuleType, spec: dict[str, Any]) -> dict[str, Any]:
     probe = _MemoryProbe(device, runtime)
     stage("build")
     t0 = time.perf_counter()
-    model = backend.build(config, device=device, precision=spec["precision"], execution=spec["execution"])
+    model = backend.build(config, device=device, precision=spec.precision, execution=spec.execution)
     build_s = time.perf_counter() - t0
     # One fresh process per cell, so the allocator peak covers inputs, compilation and the timed steps
     # of this cell alone (JAX has no reset; the fresh process gives it the same meaning).
     model.reset_peak_memory()
     stage("setup")
     t0 = time.perf_counter()
-    step = model.benchmark_step(spec["phase"], spec["batch_size"], spec["seed"])
+    step = model.benchmark_step(spec.phase, spec.batch_size, spec.seed)
     setup_s = time.perf_counter() - t0
     slowdown = injected_slowdown()
     step = slowed(step, slowdown)
@@ -195,7 +194,7 @@ def run_cell(backend: ModuleType, spec: dict[str, Any]) -> dict[str, Any]:
         probe.read()
         stage(name)
 
-    result = _timed(spec, step, on_stage)
+    result = _timed(spec.loop, step, on_stage)
     probe.read()
     result.update(
         device=device,
@@ -213,23 +212,23 @@ def run_cell(backend: ModuleType, spec: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
-def run_equivalence(backend: ModuleType, spec: dict[str, Any]) -> dict[str, Any]:
-    """Heatmaps of the canonical weights (seed 0) on the parent's input, saved to spec['output_npy']."""
+def run_equivalence(backend: ModuleType, spec: EquivalenceSpec) -> dict[str, Any]:
+    """Heatmaps of the canonical weights (seed 0) on the parent's input, saved to spec.output_npy."""
     from impls import init_weights
 
     config = _config(spec)
     device = _device(backend, spec)
     stage("build")
     model = backend.build(
-        config, init_weights(config, seed=0), device=device, precision="fp32", execution=spec["execution"]
+        config, init_weights(config, seed=0), device=device, precision="fp32", execution=spec.execution
     )
     stage("predict")
-    heatmaps = np.asarray(model.predict(np.load(spec["input_npy"])), dtype=np.float32)  # (S, 1, H/4, W/4, K)
-    np.save(spec["output_npy"], heatmaps)
-    return {"device": device, "output_npy": spec["output_npy"], "runtime_info": runtime_record(backend)}
+    heatmaps = np.asarray(model.predict(np.load(spec.input_npy)), dtype=np.float32)  # (S, 1, H/4, W/4, K)
+    np.save(spec.output_npy, heatmaps)
+    return {"device": device, "output_npy": spec.output_npy, "runtime_info": runtime_record(backend)}
 
 
-def run_calibration(backend: ModuleType, spec: dict[str, Any]) -> dict[str, Any]:
+def run_calibration(backend: ModuleType, spec: CalibrationSpec) -> dict[str, Any]:
     """Time the framework's calibration workloads: each (kind, shape, batch size, precision) in the spec.
 
     Kinds: "conv3x3" and "reference_conv" go through `conv_benchmark`, "gemm" through `gemm_benchmark`.
@@ -238,28 +237,28 @@ def run_calibration(backend: ModuleType, spec: dict[str, Any]) -> dict[str, Any]
     device = _device(backend, spec)
     probes = {"conv3x3": "conv_benchmark", "reference_conv": "conv_benchmark", "gemm": "gemm_benchmark"}
     measurements, missing = [], []
-    for workload in spec["workloads"]:
-        probe = getattr(backend, probes[workload["kind"]], None)
+    for workload in spec.workloads:
+        probe = getattr(backend, probes[workload.kind], None)
         if probe is None:
-            missing.append(workload["kind"])
+            missing.append(workload.kind)
             continue
-        shape, batch_size, precision = workload["shape"], workload["batch_size"], workload["precision"]
-        stage(f"calibrate {workload['kind']} {precision} b{batch_size}")
-        if workload["kind"] == "gemm":
+        shape, batch_size, precision = workload.shape, workload.batch_size, workload.precision
+        stage(f"calibrate {workload.kind} {precision} b{batch_size}")
+        if workload.kind == "gemm":
             step = probe(batch_size * shape["m_per_image"], shape["k"], shape["n"], device=device,
-                         precision=precision, seed=spec["seed"])  # fmt: skip
+                         precision=precision, seed=spec.seed)  # fmt: skip
         else:
             conv = ConvShape(**shape)
             step = probe((batch_size, conv.height, conv.width, conv.c_in), conv.c_out, kernel_size=conv.kernel_size,
-                         device=device, precision=precision, seed=spec["seed"])  # fmt: skip
-        entry = _timed(spec, step, stage)
-        entry.update(kind=workload["kind"], precision=precision, batch_size=batch_size)
-        measurements.append(entry)
+                         device=device, precision=precision, seed=spec.seed)  # fmt: skip
+        entry = _timed(spec.loop, step, stage)
+        measurements.append(proto.CalibrationMeasurement(kind=workload.kind, precision=precision,
+                                                         batch_size=batch_size, **entry))  # fmt: skip
     return {"device": device, "measurements": measurements, "missing": sorted(set(missing)),
             "runtime_info": runtime_record(backend)}  # fmt: skip
 
 
-def run_overhead(backend: ModuleType, spec: dict[str, Any]) -> dict[str, Any]:
+def run_overhead(backend: ModuleType, spec: OverheadSpec) -> dict[str, Any]:
     """The harness's sampling loop and a bare loop on the same step in this process, rounds alternated.
 
     The bare loop is what a user would write: `t0 = perf_counter(); step(); times.append(perf_counter() - t0)`.
@@ -269,25 +268,25 @@ def run_overhead(backend: ModuleType, spec: dict[str, Any]) -> dict[str, Any]:
 
     config = _config(spec)
     device = _device(backend, spec)
-    model = backend.build(config, device=device, precision=spec["precision"], execution=spec["execution"])
-    step = model.benchmark_step(spec["phase"], spec["batch_size"], spec["seed"])
-    for _ in range(spec["warmup"] + 1):
+    model = backend.build(config, device=device, precision=spec.precision, execution=spec.execution)
+    step = model.benchmark_step(spec.phase, spec.batch_size, spec.seed)
+    for _ in range(spec.warmup + 1):
         step()
     harness: list[int] = []
     bare: list[float] = []
-    for _ in range(spec["rounds"]):
+    for _ in range(spec.rounds):
         stage("harness round")
-        harness += sample(step, max_iters=spec["iters"])
+        harness += sample(step, max_iters=spec.iters)
         stage("bare round")
-        for _ in range(spec["iters"]):
+        for _ in range(spec.iters):
             t0 = time.perf_counter()
             step()
             bare.append(time.perf_counter() - t0)
     return {"device": device, "harness_samples_ns": harness, "bare_samples_ns": [int(t * 1e9) for t in bare]}
 
 
-def run_profile(backend: ModuleType, spec: dict[str, Any]) -> dict[str, Any]:
-    """The implementation's profile() of one cell; its traces go to spec['trace_dir'], its dict is returned as is.
+def run_profile(backend: ModuleType, spec: ProfileSpec) -> dict[str, Any]:
+    """The implementation's profile() of one cell; its traces go to spec.trace_dir, its dict is returned as is.
 
     The parent checks the dict against the contract (impls.profiling.check_profile): this process only runs it.
     """
@@ -299,14 +298,19 @@ def run_profile(backend: ModuleType, spec: dict[str, Any]) -> dict[str, Any]:
         )
     stage("profile")
     result = backend.profile(
-        _config(spec), phase=spec["phase"], batch_size=spec["batch_size"], execution=spec["execution"],
-        trace_dir=spec["trace_dir"], device=device, precision=spec["precision"], warmup=spec["warmup"],
-        steps=spec["steps"], seed=spec["seed"], top_k=spec["top_k"],
+        _config(spec), phase=spec.phase, batch_size=spec.batch_size, execution=spec.execution,
+        trace_dir=spec.trace_dir, device=device, precision=spec.precision, warmup=spec.warmup,
+        steps=spec.steps, seed=spec.seed, top_k=spec.top_k,
     )  # fmt: skip
-    return {"device": device, "profile": dict(result), "runtime_info": runtime_record(backend)}
+    return {"device": device, "profile": _profile_dict(result), "runtime_info": runtime_record(backend)}
 
 
-def run_info(backend: ModuleType, spec: dict[str, Any]) -> dict[str, Any]:
+def _profile_dict(result: Any) -> dict[str, Any]:
+    """profile()'s result as the JSON dict of the contract (a typed result converts itself)."""
+    return result.to_dict() if hasattr(result, "to_dict") else dict(result)
+
+
+def run_info(backend: ModuleType, spec: InfoSpec) -> dict[str, Any]:
     """The framework's runtime record plus its module surface."""
     return {
         "runtime_info": runtime_record(backend),
@@ -317,7 +321,7 @@ def run_info(backend: ModuleType, spec: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-MODES: dict[str, Callable[[ModuleType, dict[str, Any]], dict[str, Any]]] = {
+MODES: dict[str, Callable[[ModuleType, Any], dict[str, Any]]] = {
     "cell": run_cell,
     "equivalence": run_equivalence,
     "calibrate": run_calibration,
@@ -327,19 +331,20 @@ MODES: dict[str, Callable[[ModuleType, dict[str, Any]], dict[str, Any]]] = {
 }
 
 
-def execute(spec: dict[str, Any]) -> dict[str, Any]:
+def execute(spec: WorkerSpec) -> proto.WorkerResult:
     """Run the spec's mode; every exception becomes a result with a status and the error's tail."""
-    result: dict[str, Any] = {"mode": spec["mode"], "framework": spec["framework"], "status": "ok", "error": ""}
+    envelope: dict[str, Any] = {"mode": spec.MODE, "framework": spec.framework}
+    payload: dict[str, Any] = {}
     try:
         stage("import")
         t0 = time.perf_counter()
-        backend = load_backend(spec["framework"])
-        result["import_s"] = time.perf_counter() - t0
-        result.update(MODES[spec["mode"]](backend, spec))
+        backend = load_backend(spec.framework)
+        envelope["import_s"] = time.perf_counter() - t0
+        payload = MODES[spec.MODE](backend, spec)
     except Exception as err:  # failures are data: the parent turns this into a row
-        result.update(status=classify_exception(err), error=error_tail(err))
-    result["host_peak_rss_bytes"] = host_peak_rss_bytes()
-    return result
+        envelope.update(status=classify_exception(err), error=error_tail(err))
+    envelope["host_peak_rss_bytes"] = host_peak_rss_bytes()
+    return proto.RESULT_TYPES[spec.MODE](**envelope, **payload)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -348,10 +353,10 @@ def main(argv: list[str] | None = None) -> int:
     if len(args) != 2:
         print("usage: python -m bench.engine.worker SPEC.json RESULT.json", file=sys.stderr)
         return 2
-    spec = json.loads(Path(args[0]).read_text())
+    spec = proto.spec_from_json(json.loads(Path(args[0]).read_text()))
     result = execute(spec)
     stage("write")
-    write_json_atomic(Path(args[1]), result)
+    write_json_atomic(Path(args[1]), proto.result_to_json(result))
     return 0
 
 

@@ -22,7 +22,8 @@ import pandas as pd
 
 from bench.core.paths import REPO_ROOT
 from bench.core.rundir import write_csv_atomic
-from bench.regress.ab_check import DEFAULT_THRESHOLD, SLOWDOWN_SWITCH, ABCheckError, check
+from bench.engine.protocol import SLOWDOWN_ENV
+from bench.regress.ab_check import DEFAULT_THRESHOLD, ABCheckError, check
 from bench.regress.compare import CompareError, parse_threshold
 
 
@@ -63,9 +64,9 @@ def main(argv: list[str] | None = None, *, repo: Path | None = None) -> int:
         threshold = parse_threshold(args.threshold)
         for i in range(args.rounds):
             for kind in ("same_code", "slowdown"):
-                os.environ.pop(SLOWDOWN_SWITCH, None)
+                os.environ.pop(SLOWDOWN_ENV, None)
                 if kind == "slowdown":
-                    os.environ[SLOWDOWN_SWITCH] = repr(args.slowdown)
+                    os.environ[SLOWDOWN_ENV] = repr(args.slowdown)
                 _, verdict = check(Path(args.baseline), out / f"round-{i}-{kind}", threshold, repo=repo or REPO_ROOT)
                 rows.append(_row(kind, i, verdict))
                 write_csv_atomic(out / "rounds.csv", pd.DataFrame(rows))  # after every gate: a stop loses nothing
@@ -73,7 +74,7 @@ def main(argv: list[str] | None = None, *, repo: Path | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     finally:
-        os.environ.pop(SLOWDOWN_SWITCH, None)
+        os.environ.pop(SLOWDOWN_ENV, None)
     table = pd.DataFrame(rows).groupby("kind").agg(
         gates=("round", "count"), failed=("failed", "sum"), second_pair_needed=("pairs_measured", lambda s: int((s == 2).sum())),
         worst_ratio_pair1=("pair1_worst_ratio", "max"), least_worst_ratio_pair1=("pair1_worst_ratio", "min"),

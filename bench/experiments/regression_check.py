@@ -27,6 +27,7 @@ import numpy as np
 import pandas as pd
 
 from bench.core.rundir import write_csv_atomic
+from bench.engine.protocol import SLOWDOWN_ENV
 from bench.regress.compare import compare_runs, parse_threshold
 
 DEFAULT_THRESHOLDS = "5%,10%,15%,20%,25%"
@@ -35,11 +36,11 @@ DEFAULT_THRESHOLDS = "5%,10%,15%,20%,25%"
 def _run(like: Path, out: Path, run_id: str, slowdown: float) -> Path:
     """One `bench run --like` into out/run_id, with the slowdown switch when slowdown > 0."""
     env = dict(os.environ)
-    env.pop("HGBENCH_TEST_SLOWDOWN", None)
+    env.pop(SLOWDOWN_ENV, None)
     if slowdown > 0:
-        env["HGBENCH_TEST_SLOWDOWN"] = repr(slowdown)
+        env[SLOWDOWN_ENV] = repr(slowdown)
     command = [sys.executable, "-m", "bench", "run", "--like", str(like), "--out", str(out), "--run-id", run_id, "--no-report"]
-    print(f"+ {'HGBENCH_TEST_SLOWDOWN=' + repr(slowdown) + ' ' if slowdown else ''}{' '.join(command[1:])}", flush=True)
+    print(f"+ {SLOWDOWN_ENV + '=' + repr(slowdown) + ' ' if slowdown else ''}{' '.join(command[1:])}", flush=True)
     subprocess.run(command, env=env, check=False, stdout=subprocess.DEVNULL)
     return out / run_id
 

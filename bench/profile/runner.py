@@ -10,7 +10,6 @@ data, as in `run`: a crash, out-of-memory or timeout becomes a row, and the run 
 
 from __future__ import annotations
 
-import tempfile
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -24,11 +23,9 @@ from rich.table import Table
 
 from bench.core import console as out
 from bench.core import envinfo
-from bench.core import settings as settings_mod
 from bench.core.columns import FAILED_STATUSES
 from bench.core.rundir import ProfileStore, new_run_dir
 from bench.core.settings import (
-    WORKER_ENV,
     Cell,
     RunSettings,
     SettingsError,
@@ -37,9 +34,9 @@ from bench.core.settings import (
     parse_int_list,
     parse_positive_int,
 )
-from bench.engine.launch import WorkerOutcome, run_worker
+from bench.engine.protocol import WORKER_ENV, ProfileResult, ProfileSpec
+from bench.engine.session import WorkerSession, run_guarded
 from bench.profile import tables
-from impls import install_command
 from impls.base import PRECISIONS
 from impls.profiling import ProfileContractError, check_profile
 
@@ -134,67 +131,50 @@ class ProfileRunner:
         self.run_dir = run_dir
         self.record = record
         self.store = ProfileStore(run_dir)
+        # Warnings go to stderr, so they do not drown in the tables printed on stdout.
+        errors = Console(stderr=True, highlight=False)
+        self.session = WorkerSession(run_dir, record, settings.base.frameworks, settings.base.timeout_s, errors)
         self.console = out.make_console()
-        self.errors = Console(stderr=True, highlight=False)  # warnings that must not drown in the tables
-        self.installed = {fw: settings_mod.is_installed(fw) for fw in settings.base.frameworks}
-        self._workdir: Path | None = None
 
     def save_record(self) -> None:
         """run.json, atomically."""
         self.store.write_run_json(self.record)
 
-    def _warn(self, text: str) -> None:
-        out.warn(self.errors, text)
-        self.record["warnings"].append(text)
-
     def _fail(self, cell: Cell, status: str, error: str) -> None:
         self.store.add("stages.csv", [tables.failure_row(cell, status, error)])
 
-    def _worker(self, cell: Cell, trace_dir: Path) -> WorkerOutcome:
+    def _spec(self, cell: Cell, trace_dir: Path) -> ProfileSpec:
         s, b = self.settings, self.settings.base
-        spec = {
-            "mode": "profile",
-            **cell.to_dict(),
-            "config": b.config.to_dict(),
-            "device": b.device,
-            "device_requested": b.device_requested,
-            "seed": b.seed,
-            "warmup": b.warmup,
-            "steps": s.steps,
-            "top_k": s.top_k,
-            "trace_dir": str(trace_dir),
-        }
-        assert self._workdir is not None
-        key = tables.cell_key(cell)
-        log_path = self.run_dir / "logs" / f"{key}.log"
-        return run_worker(spec, workdir=self._workdir, name=key, log_path=log_path, timeout_s=b.timeout_s)
+        return ProfileSpec(
+            framework=cell.framework, execution=cell.execution, precision=cell.precision, batch_size=cell.batch_size,
+            phase=cell.phase, config=b.config.to_dict(), device=b.device, device_requested=b.device_requested,
+            seed=b.seed, warmup=b.warmup, steps=s.steps, top_k=s.top_k, trace_dir=str(trace_dir),
+        )  # fmt: skip
 
     def profile_cell(self, cell: Cell) -> str:
         """Profile one cell (or record why not) and store its rows; returns the cell's status."""
         key = tables.cell_key(cell)
         entry: dict[str, Any] = self.record["cells"].setdefault(key, {})
-        if not self.installed[cell.framework]:
-            error = f"framework {cell.framework!r} is not installed; install it with: {install_command(cell.framework)}"
+        error = self.session.skip_reason(cell.framework)
+        if error:
             entry.update(status="skipped", error=error)
             self._fail(cell, "skipped", error)
             return "skipped"
         trace_dir = self.run_dir / "traces" / key
         trace_dir.mkdir(parents=True, exist_ok=True)
-        outcome = self._worker(cell, trace_dir)
-        info = outcome.result.get("runtime_info")
-        if info and cell.framework not in self.record["frameworks"]:
-            self.record["frameworks"][cell.framework] = info
+        outcome = self.session.call(self._spec(cell, trace_dir), key)
         entry.update(
             status=outcome.status,
             error=outcome.error,
             worker_wall_s=outcome.wall_s,
-            device=outcome.result.get("device"),
+            device=outcome.result.device,
             trace_dir=str(trace_dir.relative_to(self.run_dir)),
         )
         if outcome.status != "ok":
             self._fail(cell, outcome.status, outcome.error)
             return outcome.status
-        result = outcome.result.get("profile") or {}
+        assert isinstance(outcome.result, ProfileResult)
+        result = outcome.result.profile
         try:
             check_profile(result, self.settings.base.config, cell.phase)
             tables.check_result_tables(result, trace_dir)
@@ -219,17 +199,17 @@ class ProfileRunner:
             step_ms=result["step_ms"],
         )
         if not result["trace_files"]:
-            self._warn(f"{tables.cell_key(cell)}: profile() wrote no trace file")
+            self.session.warn(f"{tables.cell_key(cell)}: profile() wrote no trace file")
         op_self_ms, op_step_ms = sum(float(row["self_ms"]) for row in result["ops"]), float(result["op_step_ms"])
         if op_self_ms > OP_SUM_TOLERANCE * op_step_ms:
-            self._warn(
+            self.session.warn(
                 f"{tables.cell_key(cell)}: the listed ops' self times sum to {op_self_ms:.3g} ms per step, "
                 f"{op_self_ms / op_step_ms:.0%} of the profiled step ({op_step_ms:.3g} ms): only ops that overlap "
                 "(inter-op threads, GPU streams) can do that; otherwise the op rows are not per profiled step"
             )
         count = tables.recompilations(result)
         if count:
-            self._warn(
+            self.session.warn(
                 f"{tables.cell_key(cell)} recompiled {count} time(s) in the timed loop: its step times "
                 "include compilation, and the profile does not show the steady state"
             )
@@ -245,12 +225,7 @@ class ProfileRunner:
         )
         started = time.perf_counter()
         statuses = []
-        with (
-            tempfile.TemporaryDirectory(prefix="hgbench-profile-") as workdir,
-            out.make_progress(self.console) as progress,
-        ):
-            self._workdir = Path(workdir)
-            task = progress.add_task("starting", total=len(cells))
+        with self.session.workers(len(cells), prefix="hgbench-profile-") as (progress, task):
             for cell in cells:
                 progress.update(task, description=tables.cell_key(cell))
                 status = self.profile_cell(cell)
@@ -260,7 +235,6 @@ class ProfileRunner:
                 if status != "ok":
                     progress.console.print(f"[red]{status}[/] {tables.cell_key(cell)}")
                 progress.advance(task)
-            progress.update(task, description="done")
         self.record.update(
             status="complete", bench_wall_s=time.perf_counter() - started, finished_utc=envinfo.utc_now()
         )
@@ -295,13 +269,8 @@ def start(settings: ProfileSettings, args: list[str]) -> int:
     run_dir = new_run_dir(settings.base.out_dir, f"{settings.base.device}-{RUN_DIR_SUFFIX}")
     runner = ProfileRunner(settings, run_dir, new_record(settings, run_dir, args))
     runner.save_record()
-    try:
-        return runner.execute()
-    except KeyboardInterrupt:
-        runner.record["status"] = "interrupted"
-        runner.save_record()
-        runner.console.print(f"[red]interrupted[/]: the cells profiled so far are in {escape(str(run_dir))}")
-        return 130
+    hint = f"the cells profiled so far are in {run_dir}"
+    return run_guarded(runner.execute, runner.record, runner.save_record, runner.console, hint)
 
 
 # ---------------------------------------------------------------- terminal output

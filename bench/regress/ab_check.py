@@ -44,10 +44,10 @@ import pandas as pd
 
 from bench.core.files import write_json_atomic
 from bench.core.paths import REPO_ROOT
+from bench.engine.protocol import SLOWDOWN_ENV
 from bench.regress.compare import CompareError, Comparison, compare_runs, parse_threshold, print_comparison
 
 DEFAULT_THRESHOLD = "20%"  # reports/ab-check: 0 of 10 same-code gates failed, 10 of 10 with a 25% slowdown
-SLOWDOWN_SWITCH = "HGBENCH_TEST_SLOWDOWN"
 CODE_PATHS = ("bench", "impls")  # the packages a run imports; everything else is data
 
 
@@ -111,7 +111,7 @@ def _run(code_root: Path, baseline: Path, runs: Path, run_id: str, slowdown: boo
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(code_root), env.get("PYTHONPATH", "")) if p)
     if not slowdown:
-        env.pop(SLOWDOWN_SWITCH, None)
+        env.pop(SLOWDOWN_ENV, None)
     # The installed checkout (an editable install) must not shadow code_root: ask the interpreter itself.
     probe = [sys.executable, "-c", "import bench, impls; print(bench.__file__); print(impls.__file__)"]
     found = subprocess.run(probe, cwd=code_root, env=env, capture_output=True, text=True, check=False).stdout.split()

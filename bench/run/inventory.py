@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import tempfile
 from pathlib import Path
@@ -14,6 +15,7 @@ from bench.core import console as out
 from bench.core import envinfo, nvml
 from bench.core import settings as settings_mod
 from bench.engine.launch import run_worker
+from bench.engine.protocol import WORKER_ENV, InfoSpec
 from impls import FRAMEWORKS, install_command
 
 _DISTRIBUTIONS: dict[str, tuple[str, ...]] = {
@@ -34,7 +36,7 @@ def probe(framework: str) -> dict[str, Any]:
     """The framework's runtime_info() and devices, asked of a worker process (the parent imports none)."""
     with tempfile.TemporaryDirectory(prefix="hgbench-list-") as workdir:
         outcome = run_worker(
-            {"mode": "info", "framework": framework},
+            InfoSpec(framework=framework),
             workdir=Path(workdir),
             name=f"{framework}-info",
             log_path=Path(workdir) / f"{framework}-info.log",
@@ -43,7 +45,7 @@ def probe(framework: str) -> dict[str, Any]:
     if outcome.status != "ok":
         lines = outcome.error.strip().splitlines()
         return {"error": lines[-1] if lines else outcome.status}
-    return outcome.result
+    return dataclasses.asdict(outcome.result)
 
 
 def list_frameworks(probe_workers: bool = True) -> int:
@@ -79,5 +81,5 @@ def list_frameworks(probe_workers: bool = True) -> int:
 
 def print_environment(args: list[str]) -> int:
     """Print the environment record that run.json stores, as JSON."""
-    print(json.dumps({**envinfo.collect(args), "worker_env": settings_mod.WORKER_ENV}, indent=2))
+    print(json.dumps({**envinfo.collect(args), "worker_env": WORKER_ENV}, indent=2))
     return 0

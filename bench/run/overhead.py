@@ -14,22 +14,24 @@ import numpy as np
 from rich.markup import escape
 
 from bench.core import console as out
-from bench.core.settings import RunSettings
+from bench.core.settings import LoopSettings, RunSettings
 from bench.engine.launch import run_worker
+from bench.engine.protocol import CellResult, CellSpec, OverheadResult, OverheadSpec, WorkerResult, WorkerSpec
 
 
 def measure_overhead(settings: RunSettings, rounds: int = 20) -> int:
     """Print harness, bare-loop and full-cell medians for the first cell of `settings`; 1 if a worker failed."""
     console = out.make_console()
     cell = settings.cells()[0]
-    common = {**cell.to_dict(), "config": settings.config.to_dict(), "device": settings.device,
-              "device_requested": settings.device_requested, "seed": settings.seed, "warmup": settings.warmup}  # fmt: skip
+    common = {"framework": cell.framework, "execution": cell.execution, "precision": cell.precision,
+              "batch_size": cell.batch_size, "phase": cell.phase, "config": settings.config.to_dict(),
+              "device": settings.device, "device_requested": settings.device_requested, "seed": settings.seed}  # fmt: skip
     chunk = settings.iters or 5
     with tempfile.TemporaryDirectory(prefix="hgbench-overhead-") as workdir:
 
-        def worker(spec: dict[str, object], name: str) -> dict[str, object] | None:
+        def worker(spec: WorkerSpec, name: str) -> WorkerResult | None:
             outcome = run_worker(
-                {**common, **spec},
+                spec,
                 workdir=Path(workdir),
                 name=name,
                 log_path=Path(workdir) / f"{name}.log",
@@ -40,13 +42,14 @@ def measure_overhead(settings: RunSettings, rounds: int = 20) -> int:
                 return None
             return outcome.result
 
-        paired = worker({"mode": "overhead", "iters": chunk, "rounds": rounds}, "overhead")
-        full = worker({"mode": "cell", "iters": chunk * rounds, "min_time_s": None, "min_iters": 1}, "cell")
-    if paired is None or full is None:
+        paired = worker(OverheadSpec(**common, warmup=settings.warmup, iters=chunk, rounds=rounds), "overhead")
+        loop = LoopSettings(warmup=settings.warmup, max_iters=chunk * rounds, min_time_s=None, min_iters=1)
+        full = worker(CellSpec(**common, loop=loop), "cell")
+    if not isinstance(paired, OverheadResult) or not isinstance(full, CellResult):
         return 1
-    harness = float(np.median(paired["harness_samples_ns"])) / 1e6  # type: ignore[arg-type]
-    bare = float(np.median(paired["bare_samples_ns"])) / 1e6  # type: ignore[arg-type]
-    cell_median = float(np.median(full["samples_ns"])) / 1e6  # type: ignore[arg-type]
+    harness = float(np.median(paired.harness_samples_ns)) / 1e6
+    bare = float(np.median(paired.bare_samples_ns)) / 1e6
+    cell_median = float(np.median(full.samples_ns)) / 1e6
     console.print(
         f"{cell.cell_id}, preset {settings.preset}, {chunk * rounds} samples each ({rounds} alternating rounds of {chunk}):\n"
         f"  harness loop {harness:.3f} ms vs bare loop {bare:.3f} ms in one process: {(harness / bare - 1) * 100:+.2f}%\n"

@@ -8,8 +8,8 @@ goes on.
 
 from __future__ import annotations
 
+import dataclasses
 import math
-import tempfile
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -26,13 +26,23 @@ from bench.core.calibration import calibration_workloads, dominant_conv3x3, domi
 from bench.core.columns import FAILED_STATUSES
 from bench.core.numbers import num
 from bench.core.rundir import RunDirError, RunStore, new_run_dir
-from bench.core.settings import MIN_ITERS, WORKER_ENV, Cell, RunSettings
+from bench.core.settings import Cell, RunSettings
 from bench.core.stats import summarize
-from bench.engine.launch import WorkerOutcome, run_worker
+from bench.engine.protocol import (
+    SLOWDOWN_ENV,
+    WORKER_ENV,
+    CalibrationResult,
+    CalibrationSpec,
+    CalibrationWorkload,
+    CellResult,
+    CellSpec,
+    EquivalenceSpec,
+    WorkerResult,
+)
+from bench.engine.session import INTERRUPTED_EXIT_CODE, WorkerSession, run_guarded
 from bench.run.equivalence import compare
-from impls import count_flops, install_command
+from impls import count_flops
 
-INTERRUPTED_EXIT_CODE = 130  # 128 + SIGINT, as shells report Ctrl-C
 BUSY_LOAD_PER_CORE = 0.5  # a 1-minute load above this share of the usable cores triggers a warning
 
 
@@ -56,17 +66,22 @@ def _base_row(cell: Cell, kind: str, settings: RunSettings) -> dict[str, Any]:
     }
 
 
+def _result_values(result: WorkerResult) -> dict[str, Any]:
+    """A worker result's fields by name, for building a row."""
+    return dataclasses.asdict(result)
+
+
 def _measured_row(
-    base: dict[str, Any], outcome: WorkerOutcome, result: Mapping[str, Any], flops: int
+    base: dict[str, Any], status: str, error: str, wall_s: float, result: Mapping[str, Any], flops: int
 ) -> dict[str, Any]:
     """A row from a worker result: status, error, statistics of its samples, memory and timings."""
-    row = {**base, "status": outcome.status, "error": outcome.error, "worker_wall_s": outcome.wall_s}
+    row = {**base, "status": status, "error": error, "worker_wall_s": wall_s}
     for key in ("device", "first_call_ms", "warmup_calls", "import_s", "build_s", "setup_s", "num_params", "injected_slowdown", "gpu_allocator_peak_bytes",
                 "nvml_process_used_bytes", "nvml_device_used_bytes", "host_peak_rss_bytes"):  # fmt: skip
         if result.get(key) is not None:
             row[key] = result[key]
     samples = result.get("samples_ns") or []
-    if outcome.status == "ok" and samples:
+    if status == "ok" and samples:
         row["gflop_per_step"] = flops / 1e9
         row.update(summarize(samples, int(base["batch_size"]), flops))
     return row
@@ -91,10 +106,10 @@ def ceilings(rows: Iterable[Mapping[str, Any]]) -> dict[tuple[str, str, int], fl
     return best
 
 
-def _calibration_cell(framework: str, workload: Mapping[str, Any]) -> Cell:
+def _calibration_cell(framework: str, workload: CalibrationWorkload) -> Cell:
     """The summary cell of one calibration workload: execution names the probe, phase the workload kind."""
-    probe = "gemm_benchmark" if workload["kind"] == "gemm" else "conv_benchmark"
-    return Cell(framework, probe, workload["precision"], workload["batch_size"], workload["kind"])
+    probe = "gemm_benchmark" if workload.kind == "gemm" else "conv_benchmark"
+    return Cell(framework, probe, workload.precision, workload.batch_size, workload.kind)
 
 
 def exit_code(rows: Iterable[Mapping[str, Any]], equivalence: Mapping[str, Mapping[str, Any]]) -> int:
@@ -120,41 +135,19 @@ class Runner:
         self.settings = settings
         self.store = store
         self.record = record
-        self.console = out.make_console()
-        self.installed = {fw: settings_mod.is_installed(fw) for fw in settings.frameworks}
-        self.active = [fw for fw in settings.frameworks if self.installed[fw]]
-        self._workdir: Path | None = None
+        self.session = WorkerSession(store.run_dir, record, settings.frameworks, settings.timeout_s)
+        self.console = self.session.console
+        self.active = self.session.active
 
     # -- helpers
 
-    def _worker(self, spec: dict[str, Any], name: str) -> WorkerOutcome:
-        assert self._workdir is not None
-        common = {"config": self.settings.config.to_dict(), "device": self.settings.device,
-                  "device_requested": self.settings.device_requested, "seed": self.settings.seed}  # fmt: skip
-        return run_worker(
-            {**common, **spec},
-            workdir=self._workdir,
-            name=name,
-            log_path=self.store.logs_dir / f"{name}.log",
-            timeout_s=self.settings.timeout_s,
-        )
-
-    def _loop_spec(self) -> dict[str, Any]:
+    def _placement(self) -> dict[str, Any]:
+        """The spec fields every worker of this run shares: the network, the device and the seed."""
         s = self.settings
-        return {"warmup": s.warmup, "iters": s.iters or settings_mod.MAX_ITERS, "min_time_s": s.min_time_s,
-                "min_iters": MIN_ITERS if s.min_time_s is not None else 1}  # fmt: skip
+        return {"config": s.config.to_dict(), "device": s.device, "device_requested": s.device_requested, "seed": s.seed}
 
     def _save_record(self) -> None:
         self.store.write_run_json(self.record)
-
-    def _note_runtime(self, framework: str, result: Mapping[str, Any]) -> None:
-        info = result.get("runtime_info")
-        if info and framework not in self.record["frameworks"]:
-            self.record["frameworks"][framework] = info
-            if "error" in info:
-                text = f"{framework}'s runtime_info() failed, so its settings are not recorded: {info['error']}"
-                out.warn(self.console, text)
-                self.record["warnings"].append(text)
 
     # -- stages
 
@@ -163,18 +156,17 @@ class Runner:
         s = self.settings
         rng = np.random.default_rng(s.seed)
         x = rng.standard_normal((1, *s.config.input_hw, 3)).astype(np.float32)  # (1, H, W, 3)
-        assert self._workdir is not None
-        input_path = self._workdir / "equivalence_input.npy"
+        input_path = self.session.workdir / "equivalence_input.npy"
         np.save(input_path, x)
         heatmaps: dict[str, np.ndarray] = {}
         entries: dict[str, dict[str, Any]] = {}
         for fw in self.active:
             progress.update(task, description=f"{fw}: equivalence check")
             execution = settings_mod.EXECUTIONS[fw][0]
-            output = self._workdir / f"equivalence_{fw}.npy"
-            outcome = self._worker({"mode": "equivalence", "framework": fw, "execution": execution,
-                                    "input_npy": str(input_path), "output_npy": str(output)}, f"{fw}-equivalence")  # fmt: skip
-            self._note_runtime(fw, outcome.result)
+            output = self.session.workdir / f"equivalence_{fw}.npy"
+            spec = EquivalenceSpec(framework=fw, execution=execution, input_npy=str(input_path),
+                                   output_npy=str(output), **self._placement())  # fmt: skip
+            outcome = self.session.call(spec, f"{fw}-equivalence")
             entries[fw] = {
                 "status": outcome.status,
                 "error": outcome.error,
@@ -225,41 +217,38 @@ class Runner:
         for key in ("intra_op_threads", "inter_op_threads"):
             counts = {fw: info.get(key) for fw, info in self.record["frameworks"].items() if info.get(key)}
             if len(set(map(str, counts.values()))) > 1:
-                text = f"frameworks use different {key}: " + ", ".join(f"{fw} {n}" for fw, n in counts.items())
-                out.warn(self.console, text)
-                self.record["warnings"].append(text)
+                self.session.warn(f"frameworks use different {key}: " + ", ".join(f"{fw} {n}" for fw, n in counts.items()))
 
     def _warn_busy(self) -> None:
         """Other processes on the cores distort every figure (torch's OpenMP threads most): say so up front."""
         load, cores = envinfo.load_average(), self.record["environment"].get("cpu_cores_usable")
         if load and cores and load[0] > BUSY_LOAD_PER_CORE * cores:
-            text = f"the machine is busy (1-minute load {load[0]:.1f} on {cores} cores); timings will be slow and noisy"
-            out.warn(self.console, text)
-            self.record["warnings"].append(text)
+            self.session.warn(f"the machine is busy (1-minute load {load[0]:.1f} on {cores} cores); timings will be slow and noisy")
 
     def calibrate(self, framework: str) -> list[dict[str, Any]]:
         """Calibration rows of one framework: conv3x3 and GEMM GFLOP/s per precision and batch size, and
         the fixed reference conv per precision (see bench/calibration.py)."""
         s = self.settings
-        workloads = calibration_workloads(s.config, s.batch_sizes, s.precisions)
-        spec = {"mode": "calibrate", "framework": framework, "workloads": workloads, **self._loop_spec()}
-        outcome = self._worker(spec, f"{framework}-calibration")
-        self._note_runtime(framework, outcome.result)
-        measured = {(m["kind"], m["precision"], m["batch_size"]): m for m in outcome.result.get("measurements", [])}
-        missing = set(outcome.result.get("missing", []))
+        workloads = [CalibrationWorkload(**w) for w in calibration_workloads(s.config, s.batch_sizes, s.precisions)]
+        spec = CalibrationSpec(framework=framework, workloads=workloads, loop=s.loop(), **self._placement())
+        outcome = self.session.call(spec, f"{framework}-calibration")
+        result = outcome.result
+        assert isinstance(result, CalibrationResult)
+        measured = {(m.kind, m.precision, m.batch_size): m for m in result.measurements}
+        missing = set(result.missing)
         rows = []
         for workload in workloads:
-            kind, precision, batch = workload["kind"], workload["precision"], workload["batch_size"]
             cell = _calibration_cell(framework, workload)
             base = _base_row(cell, "calibration", s)
-            found = measured.get((kind, precision, batch), {})
-            entry = outcome
-            if outcome.status == "ok" and kind in missing:
-                entry = WorkerOutcome("skipped", f"{framework}'s impls module has no {cell.execution} probe", wall_s=outcome.wall_s)
-            elif outcome.status == "ok" and not found:
-                entry = WorkerOutcome("failed", "the worker returned no measurement for this cell", wall_s=outcome.wall_s)
-            row = _measured_row(base, entry, {**outcome.result, **found}, workload["flops"])
-            self.store.add(row, found.get("samples_ns", []) if entry.status == "ok" else [])
+            found = measured.get((workload.kind, workload.precision, workload.batch_size))
+            status, error = outcome.status, outcome.error
+            if status == "ok" and workload.kind in missing:
+                status, error = "skipped", f"{framework}'s impls module has no {cell.execution} probe"
+            elif status == "ok" and found is None:
+                status, error = "failed", "the worker returned no measurement for this cell"
+            values = {**_result_values(result), **(dataclasses.asdict(found) if found else {})}
+            row = _measured_row(base, status, error, outcome.wall_s, values, workload.flops)
+            self.store.add(row, found.samples_ns if found and status == "ok" else [])
             rows.append(row)
         return rows
 
@@ -267,28 +256,24 @@ class Runner:
         """Measure one cell (or record why it is skipped) and store its row and samples."""
         s = self.settings
         base = _base_row(cell, "model", s)
-        if not self.installed[cell.framework]:
-            row = {
-                **base,
-                "status": "skipped",
-                "error": f"framework {cell.framework!r} is not installed; install it with: {install_command(cell.framework)}",
-            }
+        skip = self.session.skip_reason(cell.framework)
+        if skip:
+            row = {**base, "status": "skipped", "error": skip}
             self.store.add(row)
             return row
-        spec = {"mode": "cell", **cell.to_dict(), **self._loop_spec()}
-        outcome = self._worker(spec, cell.cell_id)
-        self._note_runtime(cell.framework, outcome.result)
-        if outcome.result.get("model_settings"):
-            self.record.setdefault("cell_settings", {})[cell.cell_id] = outcome.result["model_settings"]
+        spec = CellSpec(framework=cell.framework, execution=cell.execution, precision=cell.precision,
+                        batch_size=cell.batch_size, phase=cell.phase, loop=s.loop(), **self._placement())  # fmt: skip
+        outcome = self.session.call(spec, cell.cell_id)
+        result = outcome.result
+        assert isinstance(result, CellResult)
+        if result.model_settings:
+            self.record.setdefault("cell_settings", {})[cell.cell_id] = result.model_settings
             self._save_record()
-        slowdown = outcome.result.get("injected_slowdown")
-        if slowdown:
-            text = (f"{cell.cell_id}: the test switch HGBENCH_TEST_SLOWDOWN lengthened every timed step by "
-                    f"{slowdown:.0%}; these timings are not the model's")  # fmt: skip
-            out.warn(self.console, text)
-            self.record["warnings"].append(text)
+        if result.injected_slowdown:
+            self.session.warn(f"{cell.cell_id}: the test switch {SLOWDOWN_ENV} lengthened every timed step by "
+                              f"{result.injected_slowdown:.0%}; these timings are not the model's")  # fmt: skip
         flops = count_flops(s.config, cell.batch_size, cell.phase)
-        row = _measured_row(base, outcome, outcome.result, flops)
+        row = _measured_row(base, outcome.status, outcome.error, outcome.wall_s, _result_values(result), flops)
         equivalence = self.record.get("equivalence", {}).get("frameworks", {}).get(cell.framework, {})
         row["equivalence_max_rel_err"] = equivalence.get("max_rel_err")
         row["equivalent"] = equivalence.get("equivalent")
@@ -300,7 +285,7 @@ class Runner:
                 if ceiling:
                     row[rate_column] = ceiling
                     row[share_column] = row["achieved_gflop_per_s"] / ceiling
-        self.store.add(row, outcome.result.get("samples_ns", []) if outcome.status == "ok" else [])
+        self.store.add(row, result.samples_ns if outcome.status == "ok" else [])
         return row
 
     def execute(self) -> int:
@@ -308,7 +293,7 @@ class Runner:
         s, done = self.settings, self.store.done_cell_ids()
         cells = [cell for cell in s.cells() if cell.cell_id not in done]
         need_equivalence = not self.record.get("equivalence") and bool(self.active)
-        workloads = calibration_workloads(s.config, s.batch_sizes, s.precisions)
+        workloads = [CalibrationWorkload(**w) for w in calibration_workloads(s.config, s.batch_sizes, s.precisions)]
         calibrations = [fw for fw in self.active if any(_calibration_cell(fw, w).cell_id not in done for w in workloads)]
         total = len(cells) + len(calibrations) + (len(self.active) if need_equivalence else 0)
         self.console.print(
@@ -317,9 +302,7 @@ class Runner:
         )
         self._warn_busy()
         started = time.perf_counter()
-        with tempfile.TemporaryDirectory(prefix="hgbench-") as workdir, out.make_progress(self.console) as progress:
-            self._workdir = Path(workdir)
-            task = progress.add_task("starting", total=total)
+        with self.session.workers(total) as (progress, task):
             if need_equivalence:
                 self.check_equivalence(progress, task)
                 self._warn_threads()
@@ -334,7 +317,6 @@ class Runner:
                 if row["status"] != "ok":
                     progress.console.print(f"[red]{row['status']}[/] {cell.cell_id}")
                 progress.advance(task)
-            progress.update(task, description="done")
         self.record["bench_wall_s"] = self.record.get("bench_wall_s", 0.0) + time.perf_counter() - started
         self.record["status"] = "complete"
         self.record["load_average_at_end"] = envinfo.load_average()
@@ -411,15 +393,8 @@ def settings_from_record(recorded: Mapping[str, Any], where: str) -> RunSettings
 
 
 def _execute(runner: Runner) -> RunResult:
+    run_dir = runner.store.run_dir
     runner.store.write_run_json(runner.record)
-    try:
-        code = runner.execute()
-    except KeyboardInterrupt:
-        runner.record["status"] = "interrupted"
-        runner.store.write_run_json(runner.record)
-        runner.console.print(
-            f"[red]interrupted[/]: finished cells are in {escape(str(runner.store.run_dir))}; complete the run with: "
-            f"python -m bench run --resume {escape(str(runner.store.run_dir))}"
-        )
-        return RunResult(INTERRUPTED_EXIT_CODE, runner.store.run_dir)
-    return RunResult(code, runner.store.run_dir)
+    hint = f"finished cells are in {run_dir}; complete the run with: python -m bench run --resume {run_dir}"
+    code = run_guarded(runner.execute, runner.record, runner._save_record, runner.console, hint)
+    return RunResult(code, run_dir)
