@@ -20,10 +20,11 @@ from rich.markup import escape
 from rich.progress import Progress, TaskID
 
 from bench.core import console as out
+from bench.core import settings
 from bench.core.columns import LOGS_DIR
 from bench.engine.launch import WorkerOutcome, run_worker
 from bench.engine.protocol import WorkerResult, WorkerSpec
-from impls import install_command, is_installed
+from impls import install_command
 
 INTERRUPTED_EXIT_CODE = 130  # 128 + SIGINT, as shells report Ctrl-C
 
@@ -37,7 +38,7 @@ class WorkerSession:
         self.record = record  # run.json being built; the caller saves it
         self.timeout_s = timeout_s
         self.console = console or out.make_console()
-        self.installed = {fw: is_installed(fw) for fw in frameworks}
+        self.installed = {fw: settings.is_installed(fw) for fw in frameworks}  # the one place to ask (and to patch in tests)
         self.active = [fw for fw in frameworks if self.installed[fw]]
         self._workdir: Path | None = None
         self.record.setdefault("frameworks", {})
