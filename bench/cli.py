@@ -1,4 +1,5 @@
-"""Command line: `python -m bench run|list|env`. Parsing only; each command is a plain function elsewhere.
+"""Command line: `python -m bench run|list|env|overhead|compare|report|profile`. Parsing and dispatch only;
+each command is a plain function in its package (bench.run, bench.profile, bench.report, bench.regress).
 
 A user's mistake ends as one line on stderr ("error: ...") and exit code 2, never a traceback.
 """

@@ -293,3 +293,17 @@ def test_report_html_renders_in_headless_chromium_without_errors(tiny_report: Pa
     assert found, f"the probe did not run: {dump.stderr[-2000:]}"
     assert found.group(1) == str(len(SWEEP_FIGURES)) and found.group(2) == "none"
     assert not [line for line in dump.stderr.splitlines() if "Uncaught" in line or "ERROR:CONSOLE" in line]
+
+
+def test_report_summary_shows_the_ceiling_shares_the_cells_table_shows(tmp_path: Path) -> None:
+    """The summary's "% ceiling" columns carry the best cell's shares, as the cells table does."""
+    run_dir = copy_run(tmp_path)
+    path = run_dir / "summary.csv"
+    frame = pd.read_csv(path)
+    model = frame["kind"] == "model"
+    frame.loc[model, "ceiling_fraction"] = 0.25
+    frame.loc[model, "framework_ceiling_fraction"] = 0.5
+    frame.to_csv(path, index=False)
+    best = report.best_per_framework(report.model_table(report.load_runs([run_dir])), "torch")
+    shown = report._summary_display(best[best["status"] == "ok"], "torch", multi=False)
+    assert set(shown["% ceiling"]) == {"25"} and set(shown["% own fw ceiling"]) == {"50"}

@@ -1,8 +1,8 @@
 """The tables of a profile run: CSV columns, rows from one checked `profile()` result, and display tables.
 
-Framework-free and print-free: bench/profile.py writes the CSVs and the terminal tables from these, and
-bench/profile_report.py the report's. Units are in the column names except where the CSV layout was fixed
-by issue 6 (`ms` in stages.csv is milliseconds per step).
+Framework-free and print-free: bench/profile/runner.py writes the CSVs and the terminal tables from these,
+and bench/report/profile_section.py the report's. Units are in the column names except where the CSV layout was fixed
+by the profiling contract (`ms` in stages.csv is milliseconds per step).
 
 Shares: a stage's `share_of_step` is its ms over `stage_step_ms`, the step the stage rows partition (the
 profiled step for method "profiler", the staged step for "staged"), so the stages plus "other" make 100%;
@@ -30,7 +30,7 @@ from impls.profiling import EXTRA_STAGES, ProfileContractError, stage_conv_flops
 
 OTHER_STAGE = "other"  # the step minus the stage rows: time no stage scope covers
 OTHER_LABEL = "other / unattributed"
-CONV_FLOPS_TOLERANCE_PERCENT = 1.0  # issue 6's bar for analytic vs framework-reported conv FLOPs
+CONV_FLOPS_TOLERANCE_PERCENT = 1.0  # the bar for analytic vs framework-reported conv FLOPs: within 1%
 
 METHOD_FOOTNOTE = (
     "profiler = stage times are the framework profiler's events inside each stage's named scope "

@@ -123,6 +123,7 @@ def best_per_framework(table: pd.DataFrame, baseline: str) -> pd.DataFrame:
                 "latency_ms_median": best["latency_ms_median"], "latency_ms_median_ci95_low": best["latency_ms_median_ci95_low"],
                 "latency_ms_median_ci95_high": best["latency_ms_median_ci95_high"],
                 "throughput_img_per_s": best["throughput_img_per_s"], "achieved_gflop_per_s": best["achieved_gflop_per_s"],
+                "ceiling_fraction": best["ceiling_fraction"], "framework_ceiling_fraction": best["framework_ceiling_fraction"],
                 "speedup_vs_baseline": best["throughput_img_per_s"] / base_rate if base_rate > 0 else math.nan,
             })  # fmt: skip
     return pd.DataFrame(rows)
