@@ -271,13 +271,14 @@ def decode(cls: type, data: Any, where: str) -> Any:
     if unknown:
         raise ProtocolError(f"{where}: {cls.__name__} has no field(s) {', '.join(unknown)}")
     values = {}
-    for name, value in data.items():
+    for name, raw in data.items():
         nested, is_list = _nested_type(hints[name])
         if nested is not None and is_list:
-            value = [decode(nested, item, f"{where}.{name}[{i}]") for i, item in enumerate(value)]
+            values[name] = [decode(nested, item, f"{where}.{name}[{i}]") for i, item in enumerate(raw)]
         elif nested is not None:
-            value = decode(nested, value, f"{where}.{name}")
-        values[name] = value
+            values[name] = decode(nested, raw, f"{where}.{name}")
+        else:
+            values[name] = raw
     try:
         return cls(**values)
     except TypeError as err:  # a required field missing
