@@ -58,3 +58,14 @@ def test_overhead_prints_harness_bare_and_cell_medians(
     assert cli.main(args) == 0
     printed = capsys.readouterr().out
     assert "harness loop" in printed and "bare loop" in printed and "full cell worker" in printed
+
+
+@pytest.mark.parametrize("module", ["bench", "bench.regress.ab_check", "bench.experiments.ab_check_experiment",
+                                    "bench.experiments.regression_check"])  # fmt: skip
+def test_every_module_with_a_main_answers_help(module: str) -> None:
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("usage: ")

@@ -89,3 +89,15 @@ def test_read_run_names_the_damage_never_skips_it(tmp_path: Path, file: str, dam
     with pytest.raises(RunDirError, match=message) as info:
         read_run(run_dir)
     assert str(path) in str(info.value) or file == "run.json"
+
+
+def test_result_files_get_the_umask_permissions_not_0600(tmp_path: Path) -> None:
+    import os
+
+    old = os.umask(0o022)
+    try:
+        run_dir = _written_run(tmp_path)
+    finally:
+        os.umask(old)
+    for name in ("summary.csv", "samples.csv", "run.json"):
+        assert (run_dir / name).stat().st_mode & 0o777 == 0o644, name

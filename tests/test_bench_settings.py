@@ -82,6 +82,7 @@ def test_cells_cover_the_product_in_stable_order(cpu_only: None) -> None:
 BAD_INPUTS = [
     (["--framework", "mxnet"], "unknown framework 'mxnet'"),
     (["--framework", "torch,"], "comma-separated list"),
+    (["--framework", "all,torch"], "'all' stands alone; give all or a list such as torch,jax, got 'all,torch'"),
     (["--preset", "huge"], "unknown preset 'huge'"),
     (["--batch-size", "0"], "--batch-size must be a positive integer, got '0'"),
     (["--batch-size", "-4"], "--batch-size must be a positive integer, got '-4'"),

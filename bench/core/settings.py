@@ -216,6 +216,8 @@ def parse_frameworks(text: str) -> tuple[str, ...]:
     items = _items("--framework", text, "torch,jax")
     if [i.lower() for i in items] == ["all"]:
         return FRAMEWORKS
+    if "all" in (i.lower() for i in items):
+        raise SettingsError(f"--framework: 'all' stands alone; give all or a list such as torch,jax, got {text!r}")
     try:
         chosen = {canonical_name(item) for item in items}
     except UnknownFrameworkError as err:

@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None, *, repo: Path | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=10, help="gates of each kind (default 10)")
     parser.add_argument("--slowdown", type=float, default=0.25, help="injected slowdown fraction (default 0.25)")
     parser.add_argument(
-        "--threshold", default=DEFAULT_THRESHOLD, help=f"the gate's threshold (default {DEFAULT_THRESHOLD})"
+        "--threshold", default=DEFAULT_THRESHOLD, help="the gate's threshold (default %(default)s)"
     )
     parser.add_argument("--out", required=True, help="new folder for the gates' runs and rounds.csv")
     args = parser.parse_args(argv)

@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--like", required=True, help="run directory whose cells every run measures (e.g. results/baseline)")
     parser.add_argument("--pairs", type=int, default=10, help="same-code pairs and slowed runs per slowdown (default 10)")
     parser.add_argument("--slowdowns", default="0.25", help="comma list of injected slowdown fractions (default 0.25)")
-    parser.add_argument("--thresholds", default=DEFAULT_THRESHOLDS, help=f"compare thresholds (default {DEFAULT_THRESHOLDS})")
+    parser.add_argument("--thresholds", default=DEFAULT_THRESHOLDS, help="compare thresholds (default %(default)s)")
     parser.add_argument("--out", required=True, help="folder for the runs and the CSVs")
     parser.add_argument("--judge-only", action="store_true", help="measure nothing: judge the runs already in OUT/runs again")
     args = parser.parse_args(argv)

@@ -245,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="committed baseline run: its cells and its git commit (default results/baseline)")  # fmt: skip
     parser.add_argument("--out", required=True, help="folder for the runs and verdict.json (new or empty)")
     parser.add_argument(
-        "--threshold", default=DEFAULT_THRESHOLD, help=f"smallest slowdown that fails (default {DEFAULT_THRESHOLD})"
+        "--threshold", default=DEFAULT_THRESHOLD, help="smallest slowdown that fails (default %(default)s)"
     )
     parser.add_argument("--if-base-code-missing", choices=("fail", "warn"), default="fail",
                         help="the baseline's commit is not in this repository: exit 2 (default), or warn, "
