@@ -5,9 +5,10 @@ Each implementation module (`impls.load(framework)`) exposes
     def profile(config, *, phase, batch_size, execution, trace_dir, device="cpu", precision="fp32",
                 warmup=2, steps=5, seed=0, top_k=25) -> ProfileResult
 
-made by `framework_profile` below: it checks the arguments, then runs `impls/<framework>_profiling.py`,
-which builds the model, warms it up, profiles `steps` steady-state steps with the framework's own profiler
-(torch.profiler, the TensorFlow profiler, jax.profiler) and writes the trace files under `trace_dir`.
+made by `framework_profile` below: it checks the arguments, then runs
+`impls/profilers/<framework>_profiling.py`, which builds the model, warms it up, profiles `steps`
+steady-state steps with the framework's own profiler (torch.profiler, the TensorFlow profiler,
+jax.profiler) and writes the trace files under `trace_dir`.
 
 The result is a frozen `ProfileResult`. `result.to_dict()` is the plain JSON-able dict below, which crosses
 the process boundary; `check_profile` checks it. A ProfileResult is also a read-only Mapping of that same
@@ -113,9 +114,9 @@ class ProfileRequest:
 def framework_profile(framework: str, gpu_available: Callable[[], bool]) -> Callable[..., ProfileResult]:
     """The `profile()` of `framework`'s implementation module (the signature in this module's docstring).
 
-    It checks its arguments, then calls `run(request)` of impls/<framework>_profiling.py, imported on the
-    first call only: that module loads the framework's profiler, which a benchmark run never needs, and it
-    imports the model module, which therefore cannot import it.
+    It checks its arguments, then calls `run(request)` of impls/profilers/<framework>_profiling.py, imported
+    on the first call only: that module loads the framework's profiler, which a benchmark run never needs,
+    and it imports the model module, which therefore cannot import it.
     """
     executions = registry.EXECUTIONS[framework]
 
@@ -130,11 +131,12 @@ def framework_profile(framework: str, gpu_available: Callable[[], bool]) -> Call
         )
         request = ProfileRequest(config, phase, batch_size, execution, Path(trace_dir), device, precision,
                                  warmup, steps, seed, top_k)  # fmt: skip
-        return importlib.import_module(f"impls.{framework}_profiling").run(request)
+        return importlib.import_module(f"impls.profilers.{framework}_profiling").run(request)
 
     profile.__doc__ = (
-        f"Time, profile and stage-attribute one `phase` step of {framework} (impls/{framework}_profiling.py); "
-        "traces go under `trace_dir`. Returns the ProfileResult documented in impls.profiling."
+        f"Time, profile and stage-attribute one `phase` step of {framework} "
+        f"(impls/profilers/{framework}_profiling.py); traces go under `trace_dir`. Returns the ProfileResult "
+        "documented in impls.profiling."
     )
     profile.__qualname__ = profile.__name__ = "profile"
     profile.__module__ = f"impls.{framework}_hourglass"

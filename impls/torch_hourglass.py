@@ -455,5 +455,5 @@ def gemm_benchmark(m: int, k: int, n: int, *, device: str = "cpu", precision: st
 
 
 # profile(config, *, phase, batch_size, execution, trace_dir, ...) -> impls.profiling.ProfileResult; it runs
-# impls/torch_profiling.py, imported on the first call.
+# impls/profilers/torch_profiling.py, imported on the first call.
 profile = profiling.framework_profile(FRAMEWORK, gpu_available)
