@@ -29,20 +29,54 @@ DEVICES: tuple[str, ...] = ("cpu", "gpu")
 PRECISIONS: tuple[str, ...] = ("fp32", "bf16")
 
 
+def _check_choice(what: str, value: object, choices: tuple[str, ...], context: str = "") -> None:
+    """ValueError naming the unknown `value` of `what` and the choices, in one string."""
+    if value not in choices:
+        raise ValueError(f"unknown {what} {value!r}{context}; choose one of: {', '.join(choices)}")
+
+
+def _check_count(what: str, value: object, minimum: int, fix: str) -> None:
+    """ValueError unless `value` is an int (not a bool) of at least `minimum`; the message ends with `fix`."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        kind = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+        raise ValueError(f"{what} must be {kind}, got {value!r}; {fix}")
+
+
+def check_device_args(framework: str, precision: str, device: str, gpu_available: Callable[[], bool]) -> None:
+    """Raise ValueError naming a bad precision or device, or RuntimeError when a GPU is asked for and the
+    framework sees none: the checks every model and calibration probe make before touching its framework."""
+    _check_choice("precision", precision, PRECISIONS)
+    _check_choice("device", device, DEVICES)
+    if device == "gpu" and not gpu_available():
+        raise RuntimeError(f"no GPU visible to {framework}; use --device cpu")
+
+
 def check_build_args(
     framework: str, executions: tuple[str, ...], execution: str, precision: str, device: str,
     gpu_available: Callable[[], bool],
 ) -> None:
     """Raise ValueError naming a bad execution, precision or device, or RuntimeError when a GPU is asked
     for and the framework sees none: the checks every `build` makes before touching its framework."""
-    if execution not in executions:
-        raise ValueError(f"unknown execution {execution!r} for {framework}; choose one of: {', '.join(executions)}")
-    if precision not in PRECISIONS:
-        raise ValueError(f"unknown precision {precision!r}; choose one of: {', '.join(PRECISIONS)}")
-    if device not in DEVICES:
-        raise ValueError(f"unknown device {device!r}; choose one of: {', '.join(DEVICES)}")
-    if device == "gpu" and not gpu_available():
-        raise RuntimeError(f"no GPU visible to {framework}; use --device cpu")
+    _check_choice("execution", execution, executions, f" for {framework}")
+    check_device_args(framework, precision, device, gpu_available)
+
+
+def check_step_args(phase: str, batch_size: int) -> None:
+    """Raise ValueError naming a bad phase or batch size: the checks every `benchmark_step` makes."""
+    _check_choice("phase", phase, PHASES)
+    _check_count("batch_size", batch_size, 1, "pass the number of images per step")
+
+
+def check_profile_args(
+    framework: str, executions: tuple[str, ...], gpu_available: Callable[[], bool], *, phase: str,
+    batch_size: int, execution: str, precision: str, device: str, warmup: int, steps: int, top_k: int,
+) -> None:
+    """Raise ValueError (or RuntimeError for a missing GPU) naming the first bad argument of `profile()`."""
+    check_step_args(phase, batch_size)
+    _check_count("steps", steps, 1, "profile at least one step (steps are both timed and profiled)")
+    _check_count("warmup", warmup, 0, "pass 0 to profile without warm-up steps")
+    _check_count("top_k", top_k, 1, "keep at least one row of the op table")
+    check_build_args(framework, executions, execution, precision, device, gpu_available)
 
 
 def resolve_weights(config: HourglassConfig, weights: dict[str, np.ndarray] | None) -> dict[str, np.ndarray]:

@@ -2,7 +2,7 @@
 
 This is the single description the three implementations are checked against. It gives the canonical
 parameter names and layouts (NHWC activations, HWIO kernels), the analytic parameter and FLOP counts,
-and the framework-free canonical weights. Imports numpy only.
+and the framework-free canonical weights and random inputs. Imports numpy only.
 
 Canonical names mirror the module tree that every implementation builds with the same attribute names:
 
@@ -291,3 +291,36 @@ def check_weights(config: HourglassConfig, weights: dict[str, np.ndarray]) -> No
 def loss_numpy(heatmaps: np.ndarray, target: np.ndarray) -> float:
     """The training loss: sum over stacks of mean((heatmaps_s - target)^2); heatmaps (S, N, h, w, K)."""
     return float(sum(np.mean((h.astype(np.float64) - target) ** 2) for h in heatmaps))
+
+
+def random_arrays(seed: int, *shapes: tuple[int, ...]) -> tuple[np.ndarray, ...]:
+    """Standard-normal float32 arrays of `shapes`, drawn in order from one generator seeded with `seed`.
+
+    The one place inputs for timed work are drawn, so every framework gets the same numbers for a seed.
+    Drawn directly as float32 (not float64 then cast): a later array never changes an earlier one.
+    """
+    rng = np.random.default_rng(seed)
+    return tuple(rng.standard_normal(shape, dtype=np.float32) for shape in shapes)
+
+
+def random_batch(config: HourglassConfig, batch_size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """A benchmark step's inputs: x (N, H, W, 3) then target (N, H/4, W/4, K), float32, drawn from `seed`."""
+    x, target = random_arrays(
+        seed, (batch_size, *config.input_hw, 3), (batch_size, *config.heatmap_hw, config.num_keypoints)
+    )
+    return x, target
+
+
+def conv_probe_arrays(
+    input_shape: tuple[int, int, int, int], c_out: int, kernel_size: int, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The conv probe's input (N, H, W, c_in) then kernel (k, k, c_in, c_out), float32, drawn from `seed`."""
+    c_in = input_shape[3]
+    x, kernel = random_arrays(seed, tuple(input_shape), (kernel_size, kernel_size, c_in, c_out))
+    return x, kernel
+
+
+def gemm_probe_arrays(m: int, k: int, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The GEMM probe's operands a (m, k) then b (k, n), float32, drawn from `seed`."""
+    a, b = random_arrays(seed, (m, k), (k, n))
+    return a, b

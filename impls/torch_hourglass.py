@@ -7,11 +7,8 @@ here and (kh, kw, c_in, c_out) canonically.
 
 from __future__ import annotations
 
-import statistics
-import time
-from collections import Counter
+import contextlib
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -20,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from impls import base, profiling, registry, spec
-from impls.base import PHASES, AbstractHourglassModel, check_build_args, resolve_weights
+from impls.base import AbstractHourglassModel, check_build_args, check_device_args, check_step_args, resolve_weights
 from impls.config import HourglassConfig
 
 FRAMEWORK = "torch"
@@ -32,13 +29,24 @@ PRECISIONS: tuple[str, ...] = base.PRECISIONS
 # biased one; normalisation itself uses the biased variance everywhere. Left as PyTorch does it.
 BN_MOMENTUM = 0.1
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-# Set only while profile() runs: record_function costs a little even with no profiler listening, and under
+# True only inside stage_scopes(): record_function costs a little even with no profiler listening, and under
 # torch.compile dynamo guards on this global, so flipping it would recompile the model.
 _stage_scopes_enabled = False
 
 
+@contextlib.contextmanager
+def stage_scopes() -> Iterator[None]:
+    """Within the block, every stage (and the loss) runs inside a torch.profiler range named after it."""
+    global _stage_scopes_enabled  # noqa: PLW0603 -- the module flag _in_scope reads
+    _stage_scopes_enabled = True
+    try:
+        yield
+    finally:
+        _stage_scopes_enabled = False
+
+
 def _in_scope(name: str, fn: Callable[..., Any], *args: torch.Tensor) -> Any:
-    """fn(*args), inside a profiler range called `name` while profile() enables the stage scopes."""
+    """fn(*args), inside a profiler range called `name` while stage_scopes() is on."""
     if not _stage_scopes_enabled:
         return fn(*args)
     with torch.profiler.record_function(name):
@@ -79,7 +87,7 @@ def _bn(channels: int) -> nn.BatchNorm2d:
 class Residual(nn.Module):
     """Bottleneck residual: postact (conv-BN-ReLU x3, c_out/4) or preact (BN-ReLU-conv x3, c_out/2)."""
 
-    def __init__(self, config: HourglassConfig, c_in: int, c_out: int, hw: tuple[int, int]) -> None:
+    def __init__(self, config: HourglassConfig, hw: tuple[int, int], c_in: int, c_out: int) -> None:
         super().__init__()
         self.preact = config.block == "preact"
         mid = c_out // 2 if self.preact else c_out // 4
@@ -110,14 +118,14 @@ class Residual(nn.Module):
 class Hourglass(nn.Module):
     """One hourglass level: up1(x) + upsample2x(low3(low2(low1(maxpool2x2(x))))), recursing `depth` times."""
 
-    def __init__(self, config: HourglassConfig, depth: int, hw: tuple[int, int]) -> None:
+    def __init__(self, config: HourglassConfig, hw: tuple[int, int], depth: int) -> None:
         super().__init__()
         c = config.channels
         low_hw = (hw[0] // 2, hw[1] // 2)
-        self.up1 = Residual(config, c, c, hw)
-        self.low1 = Residual(config, c, c, low_hw)
-        self.low2 = Hourglass(config, depth - 1, low_hw) if depth > 1 else Residual(config, c, c, low_hw)
-        self.low3 = Residual(config, c, c, low_hw)
+        self.up1 = Residual(config, hw, c, c)
+        self.low1 = Residual(config, low_hw, c, c)
+        self.low2 = Hourglass(config, low_hw, depth - 1) if depth > 1 else Residual(config, low_hw, c, c)
+        self.low3 = Residual(config, low_hw, c, c)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(N, C, H, W) -> (N, C, H, W)."""
@@ -135,11 +143,11 @@ class Stem(nn.Module):
         self.conv = _conv(config, hw, 3, c_stem, 7, stride=2)
         self.bn = _bn(c_stem)
         hw = (hw[0] // 2, hw[1] // 2)
-        self.res1 = Residual(config, c_stem, c_half, hw)
+        self.res1 = Residual(config, hw, c_stem, c_half)
         self.pool = nn.AvgPool2d(2) if config.stem_pool == "avg" else nn.MaxPool2d(2)
         hw = (hw[0] // 2, hw[1] // 2)
-        self.res2 = Residual(config, c_half, c_half, hw)
-        self.res3 = Residual(config, c_half, config.channels, hw)
+        self.res2 = Residual(config, hw, c_half, c_half)
+        self.res3 = Residual(config, hw, c_half, config.channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(N, 3, H, W) -> (N, C, H/4, W/4)."""
@@ -151,10 +159,10 @@ class Stem(nn.Module):
 class Head(nn.Module):
     """Per-stack head: residual, 1x1 conv-BN-ReLU ("previous") and the linear 1x1 heatmap conv."""
 
-    def __init__(self, config: HourglassConfig, hw: tuple[int, int]) -> None:
+    def __init__(self, config: HourglassConfig) -> None:
         super().__init__()
-        c = config.channels
-        self.res = Residual(config, c, c, hw)
+        c, hw = config.channels, config.heatmap_hw
+        self.res = Residual(config, hw, c, c)
         self.lin_conv = _conv(config, hw, c, c, 1)
         self.lin_bn = _bn(c)
         self.heatmap_conv = _conv(config, hw, c, config.num_keypoints, 1, bias=True)
@@ -168,9 +176,9 @@ class Head(nn.Module):
 class Merge(nn.Module):
     """Feeds a stack's features and heatmaps back into the next stack's input."""
 
-    def __init__(self, config: HourglassConfig, hw: tuple[int, int]) -> None:
+    def __init__(self, config: HourglassConfig) -> None:
         super().__init__()
-        c, k = config.channels, config.num_keypoints
+        c, k, hw = config.channels, config.num_keypoints, config.heatmap_hw
         self.feature_conv = _conv(config, hw, c, c, 1, bias=True)
         self.heatmap_conv = _conv(config, hw, k, c, 1, bias=True)
 
@@ -185,13 +193,12 @@ class StackedHourglass(nn.Module):
     def __init__(self, config: HourglassConfig) -> None:
         super().__init__()
         self.num_stacks = config.num_stacks
-        hw = config.heatmap_hw
         self.stem = Stem(config)
         for i in range(config.num_stacks):
-            self.add_module(f"hourglass_{i}", Hourglass(config, config.depth, hw))
-            self.add_module(f"head_{i}", Head(config, hw))
+            self.add_module(f"hourglass_{i}", Hourglass(config, config.heatmap_hw, config.depth))
+            self.add_module(f"head_{i}", Head(config))
             if i < config.num_stacks - 1:
-                self.add_module(f"merge_{i}", Merge(config, hw))
+                self.add_module(f"merge_{i}", Merge(config))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(N, 3, H, W) -> heatmaps of every stack, (S, N, K, H/4, W/4)."""
@@ -238,15 +245,16 @@ def _to_canonical(name: str, t: torch.Tensor) -> np.ndarray:
     return t.detach().to("cpu", torch.float32, copy=True, memory_format=torch.contiguous_format).numpy()
 
 
-class TorchHourglassModel(AbstractHourglassModel):
+class TorchHourglass(AbstractHourglassModel):
     """A StackedHourglass on one device and precision, run eagerly or through torch.compile."""
 
-    def __init__(self, config: HourglassConfig, weights: dict[str, np.ndarray], device: str, precision: str,
-                 execution: str, channels_last: bool) -> None:
-        self.config, self.framework = config, FRAMEWORK
-        self.device, self.precision, self.execution = device, precision, execution
+    framework = FRAMEWORK
+
+    def __init__(self, config: HourglassConfig, weights: dict[str, np.ndarray], *, device: str, precision: str,
+                 execution: str, channels_last: bool = True) -> None:
+        self.config, self.device, self.precision, self.execution = config, device, precision, execution
         self.channels_last = channels_last
-        self._device = torch.device("cuda", 0) if device == "gpu" else torch.device("cpu")
+        self.torch_device = _torch_device(device)
         self._dtype = _DTYPES[precision]
         self._memory_format = torch.channels_last if channels_last else torch.contiguous_format
 
@@ -255,7 +263,7 @@ class TorchHourglassModel(AbstractHourglassModel):
             for name, t in _canonical_tensors(self.net, config).items():
                 value = torch.from_numpy(np.asarray(weights[name], dtype=np.float32))
                 t.copy_(value.permute(3, 2, 0, 1) if name.endswith(".kernel") else value)
-        self.net.to(self._device, self._dtype, memory_format=self._memory_format)
+        self.net.to(self.torch_device, self._dtype, memory_format=self._memory_format)
         self._tensors = _canonical_tensors(self.net, config)  # after .to(): BN buffers are new tensors
         self._trainable = spec.trainable_names(config)
         # Built once and reused: torch.compile caches one graph per (train/eval, grad mode, shape) guard set.
@@ -270,26 +278,27 @@ class TorchHourglassModel(AbstractHourglassModel):
         if a.ndim != 4:
             raise ValueError(f"expected an NHWC array (N, H, W, C), got shape {a.shape}")
         t = torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)).permute(0, 3, 1, 2)  # (N, C, H, W) view
-        return t.to(self._device, self._dtype, memory_format=self._memory_format)
+        return t.to(self.torch_device, self._dtype, memory_format=self._memory_format)
 
-    def _sync(self) -> None:
-        if self._device.type == "cuda":
-            torch.cuda.synchronize(self._device)
+    def sync(self) -> None:
+        """Block until the device has finished all queued work (nothing to wait for on the CPU)."""
+        _sync(self.torch_device)
 
-    def _set_mode(self, train: bool) -> None:
+    def set_mode(self, train: bool) -> None:
+        """Train-mode BN (batch statistics) when `train`, else eval mode (running statistics)."""
         if self.net.training != train:  # O(1) check; .train() walks every module
             self.net.train(train)
 
     def predict(self, x: np.ndarray, train_mode: bool = False) -> np.ndarray:
         """Heatmaps (S, N, H/4, W/4, K) float32; train_mode uses batch statistics and updates running ones."""
-        self._set_mode(train_mode)
+        self.set_mode(train_mode)
         with torch.no_grad() if train_mode else torch.inference_mode():
             heatmaps = self._fn(self._input(x))  # (S, N, K, h, w)
         return _to_canonical("heatmaps", heatmaps.permute(0, 1, 3, 4, 2))  # (S, N, h, w, K)
 
     def _train_step(self, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Train-mode forward, loss and backward; gradients land in each parameter's .grad."""
-        self._set_mode(True)
+        self.set_mode(True)
         self.net.zero_grad(set_to_none=True)
         loss = _in_scope("loss", heatmap_loss, self._fn(x), target)
         loss.backward()
@@ -305,24 +314,20 @@ class TorchHourglassModel(AbstractHourglassModel):
         """Every parameter and BN statistic as float32 numpy under canonical names and layouts."""
         return {name: _to_canonical(name, t) for name, t in self._tensors.items()}
 
-    def _step_inputs(self, batch_size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Random (x (N, 3, H, W), target (N, K, H/4, W/4)) on the device, drawn from `seed`."""
-        rng = np.random.default_rng(seed)
-        (h, w), (hh, hw) = self.config.input_hw, self.config.heatmap_hw
-        x = self._input(rng.standard_normal((batch_size, h, w, 3), dtype=np.float32))
-        target = self._input(rng.standard_normal((batch_size, hh, hw, self.config.num_keypoints), dtype=np.float32))
-        return x, target
+    def step_inputs(self, batch_size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """impls.spec.random_batch on the device: x (N, 3, H, W) and target (N, K, H/4, W/4)."""
+        x, target = spec.random_batch(self.config, batch_size, seed)
+        return self._input(x), self._input(target)
 
     def benchmark_step(self, phase: str, batch_size: int, seed: int = 0) -> Callable[[], None]:
         """A zero-argument step on device-resident random inputs; it returns after a device sync."""
-        if phase not in PHASES:
-            raise ValueError(f"phase must be one of {', '.join(PHASES)}, got {phase!r}")
-        x, target = self._step_inputs(batch_size, seed)
-        fn, sync = self._fn, self._sync
+        check_step_args(phase, batch_size)
+        x, target = self.step_inputs(batch_size, seed)
+        fn, sync = self._fn, self.sync
 
         if phase == "forward":
             def step() -> None:
-                self._set_mode(False)
+                self.set_mode(False)
                 with torch.inference_mode():
                     fn(x)
                 sync()
@@ -334,12 +339,12 @@ class TorchHourglassModel(AbstractHourglassModel):
 
     def reset_peak_memory(self) -> None:
         """Reset the CUDA allocator's peak counter (nothing to reset on the CPU)."""
-        if self._device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self._device)
+        if self.torch_device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.torch_device)
 
     def peak_memory_bytes(self) -> int | None:
         """CUDA allocator peak since the last reset; None on the CPU."""
-        return int(torch.cuda.max_memory_allocated(self._device)) if self._device.type == "cuda" else None
+        return int(torch.cuda.max_memory_allocated(self.torch_device)) if self.torch_device.type == "cuda" else None
 
     def settings(self) -> dict[str, object]:
         """Layout, compile mode, precision, TF32 and thread settings of this model."""
@@ -348,7 +353,7 @@ class TorchHourglassModel(AbstractHourglassModel):
             "layout": "channels_last" if self.channels_last else "contiguous",
             "compile": {"backend": "inductor", "mode": "default"} if self.execution == "compile" else None,
             "dtype": str(self._dtype),
-            "torch_device": str(self._device),
+            "torch_device": str(self.torch_device),
             "cuda_matmul_allow_tf32": torch.backends.cuda.matmul.allow_tf32,
             "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,
             "cudnn_benchmark": torch.backends.cudnn.benchmark,
@@ -358,12 +363,23 @@ class TorchHourglassModel(AbstractHourglassModel):
         }
 
 
+def _torch_device(device: str) -> torch.device:
+    """The torch device for an hgbench device name: "gpu" is CUDA device 0."""
+    return torch.device("cuda", 0) if device == "gpu" else torch.device("cpu")
+
+
+def _sync(device: torch.device) -> None:
+    """Wait for `device`'s queued kernels; CPU ops are already complete when they return."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def gpu_available() -> bool:
     """True when torch sees a CUDA device."""
     return torch.cuda.is_available()
 
 
-def runtime_info() -> dict:
+def runtime_info() -> dict[str, object]:
     """Torch version, devices, threads and the backend settings that change speed."""
     gpus = [f"cuda:{i} {torch.cuda.get_device_name(i)}" for i in range(torch.cuda.device_count())] if gpu_available() else []
     return {
@@ -387,8 +403,8 @@ def runtime_info() -> dict:
 
 def build(config: HourglassConfig, weights: dict[str, np.ndarray] | None = None, *, device: str = "cpu",
           precision: str = "fp32", execution: str = EXECUTIONS[0], channels_last: bool | None = None,
-          **options: object) -> TorchHourglassModel:
-    """A TorchHourglassModel; weights default to impls.spec.init_weights(config, seed=0).
+          **options: object) -> TorchHourglass:
+    """A TorchHourglass; weights default to impls.spec.init_weights(config, seed=0).
 
     channels_last (None -> True): model and inputs in torch.channels_last, 1.6-1.8x faster on oneDNN CPUs.
     """
@@ -396,7 +412,8 @@ def build(config: HourglassConfig, weights: dict[str, np.ndarray] | None = None,
         raise ValueError(f"unknown torch build options {sorted(options)}; the only option is channels_last")
     check_build_args(FRAMEWORK, EXECUTIONS, execution, precision, device, gpu_available)
     weights = resolve_weights(config, weights)
-    return TorchHourglassModel(config, weights, device, precision, execution, True if channels_last is None else channels_last)
+    return TorchHourglass(config, weights, device=device, precision=precision, execution=execution,
+                          channels_last=True if channels_last is None else channels_last)  # fmt: skip
 
 
 def conv_benchmark(input_shape: tuple[int, int, int, int], c_out: int, *, kernel_size: int = 3, device: str = "cpu",
@@ -405,326 +422,38 @@ def conv_benchmark(input_shape: tuple[int, int, int, int], c_out: int, *, kernel
 
     Same layout, precision and backend settings as build(); each call ends synchronised like benchmark_step.
     """
-    if device == "gpu" and not gpu_available():
-        raise RuntimeError("no GPU visible to torch; use --device cpu")
-    dev = torch.device("cuda", 0) if device == "gpu" else torch.device("cpu")
+    check_device_args(FRAMEWORK, precision, device, gpu_available)
+    dev, dtype = _torch_device(device), _DTYPES[precision]
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    rng = np.random.default_rng(seed)
-    n, h, w, c_in = input_shape
-    x = torch.from_numpy(rng.standard_normal((n, h, w, c_in), dtype=np.float32)).permute(0, 3, 1, 2)  # (N, C, H, W)
-    x = x.to(dev, _DTYPES[precision], memory_format=memory_format)
-    conv = nn.Conv2d(c_in, c_out, kernel_size, padding=kernel_size // 2, bias=False)
-    conv = conv.to(dev, _DTYPES[precision], memory_format=memory_format).eval()
+    x, kernel = spec.conv_probe_arrays(input_shape, c_out, kernel_size, seed)
+    x_dev = torch.from_numpy(x).permute(0, 3, 1, 2).to(dev, dtype, memory_format=memory_format)  # (N, C, H, W)
+    conv = nn.Conv2d(x.shape[3], c_out, kernel_size, padding=kernel_size // 2, bias=False)
+    with torch.no_grad():
+        conv.weight.copy_(torch.from_numpy(kernel).permute(3, 2, 0, 1))  # (k, k, c_in, c_out) -> (c_out, c_in, k, k)
+    conv = conv.to(dev, dtype, memory_format=memory_format).eval()
 
     def step() -> None:
         with torch.inference_mode():
-            conv(x)
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
+            conv(x_dev)  # (N, c_out, H, W)
+        _sync(dev)
 
     return step
 
 
 def gemm_benchmark(m: int, k: int, n: int, *, device: str = "cpu", precision: str = "fp32", seed: int = 0) -> Callable[[], None]:
     """(m, k) @ (k, n) on device-resident random matrices: the matmul-ceiling probe; each call ends synchronised."""
-    check_build_args(FRAMEWORK, EXECUTIONS, EXECUTIONS[0], precision, device, gpu_available)
-    dev = torch.device("cuda", 0) if device == "gpu" else torch.device("cpu")
-    rng = np.random.default_rng(seed)
-    a = torch.from_numpy(rng.standard_normal((m, k), dtype=np.float32)).to(dev, _DTYPES[precision])
-    b = torch.from_numpy(rng.standard_normal((k, n), dtype=np.float32)).to(dev, _DTYPES[precision])
+    check_device_args(FRAMEWORK, precision, device, gpu_available)
+    dev, dtype = _torch_device(device), _DTYPES[precision]
+    a, b = (torch.from_numpy(operand).to(dev, dtype) for operand in spec.gemm_probe_arrays(m, k, n, seed))
 
     def step() -> None:
         with torch.inference_mode():
             torch.matmul(a, b)  # (m, n)
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
+        _sync(dev)
 
     return step
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Profiling (issue 6): the contract is in impls/profiling.py.
-
-_BACKWARD_PREFIX = "autograd::engine::evaluate_function: "
-_StagePlan = list[tuple[str, tuple[str, ...], tuple[str, ...]]]
-
-
-def _time_ms(fn: Callable[[], None]) -> float:
-    t0 = time.perf_counter_ns()
-    fn()  # ends synchronised (benchmark_step's promise)
-    return (time.perf_counter_ns() - t0) / 1e6
-
-
-def _lower_median_index(values: list[float]) -> int:
-    """Index of the lower median, as impls.profiling.time_staged picks its step."""
-    return sorted(range(len(values)), key=values.__getitem__)[(len(values) - 1) // 2]
-
-
-def _compile_counts() -> tuple[int, float, list[Any]]:
-    """(dynamo graphs so far, dynamo compile seconds so far, inductor-generated modules loaded) in this process."""
-    from torch._dynamo.utils import compilation_time_metrics, counters
-    from torch._inductor.codecache import PyCodeCache
-
-    # Dynamo's whole compile of a frame, plus AOTAutograd's lazy backward compile (first backward call).
-    timers = ("_compile.compile_inner", "backward._backward_impl")
-    compile_s = sum(sum(compilation_time_metrics.get(timer, [])) for timer in timers)
-    return counters["stats"]["unique_graphs"], compile_s, list(getattr(PyCodeCache, "modules", []))
-
-
-def _profile_steps(model: TorchHourglassModel, step: Callable[[], None], steps: int, trace_path: Path) -> tuple[list[float], Any]:
-    """Run `steps` steps under torch.profiler; (their wall times in ms, the profiler's FunctionEvents)."""
-    global _stage_scopes_enabled  # noqa: PLW0603 -- the module flag _in_scope reads
-    activities = [torch.profiler.ProfilerActivity.CPU]
-    if model._device.type == "cuda":
-        activities.append(torch.profiler.ProfilerActivity.CUDA)
-    wall_ms: list[float] = []
-    # Scopes only in eager: in a compiled region they would not bound inductor's fused kernels, and dynamo
-    # guards on the flag, so turning it on would recompile the model.
-    _stage_scopes_enabled = model.execution == "eager"
-    try:
-        with torch.profiler.profile(activities=activities, record_shapes=False) as prof:
-            wall_ms = [_time_ms(step) for _ in range(steps)]
-    finally:
-        _stage_scopes_enabled = False
-    trace_path.parent.mkdir(parents=True, exist_ok=True)
-    prof.export_chrome_trace(str(trace_path))
-    return wall_ms, prof.events()
-
-
-def _event_ms(event: Any, cuda: bool) -> tuple[float, float]:
-    """(total, self) ms of a CPU-side event: its CUDA kernels' time on gpu, its CPU time otherwise."""
-    if cuda:
-        total_us, self_us = event.device_time_total, event.self_device_time_total
-    else:
-        total_us, self_us = event.cpu_time_total, event.self_cpu_time_total
-    # Clock rounding can make a child outlast its parent by a microsecond, giving a parent negative self time.
-    return total_us / 1e3, min(max(self_us, 0.0), total_us) / 1e3
-
-
-def _descendants(event: Any) -> Iterator[Any]:
-    for child in event.cpu_children:
-        yield child
-        yield from _descendants(child)
-
-
-def _profiler_stages(events: Any, names: list[str], step_index: int, cuda: bool) -> dict[str, float]:
-    """Stage ms in profiled step `step_index`: each stage's scope range plus, for forward_backward, the
-    backward nodes created by the forward ops inside it (a node's evaluate_function event carries the
-    sequence number of the forward op that recorded it)."""
-    from torch.autograd import DeviceType
-
-    stage_ms = dict.fromkeys(names, 0.0)
-    stage_of_seq: dict[int, str] = {}
-    ranges = sorted((e for e in events if e.name in stage_ms and e.device_type == DeviceType.CPU), key=lambda e: e.time_range.start)
-    seen: Counter[str] = Counter()
-    for scope in ranges:  # each scope opens once per step, so a name's k-th range belongs to step k
-        seen[scope.name] += 1
-        if seen[scope.name] - 1 == step_index:
-            stage_ms[scope.name] += _event_ms(scope, cuda)[0]
-            stage_of_seq.update((op.sequence_nr, scope.name) for op in _descendants(scope) if op.sequence_nr >= 0)
-    for event in events:
-        if event.name.startswith(_BACKWARD_PREFIX) and event.sequence_nr in stage_of_seq:
-            stage_ms[stage_of_seq[event.sequence_nr]] += _event_ms(event, cuda)[0]
-    return {name: ms for name, ms in stage_ms.items() if ms > 0}
-
-
-def _op_events(events: Any, skip: set[str], cuda: bool) -> Iterator[dict[str, Any]]:
-    """One {"op", "total_ms", "self_ms"} per CPU-side aten/runtime op call, stage scopes left out."""
-    from torch.autograd import DeviceType
-
-    for event in events:
-        if event.device_type == DeviceType.CPU and event.name not in skip:
-            total_ms, self_ms = _event_ms(event, cuda)
-            yield {"op": event.name, "total_ms": total_ms, "self_ms": self_ms}
-
-
-def _stage_plan(config: HourglassConfig) -> _StagePlan:
-    """(stage, activations it reads, activations it writes) in StackedHourglass.forward's order."""
-    plan: _StagePlan = [("stem", ("input",), ("x_0",))]
-    for i in range(config.num_stacks):
-        plan.append((f"hourglass_{i}", (f"x_{i}",), (f"y_{i}",)))
-        plan.append((f"head_{i}", (f"y_{i}",), (f"previous_{i}", f"heatmaps_{i}")))
-        if i < config.num_stacks - 1:
-            plan.append((f"merge_{i}", (f"x_{i}", f"previous_{i}", f"heatmaps_{i}"), (f"x_{i + 1}",)))
-    return plan
-
-
-def _staged_calls(model: TorchHourglassModel, phase: str, target: torch.Tensor) -> list[tuple[str, Callable[[Any], Any]]]:
-    """The step as one torch.compile'd call per stage (then, for forward_backward, the loss and each stage's
-    backward in reverse), for impls.profiling.time_staged; the state is a dict of named activations."""
-    train = phase == "forward_backward"
-    plan = _stage_plan(model.config)
-    compiled = {name: torch.compile(getattr(model.net, name)) for name, _, _ in plan}
-
-    def forward(name: str, inputs: tuple[str, ...], outputs: tuple[str, ...]) -> Callable[[Any], Any]:
-        def call(state: Any) -> dict[str, torch.Tensor]:
-            state = state if isinstance(state, dict) else {"input": state}  # the first stage starts a step
-            with torch.enable_grad() if train else torch.inference_mode():
-                result = compiled[name](*(state[key] for key in inputs))
-            for key, out in zip(outputs, result if isinstance(result, tuple) else (result,), strict=True):
-                # Detached leaves end this stage's autograd graph, so its backward can run as its own call;
-                # a leaf read by two stages (x_i, heatmaps_i) sums both gradients in .grad.
-                state["graph:" + key] = out
-                state[key] = out.detach().requires_grad_() if train else out
-            return state
-        return call
-
-    def loss(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        model.net.zero_grad(set_to_none=True)  # as _train_step does, before this step's backward writes .grad
-        heatmaps = torch.stack([state[f"heatmaps_{i}"] for i in range(model.config.num_stacks)])  # (S, N, K, h, w)
-        heatmap_loss(heatmaps, target).backward()
-        return state
-
-    def backward(outputs: tuple[str, ...]) -> Callable[[Any], Any]:
-        def call(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-            used = [key for key in outputs if state[key].grad is not None]  # the last head's `previous` is unused
-            torch.autograd.backward([state["graph:" + key] for key in used], [state[key].grad for key in used])
-            return state
-        return call
-
-    calls = [(name, forward(name, inputs, outputs)) for name, inputs, outputs in plan]
-    if train:
-        calls.append(("loss", loss))
-        calls += [(name, backward(outputs)) for name, _, outputs in reversed(plan)]
-    return calls
-
-
-def _count_flops(model: TorchHourglassModel, phase: str, x: torch.Tensor, target: torch.Tensor) -> dict[str, Any]:
-    """FlopCounterMode over one eager step of the model's module (the step's aten ops, before any fusion)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    model._set_mode(phase == "forward_backward")
-    with FlopCounterMode(display=False) as counter:
-        if phase == "forward":
-            with torch.inference_mode():
-                model.net(x)
-        else:
-            model.net.zero_grad(set_to_none=True)
-            heatmap_loss(model.net(x), target).backward()
-    per_op = {str(op): int(flops) for op, flops in counter.get_flop_counts()["Global"].items()}
-    conv = {op: flops for op, flops in per_op.items() if "conv" in op}
-    other = sorted(op for op in per_op if op not in conv)
-    return {
-        "source": "torch.utils.flop_counter.FlopCounterMode",
-        "conv_flops": sum(conv.values()),
-        "total_flops": sum(per_op.values()),
-        "note": (
-            f"one eager {phase} step of the same module under FlopCounterMode (it counts aten ops; inductor's "
-            f"fused kernels are not aten ops); conv_flops = {' + '.join(sorted(conv)) or 'none'}, 2 FLOPs per "
-            "multiply-add; convolution_backward counts only the gradients it computes (output_mask), so the "
-            "first conv's input gradient, which the input does not require, is not counted. total_flops = every "
-            f"op FlopCounterMode has a formula for: besides convolutions {', '.join(other) or 'none'}; it has "
-            "no formula for BN, ReLU, adds, pooling, upsampling or the loss, which are left out"
-        ),
-    }
-
-
-def _compile_info(model: TorchHourglassModel, before: tuple, after_first: tuple, after_loops: tuple, first_call_ms: float) -> dict[str, Any]:
-    """The `compile` entry: dynamo's compile time and graphs, and recompilations during the timed loops."""
-    if model.execution == "eager":
-        return {"first_call_ms": first_call_ms, "trace_compile_ms": None, "recompilations_in_timed_loop": None,
-                "program_size": None, "program_size_unit": "",
-                "note": "eager: nothing is compiled; the first call pays allocator warm-up and oneDNN/cuDNN setup"}
-    graphs = after_first[0] - before[0]
-    new_modules = after_first[2][len(before[2]):]
-    code_chars = sum(len(Path(module.__file__).read_text()) for module in new_modules) if new_modules else None
-    return {
-        "first_call_ms": first_call_ms,
-        "trace_compile_ms": (after_first[1] - before[1]) * 1e3,
-        "recompilations_in_timed_loop": after_loops[0] - after_first[0],
-        "program_size": code_chars,
-        "program_size_unit": "chars" if code_chars else "",
-        "note": (
-            f"torch.compile (inductor): the first call captured {graphs} dynamo graph(s) and loaded "
-            f"{len(new_modules)} inductor-generated module(s) (forward_backward: a forward and a backward one)"
-            + ("; nothing was compiled because this process had already compiled an identically shaped model "
-               "(dynamo caches per code object, with parameters as inputs)" if graphs == 0 else "")
-            + "; trace_compile_ms = dynamo's _compile.compile_inner time (tracing, AOTAutograd, inductor codegen, "
-            "FX-graph-cache lookups) plus the lazy backward compile (backward._backward_impl) in the first call; "
-            "recompilations = change of torch._dynamo counters['stats']['unique_graphs'] across the timed and "
-            "profiled loops; program_size = characters of the inductor-generated Python modules loaded in the first call"
-        ),
-    }
-
-
-def _time_compiled_stages(model: TorchHourglassModel, phase: str, x: torch.Tensor, target: torch.Tensor,
-                          warmup: int, steps: int) -> tuple[dict[str, float], float]:
-    """impls.profiling.time_staged over one torch.compile'd call per stage; (ms per stage, staged step ms)."""
-    model._set_mode(phase == "forward_backward")  # train-mode BN for forward_backward, as benchmark_step
-    calls = _staged_calls(model, phase, target)
-    # At least one untimed staged step: it compiles every stage.
-    return profiling.time_staged(calls, x, lambda _: model._sync(), warmup=max(warmup, 1), steps=steps)
-
-
-def _staged_note(phase: str) -> str:
-    backward = (" (forward stages on detached inputs, the loss, then each stage's backward in reverse, summed with "
-                "its forward)" if phase == "forward_backward" else "")
-    return (
-        "torch.compile fuses within and around stages and record_function ranges inside a compiled region do not "
-        "bound inductor's kernels, so each stage module was torch.compile'd on its own and the stages run as one "
-        f"call each with a device sync after every call{backward}; stage_step_ms differs from step_ms by what one "
-        "whole-model graph saves over per-stage graphs"
-    )
-
-
-def _profiler_note(phase: str, unattributed_ms: float, cuda: bool) -> str:
-    train = phase == "forward_backward"
-    backward = (", plus the backward nodes its forward ops created, matched through autograd sequence numbers; "
-                "'loss' = the loss range and its backward" if train else "")
-    return (
-        f"torch.profiler: each stage's record_function range ({'CUDA kernel time' if cuda else 'CPU time'}) in the "
-        f"median profiled step{backward}; {unattributed_ms:.3f} ms of that step's wall time is in no stage (python, "
-        f"stacking the outputs{', zero_grad, AccumulateGrad' if train else ''}, profiler overhead"
-        f"{', GPU idle time' if cuda else ''})"
-    )
-
-
-def profile(config: HourglassConfig, *, phase: str, batch_size: int, execution: str, trace_dir: str,
-            device: str = "cpu", precision: str = "fp32", warmup: int = 2, steps: int = 5, seed: int = 0,
-            top_k: int = 25) -> dict:
-    """Time, profile and stage-attribute one phase's step; the dict documented in impls/profiling.py."""
-    if phase not in PHASES:
-        raise ValueError(f"phase must be one of {', '.join(PHASES)}, got {phase!r}")
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1 (the number of timed and profiled steps), got {steps}")
-    check_build_args(FRAMEWORK, EXECUTIONS, execution, precision, device, gpu_available)
-    model = build(config, device=device, precision=precision, execution=execution)
-    step = model.benchmark_step(phase, batch_size, seed)
-    compiled = execution == "compile"
-
-    before = _compile_counts() if compiled else ()
-    first_call_ms = _time_ms(step)
-    after_first = _compile_counts() if compiled else ()
-    for _ in range(warmup):
-        step()
-    step_ms = statistics.median(_time_ms(step) for _ in range(steps))
-    trace_name = "torch_trace.json"
-    profiled_ms, events = _profile_steps(model, step, steps, Path(trace_dir) / trace_name)
-    after_loops = _compile_counts() if compiled else ()
-
-    median_index = _lower_median_index(profiled_ms)
-    op_step_ms = profiled_ms[median_index]
-    names = profiling.stage_names(config) + (["loss"] if phase == "forward_backward" else [])
-    cuda = model._device.type == "cuda"
-    if compiled:
-        x, target = model._step_inputs(batch_size, seed)
-        stage_ms, stage_step_ms = _time_compiled_stages(model, phase, x, target, warmup, steps)
-        stage_method, stage_note = "staged", _staged_note(phase)
-    else:
-        stage_ms = _profiler_stages(events, names, median_index, cuda)
-        stage_method, stage_step_ms = "profiler", op_step_ms
-        stage_note = _profiler_note(phase, op_step_ms - sum(stage_ms.values()), cuda)
-    return {
-        "framework": FRAMEWORK, "execution": execution, "phase": phase, "batch_size": batch_size,
-        "precision": precision, "device": device,
-        "step_ms": step_ms,
-        "stage_method": stage_method,
-        "stage_step_ms": stage_step_ms,
-        "stage_note": stage_note,
-        "stages": [{"stage": name, "ms": stage_ms[name]} for name in names if name in stage_ms],
-        "ops": profiling.op_table(_op_events(events, set(names), cuda), steps, top_k),
-        "op_step_ms": op_step_ms,
-        "trace_files": [trace_name],
-        "flops": _count_flops(model, phase, *model._step_inputs(batch_size, seed)),
-        "compile": _compile_info(model, before, after_first, after_loops, first_call_ms),
-    }
+# profile(config, *, phase, batch_size, execution, trace_dir, ...) -> impls.profiling.ProfileResult; it runs
+# impls/profilers/torch_profiling.py, imported on the first call.
+profile = profiling.framework_profile(FRAMEWORK, gpu_available)
