@@ -68,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     how.add_argument("--iters", metavar="N", help="timed iterations: exactly N, or at most N with --min-time")
     how.add_argument("--min-time", metavar="SECONDS", help="time iterations until this much time has passed")
     how.add_argument("--timeout", metavar="SECONDS", help="per cell, from worker start (default 900)")
+    how.add_argument("--rounds", metavar="N",
+                     help="worker processes per cell, interleaved over all cells (default: 1); intervals "
+                     "include the process-to-process noise only with 2 or more")  # fmt: skip
     where = run.add_argument_group("where results go")
     where.add_argument("--out", metavar="DIR", help="results directory (default: results/)")
     where.add_argument("--run-id", metavar="NAME", help="name the run folder OUT/NAME instead of <UTC time>-<device> (must not exist)")

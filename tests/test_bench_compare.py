@@ -17,7 +17,8 @@ import pytest
 import impls
 from bench.cli import main
 from bench.core.columns import SAMPLE_COLUMNS, SUMMARY_COLUMNS
-from bench.regress.compare import CompareError, compare_runs, parse_threshold, ratio_of_medians, verdict
+from bench.core.stats import ratio_of_medians
+from bench.regress.compare import CompareError, compare_runs, parse_threshold, verdict
 
 FWD = "torch-eager-fp32-b1-forward"
 BWD = "torch-eager-fp32-b1-forward_backward"

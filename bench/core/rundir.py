@@ -283,6 +283,8 @@ class RunStore:
         if self._samples.empty:
             return []
         rows = self._samples[self._samples["cell_id"] == cell_id]
+        if "round" not in rows:  # a run recorded before rounds existed: one round
+            return [[int(v) for v in rows["latency_ns"]]] if not rows.empty else []
         rounds = pd.to_numeric(rows["round"], errors="coerce").fillna(1).astype(int)
         return [[int(v) for v in rows.loc[rounds == r, "latency_ns"]] for r in sorted(set(rounds))]
 

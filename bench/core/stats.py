@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
+from scipy import stats as sps
 
 NOISY_IQR_RATIO = 0.10  # torch.utils.benchmark's threshold: IQR/median above this is worth a warning
 NOISY_ROUND_CV = 0.05  # between-round coefficient of variation of the round medians above this: noisy
@@ -128,3 +130,49 @@ def summarize(samples_ns: Sequence[int] | Sequence[Sequence[int]], batch_size: i
         "achieved_gflop_per_s": flops / median_s / 1e9 if flops is not None and median_s > 0 else math.nan,
         "noisy": bool((median > 0 and iqr / median > NOISY_IQR_RATIO) or noisy_rounds),
     }
+
+
+# ---------------------------------------------------------------- ratios of two cells
+
+
+@dataclass(frozen=True)
+class RatioStats:
+    """Ratio of medians new/base with its bootstrap CI, the rank-test p-value and the rounds behind each side."""
+
+    ratio: float
+    ci95_low: float
+    ci95_high: float
+    p_value: float
+    rounds_base: int = 1
+    rounds_new: int = 1
+
+    @property
+    def ci_level(self) -> str:
+        """"rounds" when both sides have several rounds (the interval knows the process-to-process noise)."""
+        return CI_ROUNDS if min(self.rounds_base, self.rounds_new) > 1 else CI_WITHIN
+
+
+def ratio_of_medians(
+    base: Sequence[float] | np.ndarray | Rounds,
+    new: Sequence[float] | np.ndarray | Rounds,
+    n_resamples: int = BOOTSTRAP_RESAMPLES,
+    seed: int = BOOTSTRAP_SEED,
+) -> RatioStats:
+    """median(new)/median(base) over every round's samples, a percentile-bootstrap 95% CI of it (two-level,
+    rounds then samples, on each side independently) and the Mann-Whitney U p-value of the pooled samples.
+
+    Each side is a flat sequence (one round) or one array per round.
+    """
+    base_rounds, new_rounds = as_rounds(base), as_rounds(new)
+    b, n = np.concatenate(base_rounds), np.concatenate(new_rounds)
+    if b.size < 2 or n.size < 2:
+        raise ValueError(f"ratio_of_medians needs at least 2 samples per side, got {b.size} and {n.size}")
+    ratio = float(np.median(n) / np.median(b))
+    rng = np.random.default_rng(seed)
+    ratios = resampled_medians(new_rounds, n_resamples, rng) / resampled_medians(base_rounds, n_resamples, rng)
+    low, high = np.percentile(ratios, [2.5, 97.5])
+    if np.all(b == b[0]) and np.all(n == n[0]) and b[0] == n[0]:
+        p_value = 1.0  # scipy warns and returns NaN when every value ties
+    else:
+        p_value = float(sps.mannwhitneyu(n, b, alternative="two-sided").pvalue)
+    return RatioStats(ratio, float(low), float(high), p_value, len(base_rounds), len(new_rounds))
