@@ -275,8 +275,10 @@ class Runner:
             row = {**base, "status": "skipped", "error": skip}
             self.store.add(row)
             return row
+        cache = str(self.session.workdir / "compile-cache") if s.rounds > 1 else ""
         spec = CellSpec(framework=cell.framework, execution=cell.execution, precision=cell.precision,
-                        batch_size=cell.batch_size, phase=cell.phase, loop=s.loop(), **self._placement())  # fmt: skip
+                        batch_size=cell.batch_size, phase=cell.phase, loop=s.loop(), compile_cache_dir=cache,
+                        **self._placement())  # fmt: skip
         name = cell.cell_id if s.rounds == 1 else f"{cell.cell_id}-round{round_number}"
         outcome = self.session.call(spec, name)
         result = outcome.result
@@ -319,7 +321,12 @@ class Runner:
         calibrations = [fw for fw in self.active if any(_calibration_cell(fw, w).cell_id not in done for w in workloads)]
         total = len(todo) + len(calibrations) + (len(self.active) if need_equivalence else 0)
         cells = len({cell.cell_id for _, cell in todo})
-        self.record["rounds"] = {"rounds": s.rounds, "order_seed": s.seed, "order": "bench.run.plan.round_order(cells, rounds, seed)"}
+        self.record["rounds"] = {
+            "rounds": s.rounds, "order_seed": s.seed, "order": "bench.run.plan.round_order(cells, rounds, seed)",
+            "compile_caches": "off (one round)" if s.rounds == 1 else (
+                "round 1 of each cell starts from an empty cache of this run (cold first_call_ms); later rounds reuse "
+                "torch inductor's and JAX's compilations (TensorFlow compiles again); a resumed run starts empty"),
+        }  # fmt: skip
         self.console.print(
             f"hgbench run [bold]{self.record['run_id']}[/]: {cells} cells to measure on {s.device}"
             f"{f' in {s.rounds} interleaved rounds' if s.rounds > 1 else ''} "
