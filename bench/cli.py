@@ -137,7 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 _COMPARE_EPILOG = """\
 verdict: slower when the bootstrap 95% CI of the ratio of medians new/base lies above 1, the Mann-Whitney
-p-value is below 0.01 and the ratio exceeds 1 + threshold; faster likewise; else unchanged. Parameter
+p-value is below 0.01 and the ratio exceeds 1 + threshold; faster likewise; else unchanged. When both runs
+have several rounds (bench run --rounds) the CI resamples rounds too and the rank test is not needed. Parameter
 counts, FLOPs and equivalence errors must match. Exit codes: 0 no regression, 1 a cell significantly
 slower or an invariant mismatch, 2 bad input (missing run, foreign CSV, different configs)."""
 

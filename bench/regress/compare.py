@@ -15,12 +15,17 @@ per side such a drift is already "significant". Demanding the whole CI lie above
 would miss slowdowns a little above the threshold about half the time. `faster` mirrors the rule with
 1 / (1 + threshold). Exit code 1 when any model cell is `slower` or an invariant differs; 2 for bad input.
 
+Rounds: when both runs measured the cell in several rounds (worker processes; `bench run --rounds`), each
+side is resampled at two levels (rounds, then samples within them), so the interval already carries the
+process-to-process drift that the rank test cannot see; the verdict is then rule 1 and rule 3 at that level.
+With one round on a side the one-process rule above applies and the cell is labelled within-process.
+
 `--normalize` divides every sample of the new run by the machine ratio: the median over frameworks of
 new/base calibration time, each framework timing the fixed reference conv (64x64, 64 -> 64, batch 1; the
 same workload whatever the config; runs that lack it use the model's dominant 3x3 conv). A rough guide for
 runs from two machines: frameworks do not speed up alike from one CPU to another, so CI does not gate on it
-(bench/ab_check.py measures the reference code beside the new code instead). A median over frameworks, not each framework's own ratio: one framework's
-yardstick can be bimodal from run to run (XLA:CPU's conv took 2.2-2.5 ms in some runs of identical code
+(bench/regress/ab_check.py measures the reference code beside the new code instead). A median over
+frameworks, not each framework's own ratio: one framework's yardstick can be bimodal from run to run (XLA:CPU's conv took 2.2-2.5 ms in some runs of identical code
 and 3.3-4.0 ms in others), and dividing by it would invent a 1.7x change.
 """
 
