@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from bench.core.rundir import RunDirError
-from bench.core.settings import CONFIG_FLAGS, RunSettings, SettingsError, build_settings
+from bench.core.settings import CONFIG_FLAGS, RunSettings, SettingsError, build_settings, parse_positive_int
 
 
 class UsageError(Exception):
@@ -207,11 +207,13 @@ def _like_settings(args: argparse.Namespace, options: dict) -> RunSettings:
     from bench.core.rundir import read_record
     from bench.run.runner import settings_from_record
 
-    extra = [k for k in options if k != "out"] + (["resume"] if args.resume is not None else [])
+    extra = [k for k in options if k not in ("out", "rounds")] + (["resume"] if args.resume is not None else [])
     if extra:
         flags = ", ".join("--" + k.replace("_", "-") for k in extra)
-        raise UsageError(f"--like takes every measurement setting from RUN_DIR/run.json; drop {flags} (only --out, --run-id and --no-report may be given)")
-    recorded = read_record(Path(args.like))["settings"]
+        raise UsageError(f"--like takes every measurement setting from RUN_DIR/run.json; drop {flags} (only --out, --run-id, --rounds and --no-report may be given)")
+    recorded = dict(read_record(Path(args.like))["settings"])
+    if "rounds" in options:  # the same cells in another number of processes: what the coverage experiment varies
+        recorded["rounds"] = parse_positive_int("--rounds", options["rounds"])
     return settings_from_record({**recorded, "out_dir": options.get("out", "results")}, f"--like: {args.like}/run.json")
 
 
