@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from bench.core.rundir import RunDirError
-from bench.core.settings import CONFIG_FLAGS, RunSettings, SettingsError, build_settings
+from bench.core.settings import CONFIG_FLAGS, RunSettings, SettingsError, build_settings, parse_positive_int
 
 
 class UsageError(Exception):
@@ -68,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     how.add_argument("--iters", metavar="N", help="timed iterations: exactly N, or at most N with --min-time")
     how.add_argument("--min-time", metavar="SECONDS", help="time iterations until this much time has passed")
     how.add_argument("--timeout", metavar="SECONDS", help="per cell, from worker start (default 900)")
+    how.add_argument("--rounds", metavar="N",
+                     help="worker processes per cell, interleaved over all cells (default: 1); intervals "
+                     "include the process-to-process noise only with 2 or more")  # fmt: skip
     where = run.add_argument_group("where results go")
     where.add_argument("--out", metavar="DIR", help="results directory (default: results/)")
     where.add_argument("--run-id", metavar="NAME", help="name the run folder OUT/NAME instead of <UTC time>-<device> (must not exist)")
@@ -134,7 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 _COMPARE_EPILOG = """\
 verdict: slower when the bootstrap 95% CI of the ratio of medians new/base lies above 1, the Mann-Whitney
-p-value is below 0.01 and the ratio exceeds 1 + threshold; faster likewise; else unchanged. Parameter
+p-value is below 0.01 and the ratio exceeds 1 + threshold; faster likewise; else unchanged. When both runs
+have several rounds (bench run --rounds) the CI resamples rounds too and the rank test is not needed. Parameter
 counts, FLOPs and equivalence errors must match. Exit codes: 0 no regression, 1 a cell significantly
 slower or an invariant mismatch, 2 bad input (missing run, foreign CSV, different configs)."""
 
@@ -203,11 +207,13 @@ def _like_settings(args: argparse.Namespace, options: dict) -> RunSettings:
     from bench.core.rundir import read_record
     from bench.run.runner import settings_from_record
 
-    extra = [k for k in options if k != "out"] + (["resume"] if args.resume is not None else [])
+    extra = [k for k in options if k not in ("out", "rounds")] + (["resume"] if args.resume is not None else [])
     if extra:
         flags = ", ".join("--" + k.replace("_", "-") for k in extra)
-        raise UsageError(f"--like takes every measurement setting from RUN_DIR/run.json; drop {flags} (only --out, --run-id and --no-report may be given)")
-    recorded = read_record(Path(args.like))["settings"]
+        raise UsageError(f"--like takes every measurement setting from RUN_DIR/run.json; drop {flags} (only --out, --run-id, --rounds and --no-report may be given)")
+    recorded = dict(read_record(Path(args.like))["settings"])
+    if "rounds" in options:  # the same cells in another number of processes: what the coverage experiment varies
+        recorded["rounds"] = parse_positive_int("--rounds", options["rounds"])
     return settings_from_record({**recorded, "out_dir": options.get("out", "results")}, f"--like: {args.like}/run.json")
 
 

@@ -17,7 +17,8 @@ import pytest
 import impls
 from bench.cli import main
 from bench.core.columns import SAMPLE_COLUMNS, SUMMARY_COLUMNS
-from bench.regress.compare import CompareError, compare_runs, parse_threshold, ratio_of_medians, verdict
+from bench.core.stats import ratio_of_medians
+from bench.regress.compare import CompareError, compare_runs, parse_threshold, verdict
 
 FWD = "torch-eager-fp32-b1-forward"
 BWD = "torch-eager-fp32-b1-forward_backward"
@@ -51,14 +52,17 @@ def write_run(
         kind = "calibration" if execution.endswith("_benchmark") else "model"
         key = {"cell_id": cell_id, "kind": kind, "framework": framework, "execution": execution,
                "precision": precision, "batch_size": int(batch[1:]), "phase": phase}  # fmt: skip
-        row = {**key, "device": "cpu", "status": "ok", "n_samples": len(values_ms),
-               "latency_ms_median": float(np.median(values_ms)), "first_call_ms": 100.0,
+        pooled = np.concatenate([np.ravel(v) for v in values_ms]) if isinstance(values_ms, list) else values_ms
+        row = {**key, "device": "cpu", "status": "ok", "n_samples": len(pooled),
+               "latency_ms_median": float(np.median(pooled)), "first_call_ms": 100.0,
                "gflop_per_step": 0.25 if phase == "forward_backward" else 0.1}  # fmt: skip
         if kind == "model":
             row.update(equivalence_max_rel_err=5e-7, equivalent=True)
         row.update((row_overrides or {}).get(cell_id, {}))
         rows.append(row)
-        samples += [{**key, "iteration": i, "latency_ns": round(v * 1e6)} for i, v in enumerate(values_ms)]
+        rounds = values_ms if isinstance(values_ms, list) and values_ms and np.ndim(values_ms[0]) else [values_ms]
+        samples += [{**key, "round": r, "iteration": i, "latency_ns": round(v * 1e6)}
+                    for r, values in enumerate(rounds, start=1) for i, v in enumerate(values)]  # fmt: skip
     pd.DataFrame(rows, columns=SUMMARY_COLUMNS).to_csv(run_dir / "summary.csv", index=False)
     pd.DataFrame(samples, columns=SAMPLE_COLUMNS).to_csv(run_dir / "samples.csv", index=False)
     record = {"run_id": name, "settings": {"config": cfg, "device": "cpu"}, "warnings": list(warnings)}
@@ -304,3 +308,42 @@ def test_compare_cli_shows_a_runs_busy_machine_warning(tmp_path: Path, capsys) -
     new = write_run(tmp_path, "new", {FWD: _noise(30, 72)}, warnings=[busy])
     assert main(["compare", str(base), str(new)]) == 0
     assert f"warning: new run: {busy}" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------- rounds: the process as a level
+
+
+def _rounds(seed: int, offsets: Sequence[float], center_ms: float = 10.0, n: int = 20) -> list[np.ndarray]:
+    """One round per offset: latencies around center_ms * (1 + offset), 1% within-round noise."""
+    return [_noise(n, seed + i, center_ms * (1.0 + off), spread=0.01) for i, off in enumerate(offsets)]
+
+
+def test_compare_of_rounds_does_not_flag_same_code_with_process_noise() -> None:
+    """Same code, 6% process-to-process noise: one round each would look like a confident 1.12x; with five
+    rounds a side the interval knows the noise and the verdict is unchanged."""
+    base = _rounds(10, [-0.06, 0.0, 0.06, -0.03, 0.03])
+    new = _rounds(20, [0.06, 0.03, 0.0, 0.06, -0.03])
+    single = ratio_of_medians(base[0], new[0])
+    assert single.ci_level == "within-process" and verdict(single, 0.10) == "slower"  # the false alarm of one round
+    stats = ratio_of_medians(base, new)
+    assert stats.ci_level == "rounds" and stats.rounds_base == 5 and stats.rounds_new == 5
+    assert stats.ci95_low < 1.0 < stats.ci95_high
+    assert verdict(stats, 0.10) == "unchanged"
+
+
+def test_compare_of_rounds_flags_a_real_slowdown_beyond_the_process_noise() -> None:
+    offsets = [-0.03, 0.0, 0.03, -0.015, 0.015]
+    base, new = _rounds(30, offsets), _rounds(40, offsets, center_ms=12.5)  # 1.25x slower
+    stats = ratio_of_medians(base, new)
+    assert stats.ratio == pytest.approx(1.25, rel=0.03)
+    assert stats.ci95_low > 1.0
+    assert verdict(stats, 0.10) == "slower"
+
+
+def test_compare_cli_reads_rounds_and_labels_one_round_cells(tmp_path: Path, capsys) -> None:
+    base = write_run(tmp_path, "base", {FWD: _rounds(50, [0.0, 0.02, -0.02]), BWD: _noise(30, 51)})
+    new = write_run(tmp_path, "new", {FWD: _rounds(60, [0.01, -0.01, 0.0]), BWD: _noise(30, 61)})
+    comparison = compare_runs(base, new)
+    cells = {c.cell_id: c for c in comparison.cells}
+    assert (cells[FWD].rounds_base, cells[FWD].rounds_new, cells[FWD].ci_level) == (3, 3, "rounds")
+    assert cells[BWD].ci_level == "within-process" and "within-process interval only" in cells[BWD].note

@@ -355,3 +355,39 @@ def test_regression_check_experiment_writes_pairs_and_summary(fake: pytest.Monke
     assert slowed.loc["jax-jit-fp32-b1-forward", "injected_slowdown"] == 1.0
     assert set(pd.read_csv(out / "summary.csv")["kind"]) == {"same_code", "same_code_vs_like", "slowdown", "slowdown_vs_like"}
     assert regression_check.main(["--like", str(tmp_path), "--out", str(out)]) == 2
+
+
+# ---------------------------------------------------------------- rounds
+
+
+def test_runner_measures_every_cell_in_interleaved_rounds(fake: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    code, run_dir = run(tmp_path, "--framework", "torch,jax", "--execution", "default", "--rounds", "3")
+    assert code == 0
+    rows = summary(run_dir)
+    model = rows[rows["kind"] == "model"]
+    assert set(model["n_rounds"]) == {3} and set(model["ci_level"]) == {"rounds"}
+    assert (model["round_median_ms_min"] <= model["latency_ms_median"]).all()
+    assert (model["latency_ms_median"] <= model["round_median_ms_max"]).all()
+    samples = pd.read_csv(run_dir / "samples.csv")
+    cell = samples[samples["cell_id"] == "torch-eager-fp32-b1-forward"]
+    assert sorted(set(cell["round"])) == [1, 2, 3] and len(cell) == 3 * 3  # --iters 3 per round
+    record = json.loads((run_dir / "run.json").read_text())
+    assert record["rounds"]["rounds"] == 3 and record["rounds"]["order_seed"] == 0
+    logs = sorted(p.name for p in (run_dir / "logs").glob("torch-eager-fp32-b1-forward-round*.log"))
+    assert logs == [f"torch-eager-fp32-b1-forward-round{r}.log" for r in (1, 2, 3)]
+
+
+def test_runner_failed_round_ends_the_cell_and_says_which_round(fake: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    fake.setenv("HGBENCH_FAKE_FAULTS", "error@torch/*/forward")
+    code, run_dir = run(tmp_path, "--framework", "torch", "--execution", "default", "--rounds", "2")
+    rows = summary(run_dir)
+    assert code == 1
+    assert rows.loc["torch-eager-fp32-b1-forward", "status"] == "failed"
+    assert rows.loc["torch-eager-fp32-b1-forward", "error"].startswith("round 1 of 2: ")
+    assert rows.loc["torch-eager-fp32-b1-forward_backward", "n_rounds"] == 2
+
+
+def test_runner_one_round_is_labelled_within_process(fake: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    code, run_dir = run(tmp_path, "--framework", "jax", "--phase", "forward")
+    assert code == 0
+    assert summary(run_dir).loc["jax-jit-fp32-b1-forward", "ci_level"] == "within-process"

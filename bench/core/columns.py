@@ -40,6 +40,11 @@ SUMMARY_COLUMNS = [
     "latency_ms_iqr",
     "latency_ms_median_ci95_low",
     "latency_ms_median_ci95_high",
+    "ci_level",  # rounds (two-level interval) or within-process (one round: the process level is unknown)
+    "n_rounds",
+    "round_median_ms_min",
+    "round_median_ms_max",
+    "round_cv",  # coefficient of variation of the round medians: the process-to-process noise
     "noisy",
     "first_call_ms",
     "throughput_img_per_s",
@@ -64,9 +69,11 @@ SUMMARY_COLUMNS = [
     "worker_wall_s",
     *CONFIG_COLUMNS,
 ]
-SAMPLE_COLUMNS = [*CELL_COLUMNS, "iteration", "latency_ns"]
+SAMPLE_COLUMNS = [*CELL_COLUMNS, "round", "iteration", "latency_ns"]  # round: 1..R, the worker process
 # Columns of summary.csv that hold text or booleans; every other column holds a number or nothing.
-SUMMARY_TEXT_COLUMNS = frozenset({*CELL_COLUMNS, "device", "status", "error", "noisy", "equivalent", "preset"} - {"batch_size"})
+SUMMARY_TEXT_COLUMNS = frozenset(
+    {*CELL_COLUMNS, "device", "status", "error", "noisy", "equivalent", "preset", "ci_level"} - {"batch_size"}
+)
 SUMMARY_REQUIRED = [*CELL_COLUMNS, "status"]
 SAMPLES_REQUIRED = ["cell_id", "latency_ns"]
 

@@ -40,6 +40,7 @@ class _Defaults:
     warmup: int
     iters: int | None
     min_time_s: float | None
+    rounds: int  # worker processes per cell, interleaved over all cells
 
 
 _DEFAULTS: dict[str, _Defaults] = {
@@ -54,9 +55,10 @@ _DEFAULTS: dict[str, _Defaults] = {
         warmup=2,
         iters=30,
         min_time_s=3.0,
+        rounds=1,
     ),
     # GPU: the seed's batch of 16, every execution, a warm-up long enough for autotuning.
-    "gpu": _Defaults(batch_sizes=(16,), executions=dict(EXECUTIONS), warmup=10, iters=500, min_time_s=3.0),
+    "gpu": _Defaults(batch_sizes=(16,), executions=dict(EXECUTIONS), warmup=10, iters=500, min_time_s=3.0, rounds=1),
 }
 
 # `--protocol seed`: the seed's loop exactly: batch 16, 10 untimed burn-in calls (our first call plus 9
@@ -118,6 +120,7 @@ class RunSettings:
     timeout_s: float  # per cell, worker start to result
     out_dir: str
     protocol: str = "default"
+    rounds: int = 1  # worker processes per cell (runs recorded before rounds existed had one)
     seed: int = 0  # seeds inputs, canonical weights and the bootstrap
     equivalence_rtol: float = EQUIVALENCE_RTOL
 
@@ -313,9 +316,9 @@ def build_settings(
     iters: str | None = None,
     min_time: str | None = None,
     timeout: str | None = None,
+    rounds: str | None = None,
     out: str = "results",
     protocol: str = "default",
-    **_ignored: object,
 ) -> RunSettings:
     """RunSettings from the `run` command's option strings (None = not given); raises SettingsError."""
     frameworks = parse_frameworks(framework)
@@ -393,6 +396,7 @@ def build_settings(
         iters=iters_n,  # type: ignore[arg-type]
         min_time_s=min_time_s,  # type: ignore[arg-type]
         timeout_s=parse_positive_float("--timeout", timeout) if timeout is not None else 900.0,
+        rounds=parse_positive_int("--rounds", rounds) if rounds is not None else defaults.rounds,
         out_dir=out,
         protocol=protocol,
     )

@@ -33,6 +33,21 @@ WORKER_ENV: dict[str, str] = {
     "TORCHINDUCTOR_FORCE_DISABLE_CACHES": "1",
     "TF_CPP_MIN_LOG_LEVEL": "2",
 }
+# Set by the worker, before a framework loads, when a cell spec names a compile cache (rounds after the first
+# reuse the first round's compilations): torch inductor's on-disk caches and JAX's persistent compilation
+# cache, every entry kept (JAX otherwise skips programs that compile in under a second). TensorFlow has no
+# persistent cache of its XLA programs, so its later rounds compile again.
+def compile_cache_env(cache_dir: str) -> dict[str, str]:
+    """The environment that points torch inductor and JAX at `cache_dir`."""
+    return {
+        "TORCHINDUCTOR_FORCE_DISABLE_CACHES": "0",
+        "TORCHINDUCTOR_CACHE_DIR": f"{cache_dir}/inductor",
+        "JAX_COMPILATION_CACHE_DIR": f"{cache_dir}/jax",
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+        "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
+    }
+
+
 # Test hook: a module whose load(framework) returns a stand-in for an impls module (tests/fake_backend.py).
 BACKEND_OVERRIDE_ENV = "HGBENCH_BACKEND_OVERRIDE"
 # Test switch: lengthen every timed model step by this fraction of its own duration (busy wait), so the
@@ -82,6 +97,9 @@ class CellSpec(WorkerSpec):
     batch_size: int
     phase: str
     loop: LoopSettings
+    # A run's own compilation cache, shared by the rounds of its cells: round 1 finds it empty (a cold first
+    # call), later rounds reuse what round 1 compiled. Empty: every compilation cache off (WORKER_ENV).
+    compile_cache_dir: str = ""
 
 
 @dataclass(frozen=True, kw_only=True)

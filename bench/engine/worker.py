@@ -335,6 +335,8 @@ def execute(spec: WorkerSpec) -> proto.WorkerResult:
     """Run the spec's mode; every exception becomes a result with a status and the error's tail."""
     envelope: dict[str, Any] = {"mode": spec.MODE, "framework": spec.framework}
     payload: dict[str, Any] = {}
+    if isinstance(spec, CellSpec) and spec.compile_cache_dir:
+        os.environ.update(proto.compile_cache_env(spec.compile_cache_dir))  # before the framework reads it
     try:
         stage("import")
         t0 = time.perf_counter()

@@ -15,12 +15,17 @@ per side such a drift is already "significant". Demanding the whole CI lie above
 would miss slowdowns a little above the threshold about half the time. `faster` mirrors the rule with
 1 / (1 + threshold). Exit code 1 when any model cell is `slower` or an invariant differs; 2 for bad input.
 
+Rounds: when both runs measured the cell in several rounds (worker processes; `bench run --rounds`), each
+side is resampled at two levels (rounds, then samples within them), so the interval already carries the
+process-to-process drift that the rank test cannot see; the verdict is then rule 1 and rule 3 at that level.
+With one round on a side the one-process rule above applies and the cell is labelled within-process.
+
 `--normalize` divides every sample of the new run by the machine ratio: the median over frameworks of
 new/base calibration time, each framework timing the fixed reference conv (64x64, 64 -> 64, batch 1; the
 same workload whatever the config; runs that lack it use the model's dominant 3x3 conv). A rough guide for
 runs from two machines: frameworks do not speed up alike from one CPU to another, so CI does not gate on it
-(bench/ab_check.py measures the reference code beside the new code instead). A median over frameworks, not each framework's own ratio: one framework's
-yardstick can be bimodal from run to run (XLA:CPU's conv took 2.2-2.5 ms in some runs of identical code
+(bench/regress/ab_check.py measures the reference code beside the new code instead). A median over
+frameworks, not each framework's own ratio: one framework's yardstick can be bimodal from run to run (XLA:CPU's conv took 2.2-2.5 ms in some runs of identical code
 and 3.3-4.0 ms in others), and dividing by it would invent a 1.7x change.
 """
 
@@ -28,42 +33,29 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
-from scipy import stats as sps
 
 from bench.core.numbers import num
 from bench.core.rundir import RunData, read_run
+from bench.core.stats import CI_ROUNDS, CI_WITHIN, RatioStats, ratio_of_medians
 
-BOOTSTRAP_RESAMPLES = 2000
-BOOTSTRAP_SEED = 0  # fixed: the same two runs always give the same interval and verdict
 ALPHA = 0.01  # Mann-Whitney significance level; strict, because CI runs are many and false alarms are costly
 DEFAULT_THRESHOLD = 0.10
 # Equivalence errors are deterministic on one machine (bit-identical between runs of the same code) but
 # differ at the ~1e-7 level across BLAS builds; 1e-5 absolute is 100x below the run's own 1e-3 tolerance.
 EQUIVALENCE_ERR_ATOL = 1e-5
 METRICS = ("latency_ms", "first_call_ms")
-_BOOTSTRAP_CHUNK = 250  # resamples per vectorised block: bounds memory to ~250 x n floats per side
 
 
 
 class CompareError(ValueError):
     """Bad input to `bench compare`; the message names the path or value, what was expected and the fix."""
-
-
-@dataclass(frozen=True)
-class RatioStats:
-    """Ratio of medians new/base with its bootstrap CI and the rank-test p-value."""
-
-    ratio: float
-    ci95_low: float
-    ci95_high: float
-    p_value: float
 
 
 @dataclass
@@ -81,6 +73,9 @@ class CellComparison:
     p_value: float = math.nan
     n_base: int = 0
     n_new: int = 0
+    rounds_base: int = 0
+    rounds_new: int = 0
+    ci_level: str = ""  # rounds | within-process (one round on a side: the interval misses the process level)
     verdict: str = ""  # slower | faster | unchanged, empty when not compared
     note: str = ""
 
@@ -132,40 +127,14 @@ def _nan_to_none(value: Any) -> Any:
 # ---------------------------------------------------------------- statistics
 
 
-def _bootstrap_medians(values: np.ndarray, n_resamples: int, rng: np.random.Generator) -> np.ndarray:
-    """Medians of `n_resamples` resamples with replacement, computed in vectorised blocks."""
-    out = np.empty(n_resamples)
-    for start in range(0, n_resamples, _BOOTSTRAP_CHUNK):
-        stop = min(start + _BOOTSTRAP_CHUNK, n_resamples)
-        idx = rng.integers(0, values.size, size=(stop - start, values.size))  # (chunk, n)
-        out[start:stop] = np.median(values[idx], axis=1)
-    return out
-
-
-def ratio_of_medians(
-    base: Sequence[float] | np.ndarray,
-    new: Sequence[float] | np.ndarray,
-    n_resamples: int = BOOTSTRAP_RESAMPLES,
-    seed: int = BOOTSTRAP_SEED,
-) -> RatioStats:
-    """median(new)/median(base), a percentile-bootstrap 95% CI of it, and the Mann-Whitney U p-value."""
-    b, n = np.asarray(base, dtype=np.float64), np.asarray(new, dtype=np.float64)
-    if b.size < 2 or n.size < 2:
-        raise ValueError(f"ratio_of_medians needs at least 2 samples per side, got {b.size} and {n.size}")
-    ratio = float(np.median(n) / np.median(b))
-    rng = np.random.default_rng(seed)
-    ratios = _bootstrap_medians(n, n_resamples, rng) / _bootstrap_medians(b, n_resamples, rng)
-    low, high = np.percentile(ratios, [2.5, 97.5])
-    if np.all(b == b[0]) and np.all(n == n[0]) and b[0] == n[0]:
-        p_value = 1.0  # scipy warns and returns NaN when every value ties
-    else:
-        p_value = float(sps.mannwhitneyu(n, b, alternative="two-sided").pvalue)
-    return RatioStats(ratio, float(low), float(high), p_value)
-
-
 def verdict(stats: RatioStats, threshold: float, alpha: float = ALPHA) -> str:
-    """slower / faster / unchanged under the rule in this module's docstring."""
-    significant = stats.p_value < alpha
+    """slower / faster / unchanged under the rule in this module's docstring.
+
+    With several rounds on both sides the interval already carries the process-to-process noise, so the
+    interval beyond 1 and the ratio beyond the threshold decide. With one round on a side the interval knows
+    only one process, and the rank test must agree as well (the rule of one-process runs).
+    """
+    significant = stats.ci_level == CI_ROUNDS or stats.p_value < alpha
     if significant and stats.ci95_low > 1.0 and stats.ratio > 1.0 + threshold:
         return "slower"
     if significant and stats.ci95_high < 1.0 and stats.ratio < 1.0 / (1.0 + threshold):
@@ -332,7 +301,8 @@ def _compare_cell(
         word = "slower" if ratio > 1 + threshold else "faster" if ratio < 1 / (1 + threshold) else "unchanged"
         return CellComparison(cell_id, "model", "compared", base_v, new_v, ratio, n_base=1, n_new=1,
                               verdict=word, note="one value per run: threshold only, no CI")  # fmt: skip
-    base_s, new_s = base.samples_ms(cell_id), new.samples_ms(cell_id)
+    base_r, new_r = base.samples_by_round(cell_id), new.samples_by_round(cell_id)
+    base_s, new_s = np.concatenate([np.empty(0), *base_r]), np.concatenate([np.empty(0), *new_r])
     if base_s.size < 2 or new_s.size < 2:
         return CellComparison(cell_id, "model", "not_ok", n_base=base_s.size, n_new=new_s.size,
                               note="fewer than 2 samples on a side")  # fmt: skip
@@ -340,11 +310,14 @@ def _compare_cell(
         if math.isnan(machine_ratio):
             return CellComparison(cell_id, "model", "no_calibration",
                                   note="no framework has an ok calibration row in both runs")  # fmt: skip
+        new_r = [r / machine_ratio for r in new_r]
         new_s = new_s / machine_ratio
-    stats = ratio_of_medians(base_s, new_s)
+    stats = ratio_of_medians(base_r, new_r)
+    note = "" if stats.ci_level == CI_ROUNDS else "one round on a side: within-process interval only"
     return CellComparison(
         cell_id, "model", "compared", float(np.median(base_s)), float(np.median(new_s)), stats.ratio,
-        stats.ci95_low, stats.ci95_high, stats.p_value, int(base_s.size), int(new_s.size), verdict(stats, threshold, alpha),
+        stats.ci95_low, stats.ci95_high, stats.p_value, int(base_s.size), int(new_s.size),
+        stats.rounds_base, stats.rounds_new, stats.ci_level, verdict(stats, threshold, alpha), note,
     )  # fmt: skip
 
 
@@ -379,7 +352,7 @@ def print_comparison(comparison: Comparison) -> None:
     unit = "ms (new normalised)" if comparison.normalized else "ms"
     title = f"bench compare ({comparison.metric}, threshold {comparison.threshold:.0%}, p < {comparison.alpha:g})"
     table = Table(title=title, header_style="bold", pad_edge=False, box=None)
-    for name in ("cell", f"base {unit}", f"new {unit}", "new/base", "95% CI", "p", "n", "verdict"):
+    for name in ("cell", f"base {unit}", f"new {unit}", "new/base", "95% CI", "p", "n", "rounds", "verdict"):
         table.add_column(name, justify="left" if name in ("cell", "verdict") else "right", no_wrap=True)
     for c in comparison.cells:
         if c.status != "compared":
@@ -388,9 +361,14 @@ def print_comparison(comparison: Comparison) -> None:
         p = "" if math.isnan(c.p_value) else f"{c.p_value:.2g}"
         table.add_row(
             c.cell_id, f"{c.base_value:.4g}", f"{c.new_value:.4g}", f"{c.ratio:.3f}", ci, p,
-            f"{c.n_base}/{c.n_new}", f"[{_VERDICT_STYLE[c.verdict]}]{c.verdict}[/]",
+            f"{c.n_base}/{c.n_new}", f"{c.rounds_base}/{c.rounds_new}", f"[{_VERDICT_STYLE[c.verdict]}]{c.verdict}[/]",
         )  # fmt: skip
     console.print(table)
+    within = [c.cell_id for c in comparison.cells if c.status == "compared" and c.ci_level == CI_WITHIN]
+    if within:
+        console.print(f"[yellow]one round on a side[/yellow] ({len(within)} cell(s)): their intervals know only the "
+                      "noise within one process, not between processes; measure with --rounds 3 or more to trust "
+                      "a verdict near the threshold")  # fmt: skip
     if comparison.normalized:
         console.print(f"normalised: the new run's samples divided by the machine ratio {comparison.machine_ratio:.3f} "
                       "(median over frameworks of new/base reference conv time)")  # fmt: skip

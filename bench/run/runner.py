@@ -41,6 +41,7 @@ from bench.engine.protocol import (
 )
 from bench.engine.session import INTERRUPTED_EXIT_CODE, WorkerSession, run_guarded
 from bench.run.equivalence import compare
+from bench.run.plan import round_order
 from impls import count_flops
 
 BUSY_LOAD_PER_CORE = 0.5  # a 1-minute load above this share of the usable cores triggers a warning
@@ -252,8 +253,21 @@ class Runner:
             rows.append(row)
         return rows
 
-    def run_cell(self, cell: Cell) -> dict[str, Any]:
-        """Measure one cell (or record why it is skipped) and store its row and samples."""
+    def _rounds_done(self, cell: Cell) -> int | None:
+        """Rounds of `cell` already measured; None when its row is final (skipped or failed: no more rounds)."""
+        row = next((r for r in self.store.rows() if r["cell_id"] == cell.cell_id), None)
+        if row is None:
+            return 0
+        if str(row["status"]) != "ok":
+            return None
+        return len(self.store.rounds_of(cell.cell_id))
+
+    def run_cell(self, cell: Cell, round_number: int = 1) -> dict[str, Any]:
+        """Measure one round of one cell (or record why it is skipped) and store its row and samples.
+
+        The row is recomputed from every round so far; first_call_ms, import and build times are round 1's
+        (the cold start). A failed round ends the cell: its row says which round failed and why.
+        """
         s = self.settings
         base = _base_row(cell, "model", s)
         skip = self.session.skip_reason(cell.framework)
@@ -261,19 +275,29 @@ class Runner:
             row = {**base, "status": "skipped", "error": skip}
             self.store.add(row)
             return row
+        cache = str(self.session.workdir / "compile-cache") if s.rounds > 1 else ""
         spec = CellSpec(framework=cell.framework, execution=cell.execution, precision=cell.precision,
-                        batch_size=cell.batch_size, phase=cell.phase, loop=s.loop(), **self._placement())  # fmt: skip
-        outcome = self.session.call(spec, cell.cell_id)
+                        batch_size=cell.batch_size, phase=cell.phase, loop=s.loop(), compile_cache_dir=cache,
+                        **self._placement())  # fmt: skip
+        name = cell.cell_id if s.rounds == 1 else f"{cell.cell_id}-round{round_number}"
+        outcome = self.session.call(spec, name)
         result = outcome.result
         assert isinstance(result, CellResult)
-        if result.model_settings:
+        if result.model_settings and round_number == 1:
             self.record.setdefault("cell_settings", {})[cell.cell_id] = result.model_settings
             self._save_record()
-        if result.injected_slowdown:
+        if result.injected_slowdown and round_number == 1:
             self.session.warn(f"{cell.cell_id}: the test switch {SLOWDOWN_ENV} lengthened every timed step by "
                               f"{result.injected_slowdown:.0%}; these timings are not the model's")  # fmt: skip
+        earlier = self.store.rounds_of(cell.cell_id) if round_number > 1 else []
+        rounds = [*earlier, result.samples_ns] if outcome.status == "ok" else []
+        values = _result_values(result)
+        if round_number > 1:  # keep round 1's cold-start figures; the statistics below cover every round
+            previous = next(r for r in self.store.rows() if r["cell_id"] == cell.cell_id)
+            values.update({k: previous.get(k) for k in ("first_call_ms", "import_s", "build_s", "setup_s")})
+        error = outcome.error if s.rounds == 1 or outcome.status == "ok" else f"round {round_number} of {s.rounds}: {outcome.error}"
         flops = count_flops(s.config, cell.batch_size, cell.phase)
-        row = _measured_row(base, outcome.status, outcome.error, outcome.wall_s, _result_values(result), flops)
+        row = _measured_row(base, outcome.status, error, outcome.wall_s, {**values, "samples_ns": rounds}, flops)
         equivalence = self.record.get("equivalence", {}).get("frameworks", {}).get(cell.framework, {})
         row["equivalence_max_rel_err"] = equivalence.get("max_rel_err")
         row["equivalent"] = equivalence.get("equivalent")
@@ -285,19 +309,27 @@ class Runner:
                 if ceiling:
                     row[rate_column] = ceiling
                     row[share_column] = row["achieved_gflop_per_s"] / ceiling
-        self.store.add(row, result.samples_ns if outcome.status == "ok" else [])
+        self.store.add(row, rounds)
         return row
 
     def execute(self) -> int:
-        """Run everything not yet done; print the table; return the exit code."""
+        """Run everything not yet done, round by round (bench.run.plan); print the table; return the exit code."""
         s, done = self.settings, self.store.done_cell_ids()
-        cells = [cell for cell in s.cells() if cell.cell_id not in done]
+        todo = self._todo()
         need_equivalence = not self.record.get("equivalence") and bool(self.active)
         workloads = [CalibrationWorkload(**w) for w in calibration_workloads(s.config, s.batch_sizes, s.precisions)]
         calibrations = [fw for fw in self.active if any(_calibration_cell(fw, w).cell_id not in done for w in workloads)]
-        total = len(cells) + len(calibrations) + (len(self.active) if need_equivalence else 0)
+        total = len(todo) + len(calibrations) + (len(self.active) if need_equivalence else 0)
+        cells = len({cell.cell_id for _, cell in todo})
+        self.record["rounds"] = {
+            "rounds": s.rounds, "order_seed": s.seed, "order": "bench.run.plan.round_order(cells, rounds, seed)",
+            "compile_caches": "off (one round)" if s.rounds == 1 else (
+                "round 1 of each cell starts from an empty cache of this run (cold first_call_ms); later rounds reuse "
+                "torch inductor's and JAX's compilations (TensorFlow compiles again); a resumed run starts empty"),
+        }  # fmt: skip
         self.console.print(
-            f"hgbench run [bold]{self.record['run_id']}[/]: {len(cells)} cells to measure on {s.device} "
+            f"hgbench run [bold]{self.record['run_id']}[/]: {cells} cells to measure on {s.device}"
+            f"{f' in {s.rounds} interleaved rounds' if s.rounds > 1 else ''} "
             f"(preset {s.preset}, input {s.config.input_hw[0]}x{s.config.input_hw[1]}), results in {escape(str(self.store.run_dir))}"
         )
         self._warn_busy()
@@ -311,11 +343,15 @@ class Runner:
                 self.calibrate(fw)
                 progress.advance(task)
             self._save_record()
-            for cell in cells:
-                progress.update(task, description=cell.cell_id)
-                row = self.run_cell(cell)
+            for round_number, cell in todo:
+                if self._rounds_done(cell) is None:  # an earlier round of this run failed: the cell is over
+                    progress.advance(task)
+                    continue
+                label = cell.cell_id if s.rounds == 1 else f"{cell.cell_id} (round {round_number}/{s.rounds})"
+                progress.update(task, description=label)
+                row = self.run_cell(cell, round_number)
                 if row["status"] != "ok":
-                    progress.console.print(f"[red]{row['status']}[/] {cell.cell_id}")
+                    progress.console.print(f"[red]{row['status']}[/] {label}")
                 progress.advance(task)
         self.record["bench_wall_s"] = self.record.get("bench_wall_s", 0.0) + time.perf_counter() - started
         self.record["status"] = "complete"
@@ -325,8 +361,17 @@ class Runner:
         rows = self.store.rows()
         self.console.print(out.summary_table(rows, f"hgbench {self.record['run_id']} ({s.device}, {s.preset})"))
         out.print_problems(self.console, rows)
+        if s.rounds == 1:
+            self.console.print("one round per cell: intervals know the noise within one worker process only "
+                               "(use --rounds 3 or more for intervals that include the process-to-process noise)")  # fmt: skip
         self.console.print(f"wall time {self.record['bench_wall_s']:.0f} s; results: {escape(str(self.store.run_dir))}")
         return exit_code(rows, self.record.get("equivalence", {}).get("frameworks", {}))
+
+    def _todo(self) -> list[tuple[int, Cell]]:
+        """(round, cell) still to measure, in the run's interleaved order (a resumed run skips what is done)."""
+        done = {cell.cell_id: self._rounds_done(cell) for cell in self.settings.cells()}
+        return [(r, cell) for r, cell in round_order(self.settings.cells(), self.settings.rounds, self.settings.seed)
+                if done[cell.cell_id] is not None and r > done[cell.cell_id]]  # fmt: skip
 
 
 @dataclass(frozen=True)
