@@ -408,9 +408,7 @@ def runtime_info() -> dict[str, object]:
 def build(config: HourglassConfig, weights: dict[str, np.ndarray] | None = None, *, device: str = "cpu",
           precision: str = "fp32", execution: str = EXECUTIONS[0], **options: object) -> TensorFlowHourglass:
     """A TensorFlowHourglass; weights default to impls.spec.init_weights(config, seed=0)."""
-    if options:
-        raise ValueError(f"tensorflow's build takes no extra options, got {sorted(options)}; remove them")
-    check_build_args(FRAMEWORK, EXECUTIONS, execution, precision, device, gpu_available)
+    check_build_args(FRAMEWORK, EXECUTIONS, execution, precision, device, gpu_available, options)
     weights = resolve_weights(config, weights)
     return TensorFlowHourglass(config, weights, device=device, precision=precision, execution=execution)
 

@@ -408,9 +408,7 @@ def build(config: HourglassConfig, weights: dict[str, np.ndarray] | None = None,
 
     channels_last (None -> True): model and inputs in torch.channels_last, 1.6-1.8x faster on oneDNN CPUs.
     """
-    if options:
-        raise ValueError(f"unknown torch build options {sorted(options)}; the only option is channels_last")
-    check_build_args(FRAMEWORK, EXECUTIONS, execution, precision, device, gpu_available)
+    check_build_args(FRAMEWORK, EXECUTIONS, execution, precision, device, gpu_available, options, ("channels_last",))
     weights = resolve_weights(config, weights)
     return TorchHourglass(config, weights, device=device, precision=precision, execution=execution,
                           channels_last=True if channels_last is None else channels_last)  # fmt: skip
