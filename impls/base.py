@@ -112,6 +112,11 @@ class AbstractHourglassModel(abc.ABC):
     precision: str
     device: str
 
+    def __init__(self, config: HourglassConfig, *, device: str, precision: str, execution: str) -> None:
+        """Record what was built; every model is <Framework>Hourglass(config, weights, *, device, precision,
+        execution[, framework options]) and calls this first."""
+        self.config, self.device, self.precision, self.execution = config, device, precision, execution
+
     @abc.abstractmethod
     def num_params(self) -> int:
         """Trainable parameters, counted from the framework's own variables."""

@@ -228,7 +228,7 @@ class JaxHourglass(AbstractHourglassModel):
 
     def __init__(self, config: HourglassConfig, weights: dict[str, np.ndarray], *, device: str, precision: str,
                  execution: str) -> None:
-        self.config, self.device, self.precision, self.execution = config, device, precision, execution
+        super().__init__(config, device=device, precision=precision, execution=execution)
         self.jax_device = jax.devices(device)[0]
         self._dtype = _DTYPES[precision]
         with jax.default_device(self.jax_device):  # the placeholder zeros never touch another device

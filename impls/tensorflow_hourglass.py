@@ -227,7 +227,7 @@ class TensorFlowHourglass(AbstractHourglassModel):
 
     def __init__(self, config: HourglassConfig, weights: dict[str, np.ndarray], *, device: str, precision: str,
                  execution: str) -> None:
-        self.config, self.device, self.precision, self.execution = config, device, precision, execution
+        super().__init__(config, device=device, precision=precision, execution=execution)
         self.tf_device = _DEVICES[device]
         self._dtype = _DTYPES[precision]
         with tf.device(self.tf_device):
