@@ -6,9 +6,17 @@ Each `impls/<framework>_hourglass.py` module exposes:
     EXECUTIONS: tuple[str, ...]         # execution modes, the first is the default
     PRECISIONS: tuple[str, ...]         # ("fp32", "bf16")
     def build(config, weights=None, *, device="cpu", precision="fp32", execution=<default>, **options)
-        -> AbstractHourglassModel
+        -> AbstractHourglassModel       # <Framework>Hourglass(config, weights, *, device, precision, execution)
     def runtime_info() -> dict          # version, devices, threads and the settings that change speed
     def gpu_available() -> bool
+    def conv_benchmark(input_shape, c_out, *, kernel_size=3, device="cpu", precision="fp32", seed=0)
+    def gemm_benchmark(m, k, n, *, device="cpu", precision="fp32", seed=0)   # calibration probes
+    def profile(config, *, phase, batch_size, execution, trace_dir, ...) -> impls.profiling.ProfileResult
+    def heatmap_loss(heatmaps, target)  # the training loss in the framework's own tensors
+
+Inputs of timed work come from impls.spec (random_batch, conv_probe_arrays, gemm_probe_arrays) and
+arguments are checked here (check_build_args, check_device_args, check_step_args, check_profile_args), so
+the three frameworks draw the same numbers and reject the same mistakes with the same words.
 
 Precision "bf16" means the whole model runs in bfloat16: parameters, activations and BN are cast to
 bfloat16 (pure bf16, not mixed precision), inputs are cast on the way in and outputs come back as float32.
@@ -17,7 +25,7 @@ bfloat16 (pure bf16, not mixed precision), inputs are cast on the way in and out
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import numpy as np
 
@@ -53,10 +61,14 @@ def check_device_args(framework: str, precision: str, device: str, gpu_available
 
 def check_build_args(
     framework: str, executions: tuple[str, ...], execution: str, precision: str, device: str,
-    gpu_available: Callable[[], bool],
+    gpu_available: Callable[[], bool], options: Mapping[str, object] | None = None, known_options: tuple[str, ...] = (),
 ) -> None:
-    """Raise ValueError naming a bad execution, precision or device, or RuntimeError when a GPU is asked
-    for and the framework sees none: the checks every `build` makes before touching its framework."""
+    """Raise ValueError naming a bad execution, precision, device or unknown build option, or RuntimeError
+    when a GPU is asked for and the framework sees none: the checks every `build` makes before touching its
+    framework. `options` are the keyword arguments build() did not recognise; `known_options` the ones it takes."""
+    if options:
+        takes = f"it takes only {', '.join(known_options)}" if known_options else "it takes none"
+        raise ValueError(f"unknown build option(s) {', '.join(sorted(options))} for {framework}; {takes}; remove them")
     _check_choice("execution", execution, executions, f" for {framework}")
     check_device_args(framework, precision, device, gpu_available)
 
@@ -99,6 +111,11 @@ class AbstractHourglassModel(abc.ABC):
     execution: str
     precision: str
     device: str
+
+    def __init__(self, config: HourglassConfig, *, device: str, precision: str, execution: str) -> None:
+        """Record what was built; every model is <Framework>Hourglass(config, weights, *, device, precision,
+        execution[, framework options]) and calls this first."""
+        self.config, self.device, self.precision, self.execution = config, device, precision, execution
 
     @abc.abstractmethod
     def num_params(self) -> int:

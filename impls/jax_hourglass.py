@@ -228,7 +228,7 @@ class JaxHourglass(AbstractHourglassModel):
 
     def __init__(self, config: HourglassConfig, weights: dict[str, np.ndarray], *, device: str, precision: str,
                  execution: str) -> None:
-        self.config, self.device, self.precision, self.execution = config, device, precision, execution
+        super().__init__(config, device=device, precision=precision, execution=execution)
         self.jax_device = jax.devices(device)[0]
         self._dtype = _DTYPES[precision]
         with jax.default_device(self.jax_device):  # the placeholder zeros never touch another device
@@ -282,8 +282,8 @@ class JaxHourglass(AbstractHourglassModel):
         return {**_to_numpy(self._params), **_to_numpy(self._stats)}
 
     def module(self) -> StackedHourglass:
-        """The nnx module tree holding the current parameters and statistics (changes to it stay there)."""
-        return nnx.merge(self._graphdef, self._params, self._stats)
+        """A copy of the nnx module tree holding the current parameters and statistics (changes stay there)."""
+        return nnx.merge(self._graphdef, self._params, self._stats, copy=True)
 
     def step_inputs(self, batch_size: int, seed: int) -> tuple[jax.Array, jax.Array]:
         """impls.spec.random_batch on the device: x (N, H, W, 3) and target (N, H/4, W/4, K)."""
@@ -403,9 +403,7 @@ def gpu_available() -> bool:
 def build(config: HourglassConfig, weights: dict[str, np.ndarray] | None = None, *, device: str = "cpu",
           precision: str = "fp32", execution: str = EXECUTIONS[0], **options: object) -> JaxHourglass:
     """A JaxHourglass; weights default to impls.spec.init_weights(config, seed=0)."""
-    if options:
-        raise ValueError(f"unknown option(s) {sorted(options)} for jax; it takes none")
-    check_build_args(FRAMEWORK, EXECUTIONS, execution, precision, device, gpu_available)
+    check_build_args(FRAMEWORK, EXECUTIONS, execution, precision, device, gpu_available, options)
     weights = resolve_weights(config, weights)
     return JaxHourglass(config, weights, device=device, precision=precision, execution=execution)
 

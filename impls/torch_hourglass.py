@@ -252,7 +252,7 @@ class TorchHourglass(AbstractHourglassModel):
 
     def __init__(self, config: HourglassConfig, weights: dict[str, np.ndarray], *, device: str, precision: str,
                  execution: str, channels_last: bool = True) -> None:
-        self.config, self.device, self.precision, self.execution = config, device, precision, execution
+        super().__init__(config, device=device, precision=precision, execution=execution)
         self.channels_last = channels_last
         self.torch_device = _torch_device(device)
         self._dtype = _DTYPES[precision]
@@ -354,12 +354,7 @@ class TorchHourglass(AbstractHourglassModel):
             "compile": {"backend": "inductor", "mode": "default"} if self.execution == "compile" else None,
             "dtype": str(self._dtype),
             "torch_device": str(self.torch_device),
-            "cuda_matmul_allow_tf32": torch.backends.cuda.matmul.allow_tf32,
-            "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,
-            "cudnn_benchmark": torch.backends.cudnn.benchmark,
-            "float32_matmul_precision": torch.get_float32_matmul_precision(),
-            "intra_op_threads": torch.get_num_threads(),
-            "inter_op_threads": torch.get_num_interop_threads(),
+            **_speed_settings(),
         }
 
 
@@ -387,17 +382,24 @@ def runtime_info() -> dict[str, object]:
         "version": torch.__version__,
         "devices": ["cpu", *gpus],
         "gpu_available": gpu_available(),
-        "intra_op_threads": torch.get_num_threads(),
-        "inter_op_threads": torch.get_num_interop_threads(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "mkldnn_available": torch.backends.mkldnn.is_available(),
         "mkldnn_enabled": torch.backends.mkldnn.enabled,
         "cuda_version": torch.version.cuda,
         "cudnn_version": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
+        **_speed_settings(),
+    }
+
+
+def _speed_settings() -> dict[str, object]:
+    """The process-wide torch settings that change speed: TF32, cuDNN autotuning, matmul precision, threads."""
+    return {
         "cuda_matmul_allow_tf32": torch.backends.cuda.matmul.allow_tf32,
         "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,
         "cudnn_benchmark": torch.backends.cudnn.benchmark,
         "float32_matmul_precision": torch.get_float32_matmul_precision(),
+        "intra_op_threads": torch.get_num_threads(),
+        "inter_op_threads": torch.get_num_interop_threads(),
     }
 
 
@@ -408,9 +410,7 @@ def build(config: HourglassConfig, weights: dict[str, np.ndarray] | None = None,
 
     channels_last (None -> True): model and inputs in torch.channels_last, 1.6-1.8x faster on oneDNN CPUs.
     """
-    if options:
-        raise ValueError(f"unknown torch build options {sorted(options)}; the only option is channels_last")
-    check_build_args(FRAMEWORK, EXECUTIONS, execution, precision, device, gpu_available)
+    check_build_args(FRAMEWORK, EXECUTIONS, execution, precision, device, gpu_available, options, ("channels_last",))
     weights = resolve_weights(config, weights)
     return TorchHourglass(config, weights, device=device, precision=precision, execution=execution,
                           channels_last=True if channels_last is None else channels_last)  # fmt: skip
