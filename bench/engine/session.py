@@ -156,6 +156,6 @@ def _stopped(record: dict[str, Any], save: Callable[[], None], console: Console,
         save()
     except OSError as err:  # the disk is still full: the rows are safe, run.json keeps saying "running"
         console.print(f"[red]run.json could not be marked interrupted[/] ({escape(err.strerror or str(err))}); "
-                      "--resume will notice the run's parent is gone")  # fmt: skip
-    console.print(f"[red]interrupted by {escape(why)}[/]: {escape(hint)}")
+                      "--resume will notice the run's parent is gone", soft_wrap=True)  # fmt: skip
+    console.print(f"[red]interrupted by {escape(why)}[/]: {escape(hint)}", soft_wrap=True)  # one line, to copy
     return code
