@@ -212,6 +212,7 @@ def check(
     with a loud warning that timing was not gated; verdict.json then says timing_gated: false."""
     commit = baseline_commit(baseline)
     runs = check_output_dir(out / "runs", "--out")
+    runs.mkdir(parents=True, exist_ok=True)
     taken = sorted(p.name for p in runs.iterdir())
     if taken:
         raise ABCheckError(f"--out {out}: {runs} already holds {', '.join(taken)}; give an empty or new folder")
