@@ -358,7 +358,7 @@ def test_compare_cli_json_into_missing_folder_exits_2_before_comparing(tmp_path:
 
 @pytest.mark.parametrize(("flag", "target", "message"), [
     ("--json", "{tmp}", "is a folder; give a file name"),
-    ("--csv", "{tmp}/base/summary.csv/x.csv", "is a file; create it or give a path in an existing folder"),
+    ("--csv", "{tmp}/base/summary.csv/x.csv", "summary.csv is a file, not a folder; give a path in a folder"),
     ("--json", "", "--json is empty; give a file name"),
 ])  # fmt: skip
 def test_compare_cli_unwritable_output_file_exits_2_with_one_line(tmp_path: Path, capsys, flag: str, target: str,

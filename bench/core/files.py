@@ -98,9 +98,10 @@ def check_output_file(path: str | Path, flag: str) -> Path:
     if target.is_dir():
         raise OutputPathError(f"{flag} {text!r} is a folder; give a file name, e.g. {flag} {Path(text) / example}")
     parent = target.absolute().parent
+    if parent.exists() and not parent.is_dir():
+        raise OutputPathError(f"{flag} {text!r}: {parent} is a file, not a folder; give a path in a folder")
     if not parent.is_dir():
-        what = "is a file" if parent.exists() else "does not exist"
-        raise OutputPathError(f"{flag} {text!r}: its folder {parent} {what}; create it or give a path in an existing folder")
+        raise OutputPathError(f"{flag} {text!r}: its folder {parent} does not exist; create it or give a path in an existing folder")
     try:
         with tempfile.TemporaryFile(dir=parent, prefix=".hgbench-write-check-"):
             pass

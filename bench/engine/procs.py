@@ -218,5 +218,5 @@ def check_stale_run(record: dict[str, Any], run_dir: Path) -> list[str]:
         return [f"run.json says the run is still running on host {proc.host!r} (pid {proc.pid}); this is "
                 f"{socket.gethostname()!r}, so whether it still runs there cannot be checked: make sure it does not"]  # fmt: skip
     return [f"run.json says the run is still running, but the process that ran it (pid {proc.pid} on this machine) "
-            "is gone: it was killed (SIGKILL, the out-of-memory killer, a reboot) before it could mark the run "
-            "interrupted; resuming"]  # fmt: skip
+            "is gone: it ended without marking the run interrupted (killed by SIGKILL or the out-of-memory killer, "
+            "a reboot, or a disk too full to write run.json); resuming"]  # fmt: skip

@@ -460,7 +460,7 @@ def print_comparison(comparison: Comparison) -> None:
     if comparison.incomplete and not comparison.allow_partial:
         console.print("[bold red]the new run cannot vouch for every cell of the base[/bold red] (above): nothing shows "
                       "those cells are not slower; finish it (bench run --resume) or pass --allow-partial to compare "
-                      "only what both runs measured")  # fmt: skip
+                      "only what both runs measured", soft_wrap=True)  # fmt: skip
     elif not comparison.regressions and not comparison.invariant_mismatches:
         partial = " among the cells both runs measured" if comparison.incomplete else ""
         console.print(f"no significant regression{partial}")
