@@ -1,7 +1,8 @@
 """Command line: `python -m bench run|list|env|overhead|compare|report|profile`. Parsing and dispatch only;
 each command is a plain function in its package (bench.run, bench.profile, bench.report, bench.regress).
 
-A user's mistake ends as one line on stderr ("error: ...") and exit code 2, never a traceback.
+A user's mistake ends as one line on stderr ("error: ...") and exit code 2, never a traceback; a full disk
+as one line and exit code 75 (README, "Exit codes").
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from bench.core.files import DISK_FULL_EXIT_CODE, OutputPathError, is_disk_full
 from bench.core.rundir import RunDirError
 from bench.core.settings import CONFIG_FLAGS, RunSettings, SettingsError, build_settings, parse_positive_int
 
@@ -31,7 +33,9 @@ stacks, gradients of every trainable parameter, no optimizer update.
 defaults: on a CPU the seed preset at batch 1, both phases, every execution mode (compiled ones
 included), fp32, time-budgeted loops (a 2-core machine finishes within 10 minutes); on a GPU the seed's
 batch of 16 and every execution. Exit codes: 0 all cells ok or skipped, 1 a cell failed, timed
-out or ran out of memory (or a framework disagreed in the equivalence check), 2 bad input."""
+out or ran out of memory (or a framework disagreed in the equivalence check), 2 bad input (an unwritable
+--out included), 75 the disk filled up, 129/130/143 stopped by SIGHUP/Ctrl-C/SIGTERM; after 75 and
+129-143, finished cells are kept and --resume completes the run."""
 
 
 def _add_model_arguments(group: argparse._ArgumentGroup) -> None:
@@ -108,6 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
                          help="divide the new run's samples by the machine ratio of reference-conv times (two machines; a rough guide)")  # fmt: skip
     compare.add_argument("--json", metavar="FILE", help="also write the comparison as JSON")
     compare.add_argument("--csv", metavar="FILE", help="also write one row per cell as CSV")
+    compare.add_argument("--allow-partial", action="store_true",
+                         help="a new run that is interrupted or lacks cells the base has ok is a warning, not exit 1")  # fmt: skip
 
     report = commands.add_parser("report", help="figures, report.md and a self-contained report.html from run dirs")
     report.add_argument("run_dirs", metavar="RUN_DIR", nargs="+", help="one or more results/<run_id> folders (side by side)")
@@ -137,10 +143,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 _COMPARE_EPILOG = """\
 verdict: slower when the bootstrap 95% CI of the ratio of medians new/base lies above 1, the Mann-Whitney
-p-value is below 0.01 and the ratio exceeds 1 + threshold; faster likewise; else unchanged. When both runs
-have several rounds (bench run --rounds) the CI resamples rounds too and the rank test is not needed. Parameter
-counts, FLOPs and equivalence errors must match. Exit codes: 0 no regression, 1 a cell significantly
-slower or an invariant mismatch, 2 bad input (missing run, foreign CSV, different configs)."""
+p-value is below 0.01 and the ratio exceeds 1 + threshold; faster likewise; else unchanged. Parameter
+counts, FLOPs and equivalence errors must match, and the new run must be whole: a cell ok in the base
+but failed or missing in the new run, or a new run that is not complete, fails (--allow-partial: warns).
+When both runs have several rounds (bench run --rounds) the CI resamples rounds too and the rank test is
+not needed. Exit codes: 0 no regression, 1 a cell significantly slower, an invariant mismatch or an
+incomplete new run, 2 bad input (missing run, damaged or foreign CSV, different configs, unwritable --json/--csv),
+75 the disk filled up writing --json/--csv."""
 
 
 _PROFILE_EPILOG = """\
@@ -149,7 +158,8 @@ one fresh worker per framework x execution x phase runs the implementation's pro
 framework-reported vs analytic conv FLOPs, compile figures and trace files. Writes
 results/<UTC time>-<device>-profile/ (stages.csv, ops.csv, flops.csv, compile.csv, run.json, traces/).
 Exit codes: 0 every cell ok or skipped, 1 a cell failed, timed out, ran out of memory or broke the
-profile contract, 2 bad input."""
+profile contract, 2 bad input (an unwritable --out included), 75 the disk filled up, 129/130/143
+stopped by SIGHUP/Ctrl-C/SIGTERM (the cells profiled so far are kept)."""
 
 
 def _profile(args: argparse.Namespace, argv: list[str]) -> int:
@@ -164,7 +174,8 @@ def _compare(args: argparse.Namespace) -> int:
 
     try:
         files = {"json_path": args.json, "csv_path": args.csv}
-        return run_compare(args.base_run, args.new_run, args.metric, args.threshold, args.normalize, **files)
+        return run_compare(args.base_run, args.new_run, args.metric, args.threshold, args.normalize, **files,
+                           allow_partial=args.allow_partial)  # fmt: skip
     except (CompareError, RunDirError) as err:
         raise UsageError(str(err)) from None
 
@@ -246,6 +257,12 @@ def main(argv: list[str] | None = None) -> int:  # noqa: PLR0911 (one return per
         if args.command == "list":
             return inventory.list_frameworks(probe_workers=not args.no_probe)
         return inventory.print_environment(argv)
-    except (UsageError, SettingsError) as err:
+    except (UsageError, SettingsError, OutputPathError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # run and profile handle a full disk themselves (resume hint); this is the rest
+        if not is_disk_full(err):
+            raise
+        where = f" writing {err.filename}" if err.filename else ""
+        print(f"error: the disk is full ({err.strerror}{where}); free some space and run the command again", file=sys.stderr)
+        return DISK_FULL_EXIT_CODE

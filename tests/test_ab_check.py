@@ -161,3 +161,16 @@ def test_experiment_counts_false_alarms_and_detections(fake: pytest.MonkeyPatch,
     assert rounds.loc["slowdown", "failed"] and rounds.loc["slowdown", "confirmed"] == 1
     assert "HGBENCH_TEST_SLOWDOWN" not in os.environ  # the switch does not leak out of the experiment
     assert ab_check_experiment.main(argv, repo=tmp_path / "repo") == 2  # --out is no longer empty
+
+
+def test_gate_fails_a_new_run_that_lacks_cells_or_did_not_complete() -> None:
+    from bench.regress.compare import Comparison
+
+    whole = Comparison("base", "new", "latency_ms", 0.2, 0.01, False)
+    assert ab_check._incomplete(whole, "pair 1") == []
+    partial = Comparison("base", "new", "latency_ms", 0.2, 0.01, False, new_status="interrupted",
+                         missing_in_new=["jax-jit-fp32-b1-forward"])  # fmt: skip
+    assert ab_check._incomplete(partial, "pair 1") == [
+        "pair 1: new run is interrupted, not complete",
+        "pair 1: new run: cell missing: jax-jit-fp32-b1-forward",
+    ]

@@ -40,6 +40,7 @@ def write_run(
     config: Mapping[str, Any] | None = None,
     row_overrides: Mapping[str, Mapping[str, Any]] | None = None,
     warnings: Sequence[str] = (),
+    status: str | None = None,
 ) -> Path:
     """A run folder as `bench run` writes it: model cells `torch-eager-fp32-b1-<phase>` with samples in ms."""
     run_dir = root / name
@@ -66,6 +67,8 @@ def write_run(
     pd.DataFrame(rows, columns=SUMMARY_COLUMNS).to_csv(run_dir / "summary.csv", index=False)
     pd.DataFrame(samples, columns=SAMPLE_COLUMNS).to_csv(run_dir / "samples.csv", index=False)
     record = {"run_id": name, "settings": {"config": cfg, "device": "cpu"}, "warnings": list(warnings)}
+    if status is not None:
+        record["status"] = status
     (run_dir / "run.json").write_text(json.dumps(record))
     return run_dir
 
@@ -164,9 +167,64 @@ def test_compare_runs_cells_on_one_side_are_listed(tmp_path: Path, capsys: pytes
     comparison = compare_runs(base, new)
     status = {c.cell_id: c.status for c in comparison.cells}
     assert status == {FWD: "compared", BWD: "base_only", "torch-eager-fp32-b2-forward": "new_only"}
-    assert main(["compare", str(base), str(new)]) == 0
+    assert main(["compare", str(base), str(new), "--allow-partial"]) == 0
     out = capsys.readouterr().out
     assert f"base only: {BWD}" in out and "new only: torch-eager-fp32-b2-forward" in out
+    assert f"partial (allowed): {BWD}: ok in the base, missing from the new run" in out
+    assert "no significant regression among the cells both runs measured" in out
+
+
+def test_compare_cell_ok_in_base_but_missing_in_new_exits_1_naming_it(tmp_path: Path, capsys) -> None:
+    base = write_run(tmp_path, "base", {FWD: _noise(30, 30), BWD: _noise(30, 31)})
+    new = write_run(tmp_path, "new", {FWD: _noise(30, 32)})
+    assert main(["compare", str(base), str(new)]) == 1
+    out = capsys.readouterr().out
+    assert f"incomplete new run: {BWD}: ok in the base, missing from the new run" in out
+    assert "no significant regression" not in out and "--allow-partial" in out
+
+
+def test_compare_cell_failed_in_new_exits_1_with_its_error_unless_partial_is_allowed(tmp_path: Path, capsys) -> None:
+    base = write_run(tmp_path, "base", {FWD: _noise(30, 34), BWD: _noise(30, 35)})
+    new = write_run(tmp_path, "new", {FWD: _noise(30, 36), BWD: _noise(30, 37)},
+                    row_overrides={BWD: {"status": "failed", "error": "Traceback\nValueError: boom"}})  # fmt: skip
+    comparison = compare_runs(base, new)
+    assert comparison.exit_code == 1 and comparison.regressions == []
+    assert comparison.incomplete == [f"{BWD}: ok in the base, failed (ValueError: boom) in the new run"]
+    assert main(["compare", str(base), str(new), "--allow-partial"]) == 0
+    assert "partial (allowed)" in capsys.readouterr().out
+
+
+def test_compare_cell_failed_in_both_runs_is_not_an_incomplete_new_run(tmp_path: Path) -> None:
+    overrides = {BWD: {"status": "oom"}}
+    base = write_run(tmp_path, "base", {FWD: _noise(30, 38), BWD: _noise(30, 39)}, row_overrides=overrides)
+    new = write_run(tmp_path, "new", {FWD: _noise(30, 38), BWD: _noise(30, 39)}, row_overrides=overrides)
+    assert compare_runs(base, new).exit_code == 0
+
+
+@pytest.mark.parametrize("status", ["interrupted", "running"])
+def test_compare_new_run_not_complete_exits_1_saying_so(tmp_path: Path, capsys, status: str) -> None:
+    base = write_run(tmp_path, "base", {FWD: _noise(30, 50)}, status="complete")
+    new = write_run(tmp_path, "new", {FWD: _noise(30, 51)}, status=status)
+    assert main(["compare", str(base), str(new)]) == 1
+    assert f"incomplete new run: the new run is {status} (run.json status), not complete" in capsys.readouterr().out
+    assert main(["compare", str(base), str(new), "--allow-partial"]) == 0
+
+
+def test_compare_new_run_with_a_header_only_summary_exits_1(tmp_path: Path, capsys) -> None:
+    base = write_run(tmp_path, "base", {FWD: _noise(30, 52)})
+    new = write_run(tmp_path, "new", {})
+    assert main(["compare", str(base), str(new)]) == 1
+    assert f"{FWD}: ok in the base, missing from the new run" in capsys.readouterr().out
+
+
+def test_compare_identical_runs_with_summary_cut_mid_line_exits_2_naming_the_file(tmp_path: Path, capsys) -> None:
+    cells = {FWD: _noise(30, 53), BWD: _noise(30, 54)}
+    base = write_run(tmp_path, "base", cells, calibration_ms=_noise(30, 55, 2.0))
+    new = write_run(tmp_path, "new", cells, calibration_ms=_noise(30, 55, 2.0))
+    text = (new / "summary.csv").read_text()
+    (new / "summary.csv").write_text(text[: len(text) - 40])  # the last row loses its end
+    assert main(["compare", str(base), str(new), "--normalize"]) == 2
+    assert "summary.csv ends mid-line: the file was cut short" in _one_line_error(capsys)
 
 
 def test_compare_runs_failed_cell_is_not_compared(tmp_path: Path) -> None:
@@ -300,6 +358,27 @@ def test_compare_cli_json_into_missing_folder_exits_2_before_comparing(tmp_path:
     base = write_run(tmp_path, "base", {FWD: _noise(30, 70)})
     assert main(["compare", str(base), str(base), "--json", str(tmp_path / "no" / "such" / "x.json")]) == 2
     assert "--json" in _one_line_error(capsys)
+
+
+@pytest.mark.parametrize(("flag", "target", "message"), [
+    ("--json", "{tmp}", "is a folder; give a file name"),
+    ("--csv", "{tmp}/base/summary.csv/x.csv", "summary.csv is a file, not a folder; give a path in a folder"),
+    ("--json", "", "--json is empty; give a file name"),
+])  # fmt: skip
+def test_compare_cli_unwritable_output_file_exits_2_with_one_line(tmp_path: Path, capsys, flag: str, target: str,
+                                                                  message: str) -> None:  # fmt: skip
+    base = write_run(tmp_path, "base", {FWD: _noise(30, 70)})
+    assert main(["compare", str(base), str(base), flag, target.format(tmp=tmp_path)]) == 2
+    assert message in _one_line_error(capsys)
+
+
+def test_compare_cli_writes_json_and_csv_with_the_verdict(tmp_path: Path) -> None:
+    base = write_run(tmp_path, "base", {FWD: _noise(30, 73), BWD: _noise(30, 74)})
+    new = write_run(tmp_path, "new", {FWD: _noise(30, 75)})
+    code = main(["compare", str(base), str(new), "--json", str(tmp_path / "c.json"), "--csv", str(tmp_path / "c.csv")])
+    record = json.loads((tmp_path / "c.json").read_text())
+    assert code == 1 and record["exit_code"] == 1 and record["missing_in_new"] == [BWD]
+    assert set(pd.read_csv(tmp_path / "c.csv")["cell_id"]) == {FWD, BWD}
 
 
 def test_compare_cli_shows_a_runs_busy_machine_warning(tmp_path: Path, capsys) -> None:

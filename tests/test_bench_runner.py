@@ -298,11 +298,14 @@ def test_test_slowdown_switch_is_recorded_and_warned(fake: pytest.MonkeyPatch, t
     assert any("HGBENCH_TEST_SLOWDOWN" in text for text in warnings)
 
 
-def test_test_slowdown_switch_rejects_a_malformed_value(fake: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_test_slowdown_switch_rejects_a_malformed_value_before_measuring(
+    fake: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     fake.setenv("HGBENCH_TEST_SLOWDOWN", "lots")
-    code, run_dir = run(tmp_path, "--framework", "torch", "--phase", "forward")
-    assert code == 1
-    assert "HGBENCH_TEST_SLOWDOWN='lots'" in summary(run_dir).loc["torch-eager-fp32-b1-forward", "error"]
+    assert cli.main(["run", *TINY, "--out", str(tmp_path), "--framework", "torch"]) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith("error: HGBENCH_TEST_SLOWDOWN='lots' is not a fraction between 0 and 10")
+    assert list(tmp_path.iterdir()) == []  # no run folder, no worker started
 
 
 def test_slowed_step_lasts_at_least_the_fraction_longer() -> None:

@@ -22,6 +22,9 @@ SUMMARY_CSV = "summary.csv"
 SAMPLES_CSV = "samples.csv"
 RUN_JSON = "run.json"
 LOGS_DIR = "logs"
+# The worker running now (pid, process group, cell), removed when it ends: one left behind means the
+# parent died, and `--resume` kills what is left of that worker (bench.engine.procs).
+LIVE_WORKER_JSON = "live_worker.json"
 
 CELL_COLUMNS = ["cell_id", "kind", "framework", "execution", "precision", "batch_size", "phase"]
 CONFIG_COLUMNS = ["preset", "num_stacks", "depth", "channels", "num_keypoints", "input_height", "input_width"]

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -53,6 +54,25 @@ BACKEND_OVERRIDE_ENV = "HGBENCH_BACKEND_OVERRIDE"
 # Test switch: lengthen every timed model step by this fraction of its own duration (busy wait), so the
 # regression checks can be shown to catch a known slowdown. Recorded in the result and flagged by the runner.
 SLOWDOWN_ENV = "HGBENCH_TEST_SLOWDOWN"
+MAX_SLOWDOWN = 10.0
+
+
+def injected_slowdown(environ: Mapping[str, str]) -> float:
+    """The test switch's fraction (0 when unset); ValueError for a malformed value, never a silent zero.
+
+    The parent checks it before a run starts (exit 2), the worker reads it for each cell."""
+    text = environ.get(SLOWDOWN_ENV, "").strip()
+    if not text:
+        return 0.0
+    try:
+        fraction = float(text)
+    except ValueError:
+        fraction = -1.0
+    if not 0 <= fraction <= MAX_SLOWDOWN:
+        raise ValueError(f"{SLOWDOWN_ENV}={text!r} is not a fraction between 0 and {MAX_SLOWDOWN:g} "
+                         "(e.g. 0.25 for 25% slower); unset it or fix it")  # fmt: skip
+    return fraction
+
 # Progress markers on the worker's stderr ("hgbench-worker: stage timed"): a timeout or crash row says
 # where the worker was.
 STAGE_PREFIX = "hgbench-worker: stage "
@@ -104,11 +124,14 @@ class CellSpec(WorkerSpec):
 
 @dataclass(frozen=True, kw_only=True)
 class EquivalenceSpec(WorkerSpec):
-    """`equivalence`: heatmaps of the canonical weights on the parent's input, saved as .npy."""
+    """`equivalence`: heatmaps of the canonical weights on one input, saved as .npy.
+
+    The worker draws the input itself (impls.spec.random_arrays from `seed`, the same numbers in every
+    framework): an input sized by --input-size is allocated in a worker, never in the parent."""
 
     MODE: ClassVar[str] = "equivalence"
     execution: str
-    input_npy: str  # (1, H, W, 3) float32
+    input_shape: list[int]  # (1, H, W, 3): drawn float32 by the worker
     output_npy: str  # written by the worker: (stacks, 1, H/4, W/4, K) float32
 
 
@@ -225,10 +248,22 @@ class CalibrationMeasurement:
 
 
 @dataclass(kw_only=True)
+class CalibrationFailure:
+    """One calibration workload that raised (an allocation too large for its batch size): the others go on."""
+
+    kind: str
+    precision: str
+    batch_size: int
+    status: str  # failed | oom
+    error: str
+
+
+@dataclass(kw_only=True)
 class CalibrationResult(WorkerResult):
-    """Every workload the backend could time, and the kinds it has no probe for."""
+    """Every workload the backend could time, the ones that failed, and the kinds it has no probe for."""
 
     measurements: list[CalibrationMeasurement] = field(default_factory=list)
+    failures: list[CalibrationFailure] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)
 
 

@@ -4,7 +4,7 @@ The only module of `bench` that loads a framework (through `impls.load`). The pa
 (bench.engine.protocol); this process runs its mode and writes the mode's typed result atomically:
 
 - `cell`: build the model, time the first call alone, warm up, time every iteration; memory figures.
-- `equivalence`: heatmaps of the canonical weights on the parent's input, saved as .npy.
+- `equivalence`: heatmaps of the canonical weights on an input drawn here from the seed, saved as .npy.
 - `calibrate`: the framework's 3x3 conv at the model's dominant shape (needs `conv_benchmark`).
 - `info`: the framework's runtime_info() (for `bench list` and run.json).
 - `overhead`: the harness's loop against a bare loop on the same model (`python -m bench overhead`).
@@ -12,7 +12,8 @@ The only module of `bench` that loads a framework (through `impls.load`). The pa
 
 A Python exception becomes a result with status failed or oom and the traceback's tail; a hard crash
 writes nothing and the parent reads the exit status and stderr instead. Progress markers go to stderr
-("hgbench-worker: stage ..."), so a timeout says where the worker was.
+("hgbench-worker: stage ..."), so a timeout says where the worker was. The first thing a worker does is
+tie its life to its parent's (bench.engine.procs.die_with_parent): no worker outlives the run.
 """
 
 from __future__ import annotations
@@ -36,12 +37,12 @@ from bench.core import nvml
 from bench.core.calibration import ConvShape
 from bench.core.files import write_json_atomic
 from bench.core.settings import LoopSettings
+from bench.engine import procs
 from bench.engine import protocol as proto
 from bench.engine.protocol import (
     BACKEND_OVERRIDE_ENV,
     ERROR_TAIL_LINES,
     OOM_MARKERS,
-    SLOWDOWN_ENV,
     STAGE_PREFIX,
     CalibrationSpec,
     CellSpec,
@@ -132,20 +133,6 @@ def _max_or_none(a: int | None, b: int | None) -> int | None:
     return b if a is None else a if b is None else max(a, b)
 
 
-def injected_slowdown() -> float:
-    """The test switch's fraction (0 when unset); a malformed value is an error, not a silent zero."""
-    text = os.environ.get(SLOWDOWN_ENV, "").strip()
-    if not text:
-        return 0.0
-    try:
-        fraction = float(text)
-    except ValueError:
-        fraction = -1.0
-    if not 0 <= fraction <= 10:
-        raise ValueError(f"{SLOWDOWN_ENV}={text!r} is not a fraction between 0 and 10 (e.g. 0.25 for 25% slower)")
-    return fraction
-
-
 def slowed(step: Callable[[], None], fraction: float) -> Callable[[], None]:
     """`step`, followed by a busy wait of `fraction` times the time it just took (a proportional slowdown)."""
     if fraction <= 0:
@@ -187,7 +174,7 @@ def run_cell(backend: ModuleType, spec: CellSpec) -> dict[str, Any]:
     t0 = time.perf_counter()
     step = model.benchmark_step(spec.phase, spec.batch_size, spec.seed)
     setup_s = time.perf_counter() - t0
-    slowdown = injected_slowdown()
+    slowdown = proto.injected_slowdown(os.environ)
     step = slowed(step, slowdown)
 
     def on_stage(name: str) -> None:
@@ -213,17 +200,20 @@ def run_cell(backend: ModuleType, spec: CellSpec) -> dict[str, Any]:
 
 
 def run_equivalence(backend: ModuleType, spec: EquivalenceSpec) -> dict[str, Any]:
-    """Heatmaps of the canonical weights (seed 0) on the parent's input, saved to spec.output_npy."""
+    """Heatmaps of the canonical weights (seed 0) on an input drawn from spec.seed, saved to spec.output_npy."""
     from impls import init_weights
+    from impls.spec import random_arrays
 
     config = _config(spec)
     device = _device(backend, spec)
+    stage("input")
+    (x,) = random_arrays(spec.seed, tuple(spec.input_shape))  # (1, H, W, 3): the same numbers in every framework
     stage("build")
     model = backend.build(
         config, init_weights(config, seed=0), device=device, precision="fp32", execution=spec.execution
     )
     stage("predict")
-    heatmaps = np.asarray(model.predict(np.load(spec.input_npy)), dtype=np.float32)  # (S, 1, H/4, W/4, K)
+    heatmaps = np.asarray(model.predict(x), dtype=np.float32)  # (S, 1, H/4, W/4, K)
     np.save(spec.output_npy, heatmaps)
     return {"device": device, "output_npy": spec.output_npy, "runtime_info": runtime_record(backend)}
 
@@ -232,29 +222,39 @@ def run_calibration(backend: ModuleType, spec: CalibrationSpec) -> dict[str, Any
     """Time the framework's calibration workloads: each (kind, shape, batch size, precision) in the spec.
 
     Kinds: "conv3x3" and "reference_conv" go through `conv_benchmark`, "gemm" through `gemm_benchmark`.
-    A workload the backend has no probe for is listed in `missing`, not failed.
+    A workload the backend has no probe for is listed in `missing`, not failed. A workload that raises (an
+    allocation too large for its batch size) is listed in `failures` with its error, and the others go on:
+    one batch size's failure must not void the fixed reference conv.
     """
     device = _device(backend, spec)
     probes = {"conv3x3": "conv_benchmark", "reference_conv": "conv_benchmark", "gemm": "gemm_benchmark"}
-    measurements, missing = [], []
+    measurements, failures, missing = [], [], []
     for workload in spec.workloads:
         probe = getattr(backend, probes[workload.kind], None)
         if probe is None:
             missing.append(workload.kind)
             continue
         shape, batch_size, precision = workload.shape, workload.batch_size, workload.precision
-        stage(f"calibrate {workload.kind} {precision} b{batch_size}")
-        if workload.kind == "gemm":
-            step = probe(batch_size * shape["m_per_image"], shape["k"], shape["n"], device=device,
-                         precision=precision, seed=spec.seed)  # fmt: skip
-        else:
-            conv = ConvShape(**shape)
-            step = probe((batch_size, conv.height, conv.width, conv.c_in), conv.c_out, kernel_size=conv.kernel_size,
-                         device=device, precision=precision, seed=spec.seed)  # fmt: skip
-        entry = _timed(spec.loop, step, stage)
+        name = f"calibrate {workload.kind} {precision} b{batch_size}"  # the parent matches a crash's stage to it
+        stage(name)
+        try:
+            if workload.kind == "gemm":
+                step = probe(batch_size * shape["m_per_image"], shape["k"], shape["n"], device=device,
+                             precision=precision, seed=spec.seed)  # fmt: skip
+            else:
+                conv = ConvShape(**shape)
+                step = probe((batch_size, conv.height, conv.width, conv.c_in), conv.c_out, kernel_size=conv.kernel_size,
+                             device=device, precision=precision, seed=spec.seed)  # fmt: skip
+            entry = _timed(spec.loop, step, lambda part, name=name: stage(f"{name}: {part}"))
+        except Exception as err:  # failures are data, per workload
+            failures.append(proto.CalibrationFailure(kind=workload.kind, precision=precision, batch_size=batch_size,
+                                                     status=classify_exception(err), error=error_tail(err)))  # fmt: skip
+            continue
+        finally:
+            step = None  # free this workload's arrays before the next one allocates its own
         measurements.append(proto.CalibrationMeasurement(kind=workload.kind, precision=precision,
                                                          batch_size=batch_size, **entry))  # fmt: skip
-    return {"device": device, "measurements": measurements, "missing": sorted(set(missing)),
+    return {"device": device, "measurements": measurements, "failures": failures, "missing": sorted(set(missing)),
             "runtime_info": runtime_record(backend)}  # fmt: skip
 
 
@@ -351,6 +351,7 @@ def execute(spec: WorkerSpec) -> proto.WorkerResult:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: read the spec, run it, write the result; exit 0 whenever a result was written."""
+    procs.die_with_parent()  # first: no worker outlives its parent, whatever kills the parent
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 2:
         print("usage: python -m bench.engine.worker SPEC.json RESULT.json", file=sys.stderr)

@@ -17,13 +17,16 @@ its run.json); this tool measures that code and this checkout alternately on the
   pair 2: only when pair 1 flagged a cell, in the reverse order (new-2, then base-2), so a machine that
           drifts one way during the check favours neither side. Fail when a cell is flagged in both pairs.
 
-It also fails on a cell that is not ok in a new run and on any change of the exact invariants (parameter
-counts, FLOPs, equivalence) between the pairs or against the committed numbers. The comparison with the
+It also fails on a cell that is not ok in a new run, on a new run that is missing cells or did not
+complete, and on any change of the exact invariants (parameter counts, FLOPs, equivalence) between the
+pairs or against the committed numbers. The comparison with the
 committed numbers (normalised) is printed for information: how this machine differs from the baseline's.
 
 HGBENCH_TEST_SLOWDOWN (the runner's test switch) reaches the new runs only: it stands for slower code
 under test, which is how the gate's detection rate is measured. Writes OUT/runs/{base,new}-{1,2} and
-OUT/verdict.json. Exit codes: 0 pass, 1 fail, 2 bad input or the baseline's code could not be run.
+OUT/verdict.json. Exit codes: 0 pass, 1 fail, 2 bad input (HGBENCH_CI_THRESHOLD, which overrides the
+default threshold, included) or the baseline's code could not be run (or a base run did not complete),
+75 the disk filled up.
 """
 
 from __future__ import annotations
@@ -42,12 +45,14 @@ from typing import Any
 
 import pandas as pd
 
-from bench.core.files import write_json_atomic
+from bench.core.files import DISK_FULL_EXIT_CODE, OutputPathError, check_output_dir, is_disk_full, write_json_atomic
 from bench.core.paths import REPO_ROOT
-from bench.engine.protocol import SLOWDOWN_ENV
+from bench.core.rundir import RunDirError, read_record
+from bench.engine.protocol import SLOWDOWN_ENV, injected_slowdown
 from bench.regress.compare import CompareError, Comparison, compare_runs, parse_threshold, print_comparison
 
 DEFAULT_THRESHOLD = "20%"  # reports/ab-check: 0 of 10 same-code gates failed, 10 of 10 with a 25% slowdown
+THRESHOLD_ENV = "HGBENCH_CI_THRESHOLD"  # overrides DEFAULT_THRESHOLD when --threshold is not given
 CODE_PATHS = ("bench", "impls")  # the packages a run imports; everything else is data
 
 
@@ -134,8 +139,25 @@ def _pair(order: tuple[str, str], number: int, base_code: Path, baseline: Path, 
             raise ABCheckError(f"{side} run {runs / run_id} wrote no summary.csv (exit {code}); see its output "
                                "above. A base run that fails here means the baseline's code cannot run with these "
                                "packages or on this machine: refresh it (README, 'The CI regression check': Refresh the baseline)")  # fmt: skip
+        if side == "base" and _run_status(runs / run_id) != "complete":
+            raise ABCheckError(f"base run {runs / run_id} did not complete (run.json status "
+                               f"{_run_status(runs / run_id)}, exit {code}); see its output above")  # fmt: skip
         dirs[side] = runs / run_id
     return dirs["base"], dirs["new"]
+
+
+def _run_status(run_dir: Path) -> str:
+    """run.json's status of a run the gate made, or why it cannot be read."""
+    try:
+        return str(read_record(run_dir).get("status") or "complete")
+    except RunDirError as err:
+        return f"unreadable ({err})"
+
+
+def _incomplete(comparison: Comparison, label: str) -> list[str]:
+    """Failure reasons for a new run that cannot vouch for every cell (not-ok cells are reported apart)."""
+    reasons = [f"{label}: new run is {comparison.new_status}, not complete"] if comparison.new_status != "complete" else []
+    return reasons + [f"{label}: new run: cell missing: {cell}" for cell in comparison.missing_in_new]
 
 
 def _cells_not_ok(run_dir: Path) -> list[str]:
@@ -166,6 +188,7 @@ def _ab_pairs(commit: str, base_code: Path, baseline: Path, runs: Path, threshol
         comparisons.append(comparison)
         verdict["pairs"].append(_summary(comparison))
         reasons += [f"pair {number}: invariant mismatch: {m}" for m in comparison.invariant_mismatches]
+        reasons += _incomplete(comparison, f"pair {number}")
         for side, run_dir in (("base", base_dir), ("new", new_dir)):
             reasons += [f"pair {number}: {side} run: cell not ok: {m}" for m in _cells_not_ok(run_dir)]
         if reasons or not comparison.regressions:
@@ -188,7 +211,7 @@ def check(
     checkout once and gate only what needs no timing (failed cells, invariants against the committed numbers),
     with a loud warning that timing was not gated; verdict.json then says timing_gated: false."""
     commit = baseline_commit(baseline)
-    runs = out / "runs"
+    runs = check_output_dir(out / "runs", "--out")
     runs.mkdir(parents=True, exist_ok=True)
     taken = sorted(p.name for p in runs.iterdir())
     if taken:
@@ -224,6 +247,8 @@ def check(
         print_comparison(committed)
         verdict["against_committed"] = _summary(committed)
         reasons += [f"against the committed baseline: invariant mismatch: {m}" for m in committed.invariant_mismatches]
+        if not verdict["timing_gated"]:  # the pairs did not check the new run's completeness
+            reasons += _incomplete(committed, "against the committed baseline")
     finally:
         shutil.rmtree(base_code, ignore_errors=True)
     verdict["failures"] = reasons
@@ -239,24 +264,43 @@ def check(
     return verdict["exit_code"], verdict
 
 
+def _check_slowdown_switch() -> None:
+    """A malformed test switch would fail every new run: say so before measuring anything."""
+    try:
+        injected_slowdown(os.environ)
+    except ValueError as err:
+        raise ABCheckError(str(err)) from None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.regress.ab_check", description=__doc__.split("\n\n")[0])
     parser.add_argument("--baseline", default="results/baseline",
                         help="committed baseline run: its cells and its git commit (default results/baseline)")  # fmt: skip
     parser.add_argument("--out", required=True, help="folder for the runs and verdict.json (new or empty)")
-    parser.add_argument(
-        "--threshold", default=DEFAULT_THRESHOLD, help="smallest slowdown that fails (default %(default)s)"
-    )
+    parser.add_argument("--threshold",
+                        help=f"smallest slowdown that fails (default ${THRESHOLD_ENV} when set, else {DEFAULT_THRESHOLD})".replace("%", "%%"))  # fmt: skip
     parser.add_argument("--if-base-code-missing", choices=("fail", "warn"), default="fail",
                         help="the baseline's commit is not in this repository: exit 2 (default), or warn, "
                              "measure this checkout once and gate only failed cells and invariants")  # fmt: skip
     args = parser.parse_args(argv)
     try:
-        threshold = parse_threshold(args.threshold)
+        if args.threshold is not None:
+            threshold = parse_threshold(args.threshold)
+        elif os.environ.get(THRESHOLD_ENV, "").strip():
+            threshold = parse_threshold(os.environ[THRESHOLD_ENV], THRESHOLD_ENV)
+        else:
+            threshold = parse_threshold(DEFAULT_THRESHOLD)
+        _check_slowdown_switch()
+        check_output_dir(args.out, "--out")
         code, _ = check(Path(args.baseline), Path(args.out), threshold, if_base_code_missing=args.if_base_code_missing)
-    except (ABCheckError, CompareError) as err:
+    except (ABCheckError, CompareError, OutputPathError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:
+        if not is_disk_full(err):
+            raise
+        print(f"error: the disk is full ({err.strerror}); free some space and run the gate again", file=sys.stderr)
+        return DISK_FULL_EXIT_CODE
     return code
 
 

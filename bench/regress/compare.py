@@ -20,6 +20,11 @@ side is resampled at two levels (rounds, then samples within them), so the inter
 process-to-process drift that the rank test cannot see; the verdict is then rule 1 and rule 3 at that level.
 With one round on a side the one-process rule above applies and the cell is labelled within-process.
 
+A comparison is only as good as the new run is whole: a model cell that is ok in the base but failed,
+missing or not ok in the new run, or a new run whose run.json is not "complete" (interrupted, or still
+running), also exits 1, and says which: nothing shows such a cell is not slower. `--allow-partial` turns
+these into warnings, for a deliberate comparison of part of a run.
+
 `--normalize` divides every sample of the new run by the machine ratio: the median over frameworks of
 new/base calibration time, each framework timing the fixed reference conv (64x64, 64 -> 64, batch 1; the
 same workload whatever the config; runs that lack it use the model's dominant 3x3 conv). A rough guide for
@@ -41,6 +46,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from bench.core.files import atomic_write, check_output_file
 from bench.core.numbers import num
 from bench.core.rundir import RunData, read_run
 from bench.core.stats import CI_ROUNDS, CI_WITHIN, RatioStats, ratio_of_medians
@@ -95,6 +101,11 @@ class Comparison:
     calibration_ratios: dict[str, float] = field(default_factory=dict)  # framework -> new/base yardstick median
     machine_ratio: float = math.nan  # median of calibration_ratios: how much slower the new run's machine was
     warnings: list[str] = field(default_factory=list)  # each run's own warnings (a busy machine above all)
+    base_status: str = "complete"  # each run.json's status: running, complete or interrupted
+    new_status: str = "complete"
+    missing_in_new: list[str] = field(default_factory=list)  # model cells ok in the base, absent from the new run
+    not_ok_in_new: list[str] = field(default_factory=list)  # model cells ok in the base, not ok in the new run
+    allow_partial: bool = False  # --allow-partial: an incomplete new run is a warning, not a failure
 
     @property
     def regressions(self) -> list[CellComparison]:
@@ -102,16 +113,34 @@ class Comparison:
         return [c for c in self.cells if c.verdict == "slower" and c.kind == "model"]
 
     @property
+    def incomplete(self) -> list[str]:
+        """Why the new run cannot vouch for every cell the base measured (empty when it can)."""
+        reasons = []
+        if self.new_status != "complete":
+            reasons.append(f"the new run is {self.new_status} (run.json status), not complete")
+        reasons += [f"{cell}: ok in the base, missing from the new run" for cell in self.missing_in_new]
+        reasons += [f"{cell}: ok in the base, {why} in the new run" for cell, why in map(_split_note, self.not_ok_in_new)]
+        return reasons
+
+    @property
     def exit_code(self) -> int:
-        """1 on a regression or an invariant mismatch, else 0."""
-        return 1 if self.regressions or self.invariant_mismatches else 0
+        """1 on a regression, an invariant mismatch or (without allow_partial) an incomplete new run, else 0."""
+        partial = bool(self.incomplete) and not self.allow_partial
+        return 1 if self.regressions or self.invariant_mismatches or partial else 0
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready record (NaN becomes null)."""
         d = asdict(self)
         d["regressions"] = [c.cell_id for c in self.regressions]
+        d["incomplete"] = self.incomplete
         d["exit_code"] = self.exit_code
         return _nan_to_none(d)
+
+
+def _split_note(entry: str) -> tuple[str, str]:
+    """'cell_id: why' -> (cell_id, why)."""
+    cell, _, why = entry.partition(": ")
+    return cell, why
 
 
 def _nan_to_none(value: Any) -> Any:
@@ -142,15 +171,15 @@ def verdict(stats: RatioStats, threshold: float, alpha: float = ALPHA) -> str:
     return "unchanged"
 
 
-def parse_threshold(text: str) -> float:
-    """'10%' or '0.1' -> 0.1; must be >= 0 and below 10 (1000%)."""
+def parse_threshold(text: str, source: str = "--threshold") -> float:
+    """'10%' or '0.1' -> 0.1; must be >= 0 and below 10 (1000%). `source` names where the text came from."""
     raw = str(text).strip()
     try:
         value = float(raw[:-1]) / 100 if raw.endswith("%") else float(raw)
     except ValueError:
         value = math.nan
     if not 0 <= value < 10:
-        raise CompareError(f"--threshold must be a fraction or a percentage such as 0.1 or 10%, got {text!r}")
+        raise CompareError(f"{source} must be a fraction or a percentage such as 0.1 or 10%, got {text!r}")
     return value
 
 
@@ -247,6 +276,7 @@ def compare_runs(
     threshold: float = DEFAULT_THRESHOLD,
     normalize: bool = False,
     alpha: float = ALPHA,
+    allow_partial: bool = False,
 ) -> Comparison:
     """Load, validate and compare two runs; raises CompareError on bad input."""
     if metric not in METRICS:
@@ -255,7 +285,10 @@ def compare_runs(
         raise CompareError(f"--normalize applies to latency_ms only, got --metric {metric}; drop one of them")
     base, new = read_run(base_dir), read_run(new_dir)
     _check_same_config(base, new)
-    result = Comparison(str(base.path), str(new.path), metric, threshold, alpha, normalize)
+    result = Comparison(str(base.path), str(new.path), metric, threshold, alpha, normalize,
+                        base_status=base.status, new_status=new.status, allow_partial=allow_partial)  # fmt: skip
+    if base.status != "complete":
+        result.warnings.append(f"base run: run.json status is {base.status}, not complete: cells it lacks are not compared")
     for side, run in (("base", base), ("new", new)):
         # A busy machine (the runner's warning) makes timings slow and bimodal: a verdict then says more
         # about the machine than the code, so the reader must see it next to the table.
@@ -278,15 +311,26 @@ def compare_runs(
         b, n = base_rows.get(cell_id), new_rows.get(cell_id)
         if b is None or n is None:
             result.cells.append(CellComparison(cell_id, "model", "new_only" if b is None else "base_only"))
+            if b is not None and b["status"] == "ok":
+                result.missing_in_new.append(cell_id)
             continue
         if b["status"] != "ok" or n["status"] != "ok":
             note = f"status {b['status']} (base), {n['status']} (new)"
             result.cells.append(CellComparison(cell_id, "model", "not_ok", note=note))
+            if b["status"] == "ok":
+                result.not_ok_in_new.append(f"{cell_id}: {n['status']} ({_last_line(n.get('error'))})")
             continue
         result.invariant_mismatches.extend(_invariant_mismatches(cell_id, base, new, b, n))
-        result.cells.append(_compare_cell(cell_id, base, new, b, n, metric, threshold,
-                                          result.machine_ratio if normalize else None, alpha))  # fmt: skip
+        cell = _compare_cell(cell_id, base, new, b, n, metric, threshold, result.machine_ratio if normalize else None, alpha)
+        if cell.status == "not_ok" and cell.n_base >= 2 and cell.n_new < 2:
+            result.not_ok_in_new.append(f"{cell_id}: ok but with {cell.n_new} sample(s) in samples.csv")
+        result.cells.append(cell)
     return result
+
+
+def _last_line(text: Any) -> str:
+    lines = [line for line in str(text or "").splitlines() if line.strip()]
+    return lines[-1].strip() if lines else "no error recorded"
 
 
 def _compare_cell(
@@ -325,17 +369,18 @@ def _compare_cell(
 
 
 def write_json(comparison: Comparison, path: str | Path) -> None:
-    """The whole comparison as JSON."""
-    Path(path).write_text(json.dumps(comparison.to_dict(), indent=2) + "\n")
+    """The whole comparison as JSON, atomically."""
+    text = json.dumps(comparison.to_dict(), indent=2) + "\n"
+    atomic_write(Path(path), lambda handle: handle.write(text))
 
 
 def write_csv(comparison: Comparison, path: str | Path) -> None:
-    """One row per cell (one-sided and not-ok cells included), with the run-level settings repeated."""
+    """One row per cell (one-sided and not-ok cells included), with the run-level settings repeated; atomically."""
     frame = pd.DataFrame([asdict(c) for c in comparison.cells])
     for column, value in (("metric", comparison.metric), ("normalized", comparison.normalized),
                           ("threshold", comparison.threshold)):  # fmt: skip
         frame[column] = value
-    frame.to_csv(path, index=False)
+    atomic_write(Path(path), lambda handle: frame.to_csv(handle, index=False))
 
 
 _VERDICT_STYLE = {"slower": "bold red", "faster": "green", "unchanged": "default"}
@@ -384,24 +429,33 @@ def print_comparison(comparison: Comparison) -> None:
         console.print(f"[yellow]warning:[/yellow] {escape(text)}", soft_wrap=True)
     for problem in comparison.invariant_mismatches:
         console.print(f"[bold red]invariant mismatch[/bold red]: {escape(problem)}")
+    label = "[yellow]partial (allowed)[/yellow]" if comparison.allow_partial else "[bold red]incomplete new run[/bold red]"
+    for reason in comparison.incomplete:
+        console.print(f"{label}: {escape(reason)}", soft_wrap=True)
     if comparison.regressions:
         console.print(f"[bold red]{len(comparison.regressions)} cell(s) significantly slower by more than "
                       f"{comparison.threshold:.0%}[/bold red]")  # fmt: skip
-    elif not comparison.invariant_mismatches:
-        console.print("no significant regression")
+    if comparison.incomplete and not comparison.allow_partial:
+        console.print("[bold red]the new run cannot vouch for every cell of the base[/bold red] (above): nothing shows "
+                      "those cells are not slower; finish it (bench run --resume) or pass --allow-partial to compare "
+                      "only what both runs measured", soft_wrap=True)  # fmt: skip
+    elif not comparison.regressions and not comparison.invariant_mismatches:
+        partial = " among the cells both runs measured" if comparison.incomplete else ""
+        console.print(f"no significant regression{partial}")
 
 
 def run_compare(
     base_dir: str, new_dir: str, metric: str = "latency_ms", threshold: str = "10%", normalize: bool = False,
-    json_path: str | None = None, csv_path: str | None = None,
+    json_path: str | None = None, csv_path: str | None = None, allow_partial: bool = False,
 ) -> int:  # fmt: skip
-    """The `compare` command: compare, print, write the requested files; returns the exit code (0 or 1)."""
+    """The `compare` command: compare, print, write the requested files; returns the exit code (0 or 1).
+
+    The output files are checked before anything is read (OutputPathError)."""
     for flag, path in (("--json", json_path), ("--csv", csv_path)):
-        if path and not Path(path).resolve().parent.is_dir():
-            raise CompareError(
-                f"{flag} {path!r}: its folder does not exist; create it or give a path in an existing one"
-            )
-    comparison = compare_runs(base_dir, new_dir, metric, parse_threshold(threshold), normalize)
+        if path is not None:
+            check_output_file(path, flag)
+    comparison = compare_runs(base_dir, new_dir, metric, parse_threshold(threshold), normalize,
+                              allow_partial=allow_partial)  # fmt: skip
     print_comparison(comparison)
     if json_path:
         write_json(comparison, json_path)

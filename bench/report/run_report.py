@@ -22,6 +22,7 @@ from rich.markup import escape
 
 from bench.core.columns import SAMPLE_COLUMNS, SUMMARY_COLUMNS
 from bench.core.console import make_console, warn
+from bench.core.files import check_output_dir
 from bench.core.numbers import fmt
 from bench.core.rundir import RunData, is_profile_dir, read_profile, read_run
 from bench.core.settings import EXECUTIONS, execution_rank
@@ -443,7 +444,11 @@ def write_after_run(run_dir: Path) -> None:
 
 def run(run_dirs: Sequence[str], out: str | None = None, baseline: str = "torch") -> int:
     """The `report` command: writes the report and prints where; ReportError propagates to the CLI."""
-    target = Path(out) if out else Path("reports") / "-vs-".join(Path(d).resolve().name for d in run_dirs[:3])
+    if out is None:
+        target = check_output_dir(Path("reports") / "-vs-".join(Path(d).resolve().name for d in run_dirs[:3]),
+                                  "the report folder (default reports/<RUN_DIR name>; choose one with --out)")  # fmt: skip
+    else:
+        target = check_output_dir(out, "--out")
     html_path = build_report(run_dirs, target, baseline)
     print(f"report: {html_path} (and report.md, figures, in {html_path.parent})")
     return 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import psutil
 from rich.markup import escape
 
 from bench.core import console as out
@@ -24,10 +26,12 @@ from bench.core import envinfo
 from bench.core import settings as settings_mod
 from bench.core.calibration import calibration_workloads, dominant_conv3x3, dominant_gemm
 from bench.core.columns import FAILED_STATUSES
+from bench.core.files import DISK_FULL_EXIT_CODE, check_output_dir
 from bench.core.numbers import num
 from bench.core.rundir import RunDirError, RunStore, new_run_dir
-from bench.core.settings import Cell, RunSettings
+from bench.core.settings import MAX_ITERS, Cell, RunSettings, SettingsError
 from bench.core.stats import summarize
+from bench.engine import procs
 from bench.engine.protocol import (
     SLOWDOWN_ENV,
     WORKER_ENV,
@@ -38,13 +42,17 @@ from bench.engine.protocol import (
     CellSpec,
     EquivalenceSpec,
     WorkerResult,
+    injected_slowdown,
 )
-from bench.engine.session import INTERRUPTED_EXIT_CODE, WorkerSession, run_guarded
+from bench.engine.session import INTERRUPTED_EXIT_CODES, WorkerSession, run_guarded
 from bench.run.equivalence import compare
 from bench.run.plan import round_order
 from impls import count_flops
 
 BUSY_LOAD_PER_CORE = 0.5  # a 1-minute load above this share of the usable cores triggers a warning
+# The parent holds every framework's heatmaps and float64 copies while comparing them (equivalence.compare):
+# about this many times their size in all. Loaded only when that fits in half the available memory.
+HEATMAP_COMPARE_FACTOR = 6
 
 
 # ---------------------------------------------------------------- rows
@@ -113,6 +121,13 @@ def _calibration_cell(framework: str, workload: CalibrationWorkload) -> Cell:
     return Cell(framework, probe, workload.precision, workload.batch_size, workload.kind)
 
 
+def _struck(stage: str, workload: CalibrationWorkload) -> bool:
+    """Whether a calibration worker that ended during `stage` ended on `workload` (or before any workload)."""
+    if not stage.startswith("calibrate "):
+        return True
+    return stage.partition(":")[0] == f"calibrate {workload.kind} {workload.precision} b{workload.batch_size}"
+
+
 def exit_code(rows: Iterable[Mapping[str, Any]], equivalence: Mapping[str, Mapping[str, Any]]) -> int:
     """1 when any cell failed, timed out or ran out of memory, or a framework disagreed; else 0."""
     if any(str(row.get("status")) in FAILED_STATUSES for row in rows):
@@ -153,19 +168,19 @@ class Runner:
     # -- stages
 
     def check_equivalence(self, progress: Any, task: Any) -> None:
-        """Heatmaps of every installed framework on one input, compared; disagreement is shouted."""
+        """Heatmaps of every installed framework on one input, compared; disagreement is shouted.
+
+        Each worker draws the input from the run's seed (the parent allocates nothing sized by --input-size)
+        and saves its heatmaps; the parent loads them only when comparing them fits in memory."""
         s = self.settings
-        rng = np.random.default_rng(s.seed)
-        x = rng.standard_normal((1, *s.config.input_hw, 3)).astype(np.float32)  # (1, H, W, 3)
-        input_path = self.session.workdir / "equivalence_input.npy"
-        np.save(input_path, x)
-        heatmaps: dict[str, np.ndarray] = {}
+        input_shape = [1, *s.config.input_hw, 3]  # (1, H, W, 3)
+        outputs: dict[str, Path] = {}
         entries: dict[str, dict[str, Any]] = {}
         for fw in self.active:
             progress.update(task, description=f"{fw}: equivalence check")
             execution = settings_mod.EXECUTIONS[fw][0]
             output = self.session.workdir / f"equivalence_{fw}.npy"
-            spec = EquivalenceSpec(framework=fw, execution=execution, input_npy=str(input_path),
+            spec = EquivalenceSpec(framework=fw, execution=execution, input_shape=input_shape,
                                    output_npy=str(output), **self._placement())  # fmt: skip
             outcome = self.session.call(spec, f"{fw}-equivalence")
             entries[fw] = {
@@ -175,18 +190,33 @@ class Runner:
                 "precision": "fp32",
             }
             if outcome.status == "ok":
-                heatmaps[fw] = np.load(output)
+                outputs[fw] = output
             progress.advance(task)
+        heatmaps = self._load_heatmaps(outputs, entries)
         for fw, verdict in compare(heatmaps, s.equivalence_rtol).items():
             entries[fw].update(verdict)
         self.record["equivalence"] = {
             "rtol": s.equivalence_rtol,
-            "input_shape": list(x.shape),
+            "input_shape": input_shape,
             "weights": "impls.init_weights(config, seed=0)",
             "frameworks": entries,
         }
         self._save_record()
         self._report_equivalence(entries)
+
+    @staticmethod
+    def _load_heatmaps(outputs: Mapping[str, Path], entries: dict[str, dict[str, Any]]) -> dict[str, np.ndarray]:
+        """The saved heatmaps, when comparing them fits in half the available memory; else each entry fails."""
+        sizes = {fw: int(np.load(path, mmap_mode="r").nbytes) for fw, path in outputs.items()}  # mapped, not read
+        need, available = HEATMAP_COMPARE_FACTOR * sum(sizes.values()), psutil.virtual_memory().available
+        if need > available / 2:
+            error = (f"the heatmaps are too large to compare in this process ({sum(sizes.values()) / 2**30:.1f} GiB "
+                     f"in all, about {need / 2**30:.1f} GiB to compare, {available / 2**30:.1f} GiB available); "
+                     "give a smaller --input-size")  # fmt: skip
+            for fw in outputs:
+                entries[fw].update(status="failed", error=error)
+            return {}
+        return {fw: np.load(path) for fw, path in outputs.items()}
 
     def _report_equivalence(self, entries: Mapping[str, Mapping[str, Any]]) -> None:
         for fw, entry in entries.items():
@@ -236,17 +266,24 @@ class Runner:
         result = outcome.result
         assert isinstance(result, CalibrationResult)
         measured = {(m.kind, m.precision, m.batch_size): m for m in result.measurements}
+        failed = {(f.kind, f.precision, f.batch_size): f for f in result.failures}
         missing = set(result.missing)
         rows = []
         for workload in workloads:
             cell = _calibration_cell(framework, workload)
             base = _base_row(cell, "calibration", s)
-            found = measured.get((workload.kind, workload.precision, workload.batch_size))
+            key = (workload.kind, workload.precision, workload.batch_size)
+            found = measured.get(key)
             status, error = outcome.status, outcome.error
             if status == "ok" and workload.kind in missing:
                 status, error = "skipped", f"{framework}'s impls module has no {cell.execution} probe"
+            elif status == "ok" and key in failed:
+                status, error = failed[key].status, failed[key].error
             elif status == "ok" and found is None:
                 status, error = "failed", "the worker returned no measurement for this cell"
+            elif status != "ok" and not _struck(outcome.stage, workload):
+                # The worker died on another workload (the stage it announced last): this one was not the cause.
+                status, error = "failed", f"not measured: the calibration worker died during {outcome.stage} ({status})"
             values = {**_result_values(result), **(dataclasses.asdict(found) if found else {})}
             row = _measured_row(base, status, error, outcome.wall_s, values, workload.flops)
             self.store.add(row, found.samples_ns if found and status == "ok" else [])
@@ -378,21 +415,41 @@ class Runner:
 class RunResult:
     """How a run ended and where its results are."""
 
-    exit_code: int  # 0 ok, 1 a cell failed or a framework disagreed, 130 interrupted
+    exit_code: int  # 0 ok, 1 a cell failed or a framework disagreed, 129/130/143 a signal, 75 disk full
     run_dir: Path
 
     @property
     def interrupted(self) -> bool:
         """True when the run stopped before its last cell."""
-        return self.exit_code == INTERRUPTED_EXIT_CODE
+        return self.exit_code in INTERRUPTED_EXIT_CODES or self.exit_code == DISK_FULL_EXIT_CODE
+
+
+def expected_bytes(settings: RunSettings) -> int:
+    """About how much disk a run of `settings` needs at most: its rows and samples twice over (each CSV is
+    rewritten through a temp copy), plus run.json and the logs."""
+    workloads = len(calibration_workloads(settings.config, settings.batch_sizes, settings.precisions))
+    rows = len(settings.cells()) + len(settings.frameworks) * workloads
+    samples_per_row = settings.iters or MAX_ITERS
+    return 2 * rows * (2048 + 120 * samples_per_row) + 512 * 1024
+
+
+def check_before_measuring(settings: RunSettings, out_dir: str | Path, flag: str) -> None:
+    """Before any worker starts: the test switch is well formed and the results folder writable with room."""
+    try:
+        injected_slowdown(os.environ)
+    except ValueError as err:
+        raise SettingsError(str(err)) from None
+    check_output_dir(out_dir, flag, expected_bytes(settings))
 
 
 def start(settings: RunSettings, args: list[str], run_id: str | None = None) -> RunResult:
     """A new run of `settings` in a fresh results directory (results/<run_id> when given)."""
+    check_before_measuring(settings, settings.out_dir, "--out")
     run_dir = new_run_dir(settings.out_dir, settings.device, run_id)
     record: dict[str, Any] = {
         "run_id": run_dir.name,
         "status": "running",
+        "process": procs.this_process().to_dict(),  # who measures it: --resume tells a live run from a dead one
         "started_utc": envinfo.utc_now(),
         "command_line": envinfo.command_line(args),
         "settings": settings.to_dict(),
@@ -423,9 +480,15 @@ def resume(run_dir: Path, args: list[str]) -> RunResult:
     store = RunStore.reopen(run_dir)
     record = store.read_run_json()
     settings = settings_from_record(record["settings"], f"--resume: {run_dir / 'run.json'}")
+    check_before_measuring(settings, run_dir, "--resume")
+    # A run left "running" by a parent that died, and any worker of it still alive: said, and killed.
+    notes = procs.check_stale_run(record, run_dir) + procs.reap_orphans(run_dir)
     record.setdefault("resumes", []).append({"utc_time": envinfo.utc_now(), "command_line": envinfo.command_line(args)})
-    record["status"] = "running"
-    return _execute(Runner(settings, store, record))
+    record.update(status="running", process=procs.this_process().to_dict())
+    runner = Runner(settings, store, record)
+    for note in notes:
+        runner.session.warn(note)
+    return _execute(runner)
 
 
 def settings_from_record(recorded: Mapping[str, Any], where: str) -> RunSettings:
@@ -439,7 +502,11 @@ def settings_from_record(recorded: Mapping[str, Any], where: str) -> RunSettings
 
 def _execute(runner: Runner) -> RunResult:
     run_dir = runner.store.run_dir
-    runner.store.write_run_json(runner.record)
     hint = f"finished cells are in {run_dir}; complete the run with: python -m bench run --resume {run_dir}"
-    code = run_guarded(runner.execute, runner.record, runner._save_record, runner.console, hint)
+
+    def body() -> int:
+        runner._save_record()
+        return runner.execute()
+
+    code = run_guarded(body, runner.record, runner._save_record, runner.console, hint)
     return RunResult(code, run_dir)
