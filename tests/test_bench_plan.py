@@ -27,3 +27,7 @@ def test_round_order_is_reproducible_from_its_seed_and_shuffles_each_round() -> 
 def test_round_order_needs_a_round() -> None:
     with pytest.raises(ValueError, match="rounds must be >= 1, got 0"):
         round_order(CELLS, 0, seed=0)
+
+
+def test_round_order_of_one_round_keeps_the_cells_order() -> None:
+    assert round_order(CELLS, 1, seed=3) == [(1, c) for c in CELLS]
