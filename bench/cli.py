@@ -46,7 +46,7 @@ def _add_model_arguments(group: argparse._ArgumentGroup) -> None:
 def build_parser() -> argparse.ArgumentParser:
     """The parser for every command (built when main() runs, not at import)."""
     parser = _Parser(prog="python -m bench", description="Benchmark the Stacked Hourglass implementations.")
-    commands = parser.add_subparsers(dest="command", metavar="{run,list,env,overhead,compare,report,profile}", parser_class=_Parser)
+    commands = parser.add_subparsers(dest="command", metavar="{run,list,env,doctor,overhead,compare,report,profile}", parser_class=_Parser)
     commands.required = True
 
     run = commands.add_parser(
@@ -85,6 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-probe", action="store_true", help="do not start a worker per framework to ask for its devices"
     )
     commands.add_parser("env", help="print the environment record that run.json stores")
+    commands.add_parser("doctor", help="does this machine give trustworthy numbers now? each problem with its fix "
+                        "(exit 1 when a run would be untrustworthy)")  # fmt: skip
 
     overhead = commands.add_parser("overhead", help="harness loop vs a bare loop on one cell's model (same process)")
     for flag, default in (("--framework", "torch"), ("--preset", "seed"), ("--phase", "forward"), ("--execution", "default"),
@@ -241,6 +243,10 @@ def main(argv: list[str] | None = None) -> int:  # noqa: PLR0911 (one return per
             return _overhead(args)
         if args.command == "profile":
             return _profile(args, argv)
+        if args.command == "doctor":
+            from bench.run.doctor import run_doctor
+
+            return run_doctor()
         from bench.run import inventory
 
         if args.command == "list":

@@ -60,6 +60,7 @@ SUMMARY_COLUMNS = [
     "equivalent",
     "gpu_allocator_peak_bytes",
     "nvml_process_used_bytes",
+    "nvml_process_lookup",  # how the process figure was found: pid, device_minus_baseline, not_found, no_nvml
     "nvml_device_used_bytes",
     "host_peak_rss_bytes",
     "warmup_calls",
@@ -72,7 +73,8 @@ SUMMARY_COLUMNS = [
 SAMPLE_COLUMNS = [*CELL_COLUMNS, "round", "iteration", "latency_ns"]  # round: 1..R, the worker process
 # Columns of summary.csv that hold text or booleans; every other column holds a number or nothing.
 SUMMARY_TEXT_COLUMNS = frozenset(
-    {*CELL_COLUMNS, "device", "status", "error", "noisy", "equivalent", "preset", "ci_level"} - {"batch_size"}
+    {*CELL_COLUMNS, "device", "status", "error", "noisy", "equivalent", "preset", "ci_level", "nvml_process_lookup"}
+    - {"batch_size"}
 )
 SUMMARY_REQUIRED = [*CELL_COLUMNS, "status"]
 SAMPLES_REQUIRED = ["cell_id", "latency_ns"]
