@@ -137,3 +137,32 @@ PROFILE_TEXT_COLUMNS = frozenset(
     {"framework", "execution", "phase", "precision", "stage", "method", "status", "error", "op", "source", "note",
      "program_size_unit"}
 )  # fmt: skip
+
+# ---------------------------------------------------------------- bench maxbatch: probes.csv and maxbatch.csv
+
+_MAXBATCH_TARGET = ["framework", "execution", "precision", "phase", "device", "memory_budget_bytes"]
+MAXBATCH_PROBE_COLUMNS = [
+    *_MAXBATCH_TARGET,
+    "batch_size",
+    "status",
+    "error",
+    "fits",
+    "peak_bytes",  # the GPU allocator's peak on a GPU, the worker's peak resident memory on a CPU
+    "memory_source",
+    "over_budget",
+    "latency_ms_median",
+    "throughput_img_per_s",
+]
+MAXBATCH_COLUMNS = [
+    *_MAXBATCH_TARGET,
+    "status",  # ok | none_fit | skipped | failed | timeout (a probe that failed for a reason other than memory)
+    "error",
+    "probes",
+    "largest_batch",
+    "largest_throughput_img_per_s",
+    "largest_peak_bytes",
+    "limited_by",  # memory, or the search limit (--limit) when every probe fit
+    "best_batch",  # the throughput-optimal batch among those that fit
+    "best_throughput_img_per_s",
+]
+
