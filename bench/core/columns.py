@@ -27,7 +27,8 @@ CELL_COLUMNS = ["cell_id", "kind", "framework", "execution", "precision", "batch
 CONFIG_COLUMNS = ["preset", "num_stacks", "depth", "channels", "num_keypoints", "input_height", "input_width"]
 SUMMARY_COLUMNS = [
     *CELL_COLUMNS,
-    "device",
+    "device",  # where the cell actually ran
+    "device_fallback",  # True: the run is on the GPU but this framework could not see it and ran on the CPU
     "status",
     "error",
     "n_samples",
@@ -73,7 +74,7 @@ SUMMARY_COLUMNS = [
 SAMPLE_COLUMNS = [*CELL_COLUMNS, "round", "iteration", "latency_ns"]  # round: 1..R, the worker process
 # Columns of summary.csv that hold text or booleans; every other column holds a number or nothing.
 SUMMARY_TEXT_COLUMNS = frozenset(
-    {*CELL_COLUMNS, "device", "status", "error", "noisy", "equivalent", "preset", "ci_level", "nvml_process_lookup"}
+    {*CELL_COLUMNS, "device", "status", "error", "noisy", "equivalent", "preset", "ci_level", "nvml_process_lookup", "device_fallback"}
     - {"batch_size"}
 )
 SUMMARY_REQUIRED = [*CELL_COLUMNS, "status"]

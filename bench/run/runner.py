@@ -40,6 +40,7 @@ from bench.engine.protocol import (
     WorkerResult,
 )
 from bench.engine.session import INTERRUPTED_EXIT_CODE, WorkerSession, run_guarded
+from bench.run.devices import gpu_fallbacks
 from bench.run.equivalence import compare
 from bench.run.plan import round_order
 from impls import count_flops
@@ -91,18 +92,19 @@ def _measured_row(
 CEILING_KINDS = ("conv3x3", "gemm")  # calibration phases on the model's own shapes
 
 
-def ceilings(rows: Iterable[Mapping[str, Any]]) -> dict[tuple[str, str, int], float]:
-    """(framework, precision, batch size) -> that framework's best GFLOP/s on the model's conv and GEMM
-    shapes, and ("*", precision, batch size) -> the fastest framework's: the machine's ceiling."""
-    best: dict[tuple[str, str, int], float] = {}
+def ceilings(rows: Iterable[Mapping[str, Any]]) -> dict[tuple[str, str, str, int], float]:
+    """(device, framework, precision, batch size) -> that framework's best GFLOP/s on the model's conv and GEMM
+    shapes on that device, and (device, "*", precision, batch size) -> the fastest framework's: the machine's
+    ceiling. Keyed by the row's device, so a framework that fell back to the CPU never sets a GPU ceiling."""
+    best: dict[tuple[str, str, str, int], float] = {}
     for row in rows:
         rate = num(row.get("achieved_gflop_per_s"))
         if row.get("kind") != "calibration" or row.get("status") != "ok" or row.get("phase") not in CEILING_KINDS:
             continue
         if math.isnan(rate):
             continue
-        precision, batch = str(row["precision"]), int(num(row["batch_size"]))
-        for key in ((str(row["framework"]), precision, batch), ("*", precision, batch)):
+        device, precision, batch = str(row.get("device")), str(row["precision"]), int(num(row["batch_size"]))
+        for key in ((device, str(row["framework"]), precision, batch), (device, "*", precision, batch)):
             best[key] = max(best.get(key, 0.0), rate)
     return best
 
@@ -249,6 +251,7 @@ class Runner:
                 status, error = "failed", "the worker returned no measurement for this cell"
             values = {**_result_values(result), **(dataclasses.asdict(found) if found else {})}
             row = _measured_row(base, status, error, outcome.wall_s, values, workload.flops)
+            row["device_fallback"] = framework in self.record.get("device_fallback", {})
             self.store.add(row, found.samples_ns if found and status == "ok" else [])
             rows.append(row)
         return rows
@@ -305,10 +308,11 @@ class Runner:
         if row.get("achieved_gflop_per_s") is not None:
             for who, rate_column, share_column in (("*", "conv_ceiling_gflop_per_s", "ceiling_fraction"),
                                                    (cell.framework, "framework_ceiling_gflop_per_s", "framework_ceiling_fraction")):  # fmt: skip
-                ceiling = best.get((who, cell.precision, cell.batch_size))
+                ceiling = best.get((str(row.get("device")), who, cell.precision, cell.batch_size))
                 if ceiling:
                     row[rate_column] = ceiling
                     row[share_column] = row["achieved_gflop_per_s"] / ceiling
+        row["device_fallback"] = cell.framework in self.record.get("device_fallback", {})
         self.store.add(row, rounds)
         return row
 
@@ -333,6 +337,8 @@ class Runner:
             f"(preset {s.preset}, input {s.config.input_hw[0]}x{s.config.input_hw[1]}), results in {escape(str(self.store.run_dir))}"
         )
         self._warn_busy()
+        for fw, why in self.record.get("device_fallback", {}).items():
+            out.warn(self.console, f"{fw} runs on the CPU although the run is on the GPU: {why}")
         started = time.perf_counter()
         with self.session.workers(total) as (progress, task):
             if need_equivalence:
@@ -388,7 +394,11 @@ class RunResult:
 
 
 def start(settings: RunSettings, args: list[str], run_id: str | None = None) -> RunResult:
-    """A new run of `settings` in a fresh results directory (results/<run_id> when given)."""
+    """A new run of `settings` in a fresh results directory (results/<run_id> when given).
+
+    On a GPU each framework is first asked whether it sees the GPU (bench.run.devices): SettingsError under
+    --device gpu when one cannot, a recorded fallback under --device auto."""
+    fallbacks = gpu_fallbacks(settings)
     run_dir = new_run_dir(settings.out_dir, settings.device, run_id)
     record: dict[str, Any] = {
         "run_id": run_dir.name,
@@ -412,7 +422,8 @@ def start(settings: RunSettings, args: list[str], run_id: str | None = None) -> 
             "bench compare --normalize. Ceilings: per framework the faster of conv3x3 and gemm; the machine's "
             "is the fastest framework's.",
         },
-        "warnings": [],
+        "warnings": [f"{fw} runs on the CPU although the run is on the GPU: {why}" for fw, why in fallbacks.items()],
+        "device_fallback": fallbacks,
         "resumes": [],
     }
     return _execute(Runner(settings, RunStore(run_dir), record))
