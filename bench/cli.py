@@ -50,7 +50,7 @@ def _add_model_arguments(group: argparse._ArgumentGroup) -> None:
 def build_parser() -> argparse.ArgumentParser:
     """The parser for every command (built when main() runs, not at import)."""
     parser = _Parser(prog="python -m bench", description="Benchmark the Stacked Hourglass implementations.")
-    commands = parser.add_subparsers(dest="command", metavar="{run,list,env,overhead,compare,report,profile}", parser_class=_Parser)
+    commands = parser.add_subparsers(dest="command", metavar="{run,list,env,doctor,maxbatch,overhead,compare,report,profile}", parser_class=_Parser)
     commands.required = True
 
     run = commands.add_parser(
@@ -89,6 +89,27 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-probe", action="store_true", help="do not start a worker per framework to ask for its devices"
     )
     commands.add_parser("env", help="print the environment record that run.json stores")
+    commands.add_parser("doctor", help="does this machine give trustworthy numbers now? each problem with its fix "
+                        "(exit 1 when a run would be untrustworthy)")  # fmt: skip
+
+    maxbatch = commands.add_parser(
+        "maxbatch", help="the largest batch that fits, per framework x execution x precision x phase (doubling, then bisection)",
+        epilog=_MAXBATCH_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
+    what = maxbatch.add_argument_group("what to search (as for run)")
+    _add_model_arguments(what)
+    what.add_argument("--phase", metavar="LIST", help="forward, forward_backward or all (default: both)")
+    what.add_argument("--execution", metavar="LIST", help="default (default), all or a comma list, as for run")
+    what.add_argument("--precision", metavar="LIST", help="fp32 (default), bf16 or fp32,bf16")
+    what.add_argument("--device", help="auto (default: gpu when one is visible), cpu or gpu")
+    how = maxbatch.add_argument_group("how to search")
+    how.add_argument("--memory-budget", metavar="SIZE",
+                     help="largest peak memory that counts as fitting, e.g. 4GiB (needed on a CPU; on a GPU the "
+                     "default is the device itself: out-of-memory ends the doubling)")  # fmt: skip
+    how.add_argument("--start", metavar="N", help="first batch size (default 1)")
+    how.add_argument("--limit", metavar="N", help="largest batch size tried (default 4096)")
+    how.add_argument("--timeout", metavar="SECONDS", help="per probe, from worker start (default 900)")
+    maxbatch.add_argument("--out", metavar="DIR", help="results directory (default: results/)")
 
     overhead = commands.add_parser("overhead", help="harness loop vs a bare loop on one cell's model (same process)")
     for flag, default in (("--framework", "torch"), ("--preset", "seed"), ("--phase", "forward"), ("--execution", "default"),
@@ -150,6 +171,14 @@ When both runs have several rounds (bench run --rounds) the CI resamples rounds 
 not needed. Exit codes: 0 no regression, 1 a cell significantly slower, an invariant mismatch or an
 incomplete new run, 2 bad input (missing run, damaged or foreign CSV, different configs, unwritable --json/--csv),
 75 the disk filled up writing --json/--csv."""
+
+
+_MAXBATCH_EPILOG = """\
+each probe is one fresh worker that builds the model at a batch size and times a few steps; a probe fits
+when it is ok and its peak memory (GPU allocator on a GPU, resident memory on a CPU) is within
+--memory-budget. Writes results/<UTC time>-<device>-maxbatch/ (probes.csv, maxbatch.csv, maxbatch.png,
+run.json). Exit codes: 0 every search ended on memory or the limit, 1 a probe failed otherwise or nothing
+fit, 2 bad input, 130 interrupted (the probes made so far are kept)."""
 
 
 _PROFILE_EPILOG = """\
@@ -228,6 +257,24 @@ def _like_settings(args: argparse.Namespace, options: dict) -> RunSettings:
     return settings_from_record({**recorded, "out_dir": options.get("out", "results")}, f"--like: {args.like}/run.json")
 
 
+def _maxbatch(args: argparse.Namespace, argv: list[str]) -> int:
+    """`maxbatch`: the search, then its figure beside the CSVs."""
+    import pandas as pd
+
+    from bench.report import plots
+    from bench.run import maxbatch
+
+    search = {"memory_budget", "start", "limit"}
+    options = {k: v for k, v in vars(args).items() if k not in {"command", *search} and v is not None}
+    settings = build_settings(batch_size="1", **options)  # the batch is what is searched: 1 is a placeholder
+    code, run_dir = maxbatch.start(settings, args.memory_budget, args.start, args.limit, argv)
+    probes = pd.read_csv(run_dir / "probes.csv")
+    if not probes.empty:
+        path = plots.maxbatch(probes, run_dir / "maxbatch.png", f"largest batch that fits ({settings.preset}, {settings.device})")
+        print(f"figure: {path}")
+    return code
+
+
 def _overhead(args: argparse.Namespace) -> int:
     from bench.core.settings import parse_positive_int
     from bench.run.overhead import measure_overhead
@@ -252,6 +299,12 @@ def main(argv: list[str] | None = None) -> int:  # noqa: PLR0911 (one return per
             return _overhead(args)
         if args.command == "profile":
             return _profile(args, argv)
+        if args.command == "maxbatch":
+            return _maxbatch(args, argv)
+        if args.command == "doctor":
+            from bench.run.doctor import run_doctor
+
+            return run_doctor()
         from bench.run import inventory
 
         if args.command == "list":

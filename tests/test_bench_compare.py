@@ -426,3 +426,27 @@ def test_compare_cli_reads_rounds_and_labels_one_round_cells(tmp_path: Path, cap
     cells = {c.cell_id: c for c in comparison.cells}
     assert (cells[FWD].rounds_base, cells[FWD].rounds_new, cells[FWD].ci_level) == (3, 3, "rounds")
     assert cells[BWD].ci_level == "within-process" and "within-process interval only" in cells[BWD].note
+
+
+# ---------------------------------------------------------------- devices
+
+
+def test_compare_flags_a_cell_that_ran_on_another_device(tmp_path: Path) -> None:
+    base = write_run(tmp_path, "base", {FWD: _noise(30, 71)})
+    new = write_run(tmp_path, "new", {FWD: _noise(30, 72)}, row_overrides={FWD: {"device": "gpu"}})
+    comparison = compare_runs(base, new)
+    assert comparison.exit_code == 1
+    assert any("ran on cpu (base) but on gpu (new)" in m for m in comparison.invariant_mismatches)
+
+
+def test_compare_refuses_runs_on_different_gpu_models(tmp_path: Path) -> None:
+    runs = []
+    for name, gpu in (("base", "NVIDIA H100"), ("new", "NVIDIA H200")):
+        run_dir = write_run(tmp_path, name, {FWD: _noise(30, 73)})
+        record = json.loads((run_dir / "run.json").read_text())
+        record["settings"]["device"] = "gpu"
+        record["environment"] = {"gpus": [{"name": gpu}]}
+        (run_dir / "run.json").write_text(json.dumps(record))
+        runs.append(run_dir)
+    with pytest.raises(CompareError, match=r"the runs are on different GPUs: NVIDIA H100 in .* but NVIDIA H200"):
+        compare_runs(*runs)

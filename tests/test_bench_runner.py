@@ -394,3 +394,41 @@ def test_runner_one_round_is_labelled_within_process(fake: pytest.MonkeyPatch, t
     code, run_dir = run(tmp_path, "--framework", "jax", "--phase", "forward")
     assert code == 0
     assert summary(run_dir).loc["jax-jit-fp32-b1-forward", "ci_level"] == "within-process"
+
+
+# ---------------------------------------------------------------- the GPU branch, on the fake backend
+
+
+def test_runner_on_a_gpu_records_a_framework_that_falls_back_to_the_cpu(fake: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """NVML sees a GPU, the (fake) frameworks do not: under --device auto the run goes on, warns, marks every
+    row device_fallback and keeps those rows out of GPU ceilings."""
+    fake.setattr(settings.nvml, "gpu_present", lambda: True)
+    code, run_dir = run(tmp_path, "--framework", "torch", "--execution", "default", "--phase", "forward", "--batch-size", "1")
+    assert code == 0
+    rows = summary(run_dir)
+    assert set(rows["device"]) == {"cpu"} and rows["device_fallback"].all()
+    record = json.loads((run_dir / "run.json").read_text())
+    assert "torch" in record["device_fallback"] and "pip install '.[torch-gpu]'" in record["device_fallback"]["torch"]
+    assert any("torch runs on the CPU although the run is on the GPU" in w for w in record["warnings"])
+
+
+def test_runner_device_gpu_with_a_cpu_build_is_bad_input_naming_the_cuda_install(
+    fake: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fake.setattr(settings.nvml, "gpu_present", lambda: True)
+    assert cli.main(["run", *TINY, "--out", str(tmp_path), "--framework", "jax", "--device", "gpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --device gpu: NVML sees a GPU but jax cannot use it") and err.count("\n") == 1
+    assert "pip install '.[jax-gpu]'" in err
+    assert not any(tmp_path.iterdir())  # nothing was measured or written
+
+
+def test_ceilings_are_per_device_so_a_cpu_fallback_never_sets_a_gpu_ceiling() -> None:
+    from bench.run.runner import ceilings
+
+    rows = [{"kind": "calibration", "status": "ok", "phase": "gemm", "framework": fw, "device": device,
+             "precision": "fp32", "batch_size": 16, "achieved_gflop_per_s": rate}
+            for fw, device, rate in (("torch", "gpu", 50_000.0), ("jax", "cpu", 90.0))]  # fmt: skip
+    best = ceilings(rows)
+    assert best[("gpu", "*", "fp32", 16)] == 50_000.0 and best[("cpu", "*", "fp32", 16)] == 90.0
+    assert ("gpu", "jax", "fp32", 16) not in best

@@ -30,7 +30,8 @@ CELL_COLUMNS = ["cell_id", "kind", "framework", "execution", "precision", "batch
 CONFIG_COLUMNS = ["preset", "num_stacks", "depth", "channels", "num_keypoints", "input_height", "input_width"]
 SUMMARY_COLUMNS = [
     *CELL_COLUMNS,
-    "device",
+    "device",  # where the cell actually ran
+    "device_fallback",  # True: the run is on the GPU but this framework could not see it and ran on the CPU
     "status",
     "error",
     "n_samples",
@@ -63,6 +64,7 @@ SUMMARY_COLUMNS = [
     "equivalent",
     "gpu_allocator_peak_bytes",
     "nvml_process_used_bytes",
+    "nvml_process_lookup",  # how the process figure was found: pid, device_minus_baseline, not_found, no_nvml
     "nvml_device_used_bytes",
     "host_peak_rss_bytes",
     "warmup_calls",
@@ -75,7 +77,8 @@ SUMMARY_COLUMNS = [
 SAMPLE_COLUMNS = [*CELL_COLUMNS, "round", "iteration", "latency_ns"]  # round: 1..R, the worker process
 # Columns of summary.csv that hold text or booleans; every other column holds a number or nothing.
 SUMMARY_TEXT_COLUMNS = frozenset(
-    {*CELL_COLUMNS, "device", "status", "error", "noisy", "equivalent", "preset", "ci_level"} - {"batch_size"}
+    {*CELL_COLUMNS, "device", "status", "error", "noisy", "equivalent", "preset", "ci_level", "nvml_process_lookup", "device_fallback"}
+    - {"batch_size"}
 )
 SUMMARY_REQUIRED = [*CELL_COLUMNS, "status"]
 SAMPLES_REQUIRED = ["cell_id", "latency_ns"]
@@ -138,3 +141,32 @@ PROFILE_TEXT_COLUMNS = frozenset(
     {"framework", "execution", "phase", "precision", "stage", "method", "status", "error", "op", "source", "note",
      "program_size_unit"}
 )  # fmt: skip
+
+# ---------------------------------------------------------------- bench maxbatch: probes.csv and maxbatch.csv
+
+_MAXBATCH_TARGET = ["framework", "execution", "precision", "phase", "device", "memory_budget_bytes"]
+MAXBATCH_PROBE_COLUMNS = [
+    *_MAXBATCH_TARGET,
+    "batch_size",
+    "status",
+    "error",
+    "fits",
+    "peak_bytes",  # the GPU allocator's peak on a GPU, the worker's peak resident memory on a CPU
+    "memory_source",
+    "over_budget",
+    "latency_ms_median",
+    "throughput_img_per_s",
+]
+MAXBATCH_COLUMNS = [
+    *_MAXBATCH_TARGET,
+    "status",  # ok | none_fit | skipped | failed | timeout (a probe that failed for a reason other than memory)
+    "error",
+    "probes",
+    "largest_batch",
+    "largest_throughput_img_per_s",
+    "largest_peak_bytes",
+    "limited_by",  # memory, or the search limit (--limit) when every probe fit
+    "best_batch",  # the throughput-optimal batch among those that fit
+    "best_throughput_img_per_s",
+]
+

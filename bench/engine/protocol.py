@@ -222,6 +222,7 @@ class CellResult(WorkerResult):
     setup_s: float | None = None
     gpu_allocator_peak_bytes: int | None = None
     nvml_process_used_bytes: int | None = None
+    nvml_process_lookup: str | None = None  # pid | device_minus_baseline | not_found | no_nvml (bench.core.nvml)
     nvml_device_used_bytes: int | None = None
     model_settings: dict[str, Any] | None = None
     num_params: int | None = None

@@ -115,16 +115,25 @@ def _device(backend: ModuleType, spec: WorkerSpec) -> str:
 
 
 class _MemoryProbe:
-    """NVML readings (process and device used bytes) taken at each stage; keeps the largest."""
+    """NVML readings (process and device used bytes) taken at each stage; keeps the largest, and how the
+    process figure was found (bench.core.nvml.process_memory: by PID, or device-minus-baseline in a container)."""
 
-    def __init__(self, device: str, runtime: dict[str, Any]) -> None:
-        # Match the framework's GPU by UUID: its own report when it gives one, else CUDA's device 0.
-        self.uuid = (runtime.get("gpu_uuid") or nvml.visible_gpu_uuid()) if device == "gpu" else None
+    def __init__(self, device: str) -> None:
+        # CUDA's device 0 as NVML names it; the framework's own UUID replaces it once it reports one.
+        self.uuid = nvml.visible_gpu_uuid() if device == "gpu" else None
+        # Device memory in use before this process built anything on the GPU: the container fallback's zero.
+        self.baseline = nvml.process_memory(self.uuid, os.getpid(), None)[1]
         self.process: int | None = None
         self.device: int | None = None
+        self.lookup = nvml.LOOKUP_NO_NVML
+
+    def match(self, runtime: dict[str, Any]) -> None:
+        """Prefer the GPU the framework says it uses (by UUID) over CUDA's device 0."""
+        if self.uuid is not None and runtime.get("gpu_uuid"):
+            self.uuid = str(runtime["gpu_uuid"])
 
     def read(self) -> None:
-        process, device = nvml.memory_used(self.uuid, os.getpid())
+        process, device, self.lookup = nvml.process_memory(self.uuid, os.getpid(), self.baseline)
         self.process = _max_or_none(self.process, process)
         self.device = _max_or_none(self.device, device)
 
@@ -160,9 +169,10 @@ def _timed(loop: LoopSettings, step: Callable[[], None], on_stage: Callable[[str
 def run_cell(backend: ModuleType, spec: CellSpec) -> dict[str, Any]:
     """Build, time and measure one cell."""
     config = _config(spec)
+    probe = _MemoryProbe(spec.device)  # before anything of this process is on the GPU
     device = _device(backend, spec)
     runtime = runtime_record(backend)
-    probe = _MemoryProbe(device, runtime)
+    probe.match(runtime)
     stage("build")
     t0 = time.perf_counter()
     model = backend.build(config, device=device, precision=spec.precision, execution=spec.execution)
@@ -189,6 +199,7 @@ def run_cell(backend: ModuleType, spec: CellSpec) -> dict[str, Any]:
         setup_s=setup_s,
         gpu_allocator_peak_bytes=model.peak_memory_bytes(),
         nvml_process_used_bytes=probe.process,
+        nvml_process_lookup=probe.lookup if device == "gpu" else None,
         nvml_device_used_bytes=probe.device,
         model_settings=model.settings(),
         runtime_info=runtime,

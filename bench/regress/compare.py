@@ -201,6 +201,17 @@ def _check_same_config(base: RunData, new: RunData) -> None:
             f"the runs are on different devices: {base_dev!r} in {str(base.path)!r} but {new_dev!r} in "
             f"{str(new.path)!r}; compare runs on the same kind of device"
         )
+    if base_dev == "gpu":
+        base_gpus, new_gpus = _gpu_names(base), _gpu_names(new)
+        if base_gpus and new_gpus and base_gpus != new_gpus:
+            raise CompareError(f"the runs are on different GPUs: {', '.join(base_gpus)} in {str(base.path)!r} but "
+                               f"{', '.join(new_gpus)} in {str(new.path)!r}; compare runs on the same GPU model")  # fmt: skip
+
+
+def _gpu_names(run: RunData) -> list[str]:
+    """The GPU models NVML saw when the run started (run.json's environment)."""
+    gpus = (run.record.get("environment") or {}).get("gpus") or []
+    return sorted({str(g.get("name")) for g in gpus if isinstance(g, dict) and g.get("name")})
 
 
 # ---------------------------------------------------------------- invariants
@@ -224,8 +235,12 @@ def _params(run: RunData, row: Mapping[str, Any]) -> float:
 def _invariant_mismatches(
     cell_id: str, base: RunData, new: RunData, b: Mapping[str, Any], n: Mapping[str, Any]
 ) -> list[str]:
-    """Quantities that need no timing and must agree: parameters, FLOPs, equivalence."""
+    """Quantities that need no timing and must agree: where the cell ran, parameters, FLOPs, equivalence."""
     problems = []
+    base_device, new_device = str(b.get("device") or ""), str(n.get("device") or "")
+    if base_device and new_device and base_device != new_device:  # a GPU run whose framework fell back to the CPU
+        problems.append(f"{cell_id}: ran on {base_device} (base) but on {new_device} (new); a framework that cannot "
+                        "see the GPU falls back to the CPU (see run.json device_fallback)")  # fmt: skip
     if not _same(_params(base, b), _params(new, n)):
         problems.append(f"{cell_id}: parameter count {_params(base, b):.0f} (base) != {_params(new, n):.0f} (new)")
     if not _same(num(b.get("gflop_per_step")), num(n.get("gflop_per_step"))):

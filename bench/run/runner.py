@@ -45,6 +45,7 @@ from bench.engine.protocol import (
     injected_slowdown,
 )
 from bench.engine.session import INTERRUPTED_EXIT_CODES, WorkerSession, run_guarded
+from bench.run.devices import gpu_fallbacks
 from bench.run.equivalence import compare
 from bench.run.plan import round_order
 from impls import count_flops
@@ -86,7 +87,7 @@ def _measured_row(
     """A row from a worker result: status, error, statistics of its samples, memory and timings."""
     row = {**base, "status": status, "error": error, "worker_wall_s": wall_s}
     for key in ("device", "first_call_ms", "warmup_calls", "import_s", "build_s", "setup_s", "num_params", "injected_slowdown", "gpu_allocator_peak_bytes",
-                "nvml_process_used_bytes", "nvml_device_used_bytes", "host_peak_rss_bytes"):  # fmt: skip
+                "nvml_process_used_bytes", "nvml_process_lookup", "nvml_device_used_bytes", "host_peak_rss_bytes"):  # fmt: skip
         if result.get(key) is not None:
             row[key] = result[key]
     samples = result.get("samples_ns") or []
@@ -99,18 +100,19 @@ def _measured_row(
 CEILING_KINDS = ("conv3x3", "gemm")  # calibration phases on the model's own shapes
 
 
-def ceilings(rows: Iterable[Mapping[str, Any]]) -> dict[tuple[str, str, int], float]:
-    """(framework, precision, batch size) -> that framework's best GFLOP/s on the model's conv and GEMM
-    shapes, and ("*", precision, batch size) -> the fastest framework's: the machine's ceiling."""
-    best: dict[tuple[str, str, int], float] = {}
+def ceilings(rows: Iterable[Mapping[str, Any]]) -> dict[tuple[str, str, str, int], float]:
+    """(device, framework, precision, batch size) -> that framework's best GFLOP/s on the model's conv and GEMM
+    shapes on that device, and (device, "*", precision, batch size) -> the fastest framework's: the machine's
+    ceiling. Keyed by the row's device, so a framework that fell back to the CPU never sets a GPU ceiling."""
+    best: dict[tuple[str, str, str, int], float] = {}
     for row in rows:
         rate = num(row.get("achieved_gflop_per_s"))
         if row.get("kind") != "calibration" or row.get("status") != "ok" or row.get("phase") not in CEILING_KINDS:
             continue
         if math.isnan(rate):
             continue
-        precision, batch = str(row["precision"]), int(num(row["batch_size"]))
-        for key in ((str(row["framework"]), precision, batch), ("*", precision, batch)):
+        device, precision, batch = str(row.get("device")), str(row["precision"]), int(num(row["batch_size"]))
+        for key in ((device, str(row["framework"]), precision, batch), (device, "*", precision, batch)):
             best[key] = max(best.get(key, 0.0), rate)
     return best
 
@@ -286,6 +288,7 @@ class Runner:
                 status, error = "failed", f"not measured: the calibration worker died during {outcome.stage} ({status})"
             values = {**_result_values(result), **(dataclasses.asdict(found) if found else {})}
             row = _measured_row(base, status, error, outcome.wall_s, values, workload.flops)
+            row["device_fallback"] = framework in self.record.get("device_fallback", {})
             self.store.add(row, found.samples_ns if found and status == "ok" else [])
             rows.append(row)
         return rows
@@ -342,10 +345,11 @@ class Runner:
         if row.get("achieved_gflop_per_s") is not None:
             for who, rate_column, share_column in (("*", "conv_ceiling_gflop_per_s", "ceiling_fraction"),
                                                    (cell.framework, "framework_ceiling_gflop_per_s", "framework_ceiling_fraction")):  # fmt: skip
-                ceiling = best.get((who, cell.precision, cell.batch_size))
+                ceiling = best.get((str(row.get("device")), who, cell.precision, cell.batch_size))
                 if ceiling:
                     row[rate_column] = ceiling
                     row[share_column] = row["achieved_gflop_per_s"] / ceiling
+        row["device_fallback"] = cell.framework in self.record.get("device_fallback", {})
         self.store.add(row, rounds)
         return row
 
@@ -370,6 +374,8 @@ class Runner:
             f"(preset {s.preset}, input {s.config.input_hw[0]}x{s.config.input_hw[1]}), results in {escape(str(self.store.run_dir))}"
         )
         self._warn_busy()
+        for fw, why in self.record.get("device_fallback", {}).items():
+            out.warn(self.console, f"{fw} runs on the CPU although the run is on the GPU: {why}")
         started = time.perf_counter()
         with self.session.workers(total) as (progress, task):
             if need_equivalence:
@@ -443,8 +449,12 @@ def check_before_measuring(settings: RunSettings, out_dir: str | Path, flag: str
 
 
 def start(settings: RunSettings, args: list[str], run_id: str | None = None) -> RunResult:
-    """A new run of `settings` in a fresh results directory (results/<run_id> when given)."""
+    """A new run of `settings` in a fresh results directory (results/<run_id> when given).
+
+    On a GPU each framework is first asked whether it sees the GPU (bench.run.devices): SettingsError under
+    --device gpu when one cannot, a recorded fallback under --device auto."""
     check_before_measuring(settings, settings.out_dir, "--out")
+    fallbacks = gpu_fallbacks(settings)
     run_dir = new_run_dir(settings.out_dir, settings.device, run_id)
     record: dict[str, Any] = {
         "run_id": run_dir.name,
@@ -469,7 +479,8 @@ def start(settings: RunSettings, args: list[str], run_id: str | None = None) -> 
             "bench compare --normalize. Ceilings: per framework the faster of conv3x3 and gemm; the machine's "
             "is the fastest framework's.",
         },
-        "warnings": [],
+        "warnings": [f"{fw} runs on the CPU although the run is on the GPU: {why}" for fw, why in fallbacks.items()],
+        "device_fallback": fallbacks,
         "resumes": [],
     }
     return _execute(Runner(settings, RunStore(run_dir), record))
