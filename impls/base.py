@@ -35,6 +35,9 @@ from impls.config import HourglassConfig
 PHASES: tuple[str, ...] = ("forward", "forward_backward")
 DEVICES: tuple[str, ...] = ("cpu", "gpu")
 PRECISIONS: tuple[str, ...] = ("fp32", "bf16")
+# How fp32 convolutions and matmuls run on a GPU: "ieee" is full fp32; "tf32" lets cuBLAS/cuDNN/XLA use
+# TensorFloat-32 (10-bit mantissa) on Ampere and later, which all three frameworks allow by default.
+FP32_MATH: tuple[str, ...] = ("ieee", "tf32")
 
 
 def _check_choice(what: str, value: object, choices: tuple[str, ...], context: str = "") -> None:
@@ -57,6 +60,11 @@ def check_device_args(framework: str, precision: str, device: str, gpu_available
     _check_choice("device", device, DEVICES)
     if device == "gpu" and not gpu_available():
         raise RuntimeError(f"no GPU visible to {framework}; use --device cpu")
+
+
+def check_math_args(fp32_math: str) -> None:
+    """fp32_math is one of FP32_MATH."""
+    _check_choice("fp32_math", fp32_math, FP32_MATH)
 
 
 def check_build_args(

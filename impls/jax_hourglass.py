@@ -400,6 +400,17 @@ def gpu_available() -> bool:
         return False
 
 
+def configure_math(fp32_math: str = "ieee", autotune: bool = True) -> dict[str, object]:
+    """Pin this process's GPU math: XLA's default precision for fp32 dots and convolutions "highest" (full
+    fp32) or "tensorfloat32" (XLA uses TF32 by default on Ampere and later). Autotuning is an XLA flag read
+    when the backend starts (--xla_gpu_autotune_level, set by the worker before JAX loads); returns the
+    settings now in force."""
+    base.check_math_args(fp32_math)
+    jax.config.update("jax_default_matmul_precision", "highest" if fp32_math == "ieee" else "tensorfloat32")
+    return {"fp32_math": fp32_math, "jax_default_matmul_precision": jax.config.jax_default_matmul_precision,
+            "xla_flags": os.environ.get("XLA_FLAGS"), "autotune_requested": autotune}  # fmt: skip
+
+
 def build(config: HourglassConfig, weights: dict[str, np.ndarray] | None = None, *, device: str = "cpu",
           precision: str = "fp32", execution: str = EXECUTIONS[0], **options: object) -> JaxHourglass:
     """A JaxHourglass; weights default to impls.spec.init_weights(config, seed=0)."""

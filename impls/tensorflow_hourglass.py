@@ -375,6 +375,16 @@ def gpu_available() -> bool:
     return bool(tf.config.list_physical_devices("GPU"))
 
 
+def configure_math(fp32_math: str = "ieee", autotune: bool = True) -> dict[str, object]:
+    """Pin this process's GPU math: TensorFloat-32 off ("ieee") or on ("tf32"; TensorFlow's default is on).
+    cuDNN autotuning is read from TF_CUDNN_USE_AUTOTUNE when the GPU starts, so the worker sets it before
+    TensorFlow loads; returns the settings now in force."""
+    base.check_math_args(fp32_math)
+    tf.config.experimental.enable_tensor_float_32_execution(fp32_math == "tf32")
+    return {"fp32_math": fp32_math, "tf32_enabled": tf.config.experimental.tensor_float_32_execution_enabled(),
+            "cudnn_autotune": os.environ.get("TF_CUDNN_USE_AUTOTUNE", "1") != "0", "autotune_requested": autotune}  # fmt: skip
+
+
 def runtime_info() -> dict[str, object]:
     """TensorFlow version, devices, threads and the settings that change speed."""
     gpus = tf.config.list_physical_devices("GPU")

@@ -374,6 +374,19 @@ def gpu_available() -> bool:
     return torch.cuda.is_available()
 
 
+def configure_math(fp32_math: str = "ieee", autotune: bool = True) -> dict[str, object]:
+    """Pin this process's GPU math: fp32 matmuls and convolutions in full fp32 ("ieee") or TF32 ("tf32"), and
+    cuDNN's autotuning (benchmark mode) on or off; returns the settings now in force."""
+    base.check_math_args(fp32_math)
+    tf32 = fp32_math == "tf32"
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    torch.backends.cudnn.allow_tf32 = tf32  # on by default in torch: convolutions would use TF32
+    torch.set_float32_matmul_precision("high" if tf32 else "highest")
+    torch.backends.cudnn.benchmark = autotune
+    return {"fp32_math": fp32_math, "cuda_matmul_allow_tf32": tf32, "cudnn_allow_tf32": tf32,
+            "float32_matmul_precision": torch.get_float32_matmul_precision(), "cudnn_benchmark": autotune}  # fmt: skip
+
+
 def runtime_info() -> dict[str, object]:
     """Torch version, devices, threads and the backend settings that change speed."""
     gpus = [f"cuda:{i} {torch.cuda.get_device_name(i)}" for i in range(torch.cuda.device_count())] if gpu_available() else []

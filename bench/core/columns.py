@@ -32,6 +32,7 @@ SUMMARY_COLUMNS = [
     *CELL_COLUMNS,
     "device",  # where the cell actually ran
     "device_fallback",  # True: the run is on the GPU but this framework could not see it and ran on the CPU
+    "fp32_math",  # ieee or tf32: how fp32 convolutions and matmuls ran (a CPU: ieee)
     "status",
     "error",
     "n_samples",
@@ -77,7 +78,7 @@ SUMMARY_COLUMNS = [
 SAMPLE_COLUMNS = [*CELL_COLUMNS, "round", "iteration", "latency_ns"]  # round: 1..R, the worker process
 # Columns of summary.csv that hold text or booleans; every other column holds a number or nothing.
 SUMMARY_TEXT_COLUMNS = frozenset(
-    {*CELL_COLUMNS, "device", "status", "error", "noisy", "equivalent", "preset", "ci_level", "nvml_process_lookup", "device_fallback"}
+    {*CELL_COLUMNS, "device", "status", "error", "noisy", "equivalent", "preset", "ci_level", "nvml_process_lookup", "device_fallback", "fp32_math"}
     - {"batch_size"}
 )
 SUMMARY_REQUIRED = [*CELL_COLUMNS, "status"]

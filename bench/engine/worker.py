@@ -342,10 +342,21 @@ MODES: dict[str, Callable[[ModuleType, Any], dict[str, Any]]] = {
 }
 
 
+def _configure_math(backend: ModuleType, spec: WorkerSpec) -> dict[str, Any] | None:
+    """On a GPU, the framework's fp32 math and autotuning pinned as the run asks (the equivalence check always
+    in IEEE fp32, so its tolerance means the same everywhere); None on a CPU, whose fp32 is IEEE anyway."""
+    if spec.device != "gpu" or not hasattr(backend, "configure_math"):
+        return None
+    fp32_math = "ieee" if isinstance(spec, EquivalenceSpec) else spec.fp32_math
+    return dict(backend.configure_math(fp32_math, spec.autotune))
+
+
 def execute(spec: WorkerSpec) -> proto.WorkerResult:
     """Run the spec's mode; every exception becomes a result with a status and the error's tail."""
     envelope: dict[str, Any] = {"mode": spec.MODE, "framework": spec.framework}
     payload: dict[str, Any] = {}
+    if spec.device == "gpu":  # read by TensorFlow and XLA when the GPU starts: before the framework loads
+        os.environ.update(proto.gpu_math_env(spec.autotune, os.environ.get("XLA_FLAGS", "")))
     if isinstance(spec, CellSpec) and spec.compile_cache_dir:
         os.environ.update(proto.compile_cache_env(spec.compile_cache_dir))  # before the framework reads it
     try:
@@ -353,6 +364,7 @@ def execute(spec: WorkerSpec) -> proto.WorkerResult:
         t0 = time.perf_counter()
         backend = load_backend(spec.framework)
         envelope["import_s"] = time.perf_counter() - t0
+        envelope["math"] = _configure_math(backend, spec)
         payload = MODES[spec.MODE](backend, spec)
     except Exception as err:  # failures are data: the parent turns this into a row
         envelope.update(status=classify_exception(err), error=error_tail(err))
