@@ -156,11 +156,18 @@ class AbstractHourglassModel(abc.ABC):
         and the gradients of every trainable parameter, no optimizer update.
         """
 
-    def reset_peak_memory(self) -> None:
-        """Reset the allocator's peak counter (no-op where the framework has none)."""
+    def reset_peak_memory(self) -> bool:
+        """Reset the allocator's peak counter; False where the framework has none (then a later peak still
+        counts everything before)."""
+        return False
 
     def peak_memory_bytes(self) -> int | None:
         """Allocator peak since the last reset for this model's device, or None where not measurable."""
+        return None
+
+    def memory_analysis(self, phase: str, batch_size: int, seed: int = 0) -> dict[str, int] | None:
+        """The compiled step's own memory plan (arguments, outputs, temporaries, in bytes) where the compiler
+        reports one (XLA: JAX), else None."""
         return None
 
     def settings(self) -> dict[str, object]:

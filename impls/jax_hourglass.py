@@ -318,8 +318,19 @@ class JaxHourglass(AbstractHourglassModel):
         memory = self.jax_device.memory_stats()  # None where the backend keeps no allocator statistics
         return None if memory is None else int(memory.get("peak_bytes_in_use", 0))
 
-    def reset_peak_memory(self) -> None:
-        """No-op: JAX exposes no peak reset, so the peak counts from process start (one process per cell)."""
+    def reset_peak_memory(self) -> bool:
+        """False: JAX exposes no peak reset, so the peak counts from process start (one process per cell)."""
+        return False
+
+    def memory_analysis(self, phase: str, batch_size: int, seed: int = 0) -> dict[str, int] | None:
+        """XLA's memory plan of the compiled step: argument, output and temporary bytes (what the allocator peak
+        cannot separate, since JAX cannot reset it)."""
+        function, args = self.step_program(phase, batch_size, seed)
+        analysis = function.lower(*args).compile().memory_analysis()
+        if analysis is None:  # a backend that reports no plan
+            return None
+        return {"argument_bytes": int(analysis.argument_size_in_bytes), "output_bytes": int(analysis.output_size_in_bytes),
+                "temp_bytes": int(analysis.temp_size_in_bytes)}  # fmt: skip
 
     def settings(self) -> dict[str, object]:
         """Layout, jit mode, dtype and XLA settings that change speed."""

@@ -337,10 +337,12 @@ class TensorFlowHourglass(AbstractHourglassModel):
 
         return step
 
-    def reset_peak_memory(self) -> None:
-        """Reset TensorFlow's GPU allocator peak (nothing to reset on the CPU)."""
-        if self.device == "gpu":
-            tf.config.experimental.reset_memory_stats("GPU:0")
+    def reset_peak_memory(self) -> bool:
+        """Reset TensorFlow's GPU allocator peak (nothing to reset on the CPU: False)."""
+        if self.device != "gpu":
+            return False
+        tf.config.experimental.reset_memory_stats("GPU:0")
+        return True
 
     def peak_memory_bytes(self) -> int | None:
         """TensorFlow's GPU allocator peak since the last reset; None on the CPU."""

@@ -337,10 +337,12 @@ class TorchHourglass(AbstractHourglassModel):
                 sync()
         return step
 
-    def reset_peak_memory(self) -> None:
-        """Reset the CUDA allocator's peak counter (nothing to reset on the CPU)."""
-        if self.torch_device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.torch_device)
+    def reset_peak_memory(self) -> bool:
+        """Reset the CUDA allocator's peak counter (nothing to reset on the CPU: False)."""
+        if self.torch_device.type != "cuda":
+            return False
+        torch.cuda.reset_peak_memory_stats(self.torch_device)
+        return True
 
     def peak_memory_bytes(self) -> int | None:
         """CUDA allocator peak since the last reset; None on the CPU."""

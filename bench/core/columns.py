@@ -63,7 +63,12 @@ SUMMARY_COLUMNS = [
     "injected_slowdown",
     "equivalence_max_rel_err",
     "equivalent",
-    "gpu_allocator_peak_bytes",
+    "gpu_allocator_peak_bytes",  # build to the end of the timed loop
+    "gpu_allocator_setup_peak_bytes",  # first call and warm-up: compilation and autotuning scratch included
+    "gpu_allocator_timed_peak_bytes",  # the timed loop alone (empty where the framework cannot reset: JAX)
+    "compiled_argument_bytes",  # XLA's memory plan of the compiled step (JAX): arguments, outputs, temporaries
+    "compiled_output_bytes",
+    "compiled_temp_bytes",
     "nvml_process_used_bytes",
     "nvml_process_lookup",  # how the process figure was found: pid, device_minus_baseline, not_found, no_nvml
     "nvml_device_used_bytes",

@@ -231,7 +231,12 @@ class CellResult(WorkerResult):
     samples_ns: list[int] = field(default_factory=list)
     build_s: float | None = None
     setup_s: float | None = None
-    gpu_allocator_peak_bytes: int | None = None
+    gpu_allocator_peak_bytes: int | None = None  # build to the end of the timed loop
+    gpu_allocator_setup_peak_bytes: int | None = None  # first call and warm-up (compilation, autotuning scratch)
+    gpu_allocator_timed_peak_bytes: int | None = None  # the timed loop alone; None where no reset exists (JAX)
+    compiled_argument_bytes: int | None = None  # XLA's memory plan of the compiled step (JAX)
+    compiled_output_bytes: int | None = None
+    compiled_temp_bytes: int | None = None
     nvml_process_used_bytes: int | None = None
     nvml_process_lookup: str | None = None  # pid | device_minus_baseline | not_found | no_nvml (bench.core.nvml)
     nvml_device_used_bytes: int | None = None

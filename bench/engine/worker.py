@@ -187,17 +187,31 @@ def run_cell(backend: ModuleType, spec: CellSpec) -> dict[str, Any]:
     slowdown = proto.injected_slowdown(os.environ)
     step = slowed(step, slowdown)
 
+    peaks: dict[str, Any] = {"setup": None, "reset": False}
+
     def on_stage(name: str) -> None:
         probe.read()
+        if name == "timed":  # first call and warm-up are over: their peak, then a fresh count for the loop
+            peaks["setup"] = model.peak_memory_bytes()
+            peaks["reset"] = model.reset_peak_memory()
         stage(name)
 
     result = _timed(spec.loop, step, on_stage)
     probe.read()
+    timed_peak = model.peak_memory_bytes()
+    plan = model.memory_analysis(spec.phase, spec.batch_size, spec.seed) or {}  # after timing: it compiles again
     result.update(
         device=device,
         build_s=build_s,
         setup_s=setup_s,
-        gpu_allocator_peak_bytes=model.peak_memory_bytes(),
+        # The whole cell's peak, the first call and warm-up's, and the timed loop's alone: unknown (None), not
+        # the cell's, where the framework cannot reset its counter (JAX).
+        gpu_allocator_peak_bytes=_max_or_none(peaks["setup"], timed_peak),
+        gpu_allocator_setup_peak_bytes=peaks["setup"],
+        gpu_allocator_timed_peak_bytes=timed_peak if peaks["reset"] else None,
+        compiled_argument_bytes=plan.get("argument_bytes"),
+        compiled_output_bytes=plan.get("output_bytes"),
+        compiled_temp_bytes=plan.get("temp_bytes"),
         nvml_process_used_bytes=probe.process,
         nvml_process_lookup=probe.lookup if device == "gpu" else None,
         nvml_device_used_bytes=probe.device,

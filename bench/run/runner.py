@@ -87,7 +87,8 @@ def _measured_row(
 ) -> dict[str, Any]:
     """A row from a worker result: status, error, statistics of its samples, memory and timings."""
     row = {**base, "status": status, "error": error, "worker_wall_s": wall_s}
-    for key in ("device", "first_call_ms", "warmup_calls", "import_s", "build_s", "setup_s", "num_params", "injected_slowdown", "gpu_allocator_peak_bytes",
+    for key in ("device", "first_call_ms", "warmup_calls", "import_s", "build_s", "setup_s", "num_params", "injected_slowdown", "gpu_allocator_peak_bytes", "gpu_allocator_setup_peak_bytes",
+                "gpu_allocator_timed_peak_bytes", "compiled_argument_bytes", "compiled_output_bytes", "compiled_temp_bytes",
                 "nvml_process_used_bytes", "nvml_process_lookup", "nvml_device_used_bytes", "host_peak_rss_bytes"):  # fmt: skip
         if result.get(key) is not None:
             row[key] = result[key]
