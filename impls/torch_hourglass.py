@@ -389,6 +389,14 @@ def configure_math(fp32_math: str = "ieee", autotune: bool = True) -> dict[str, 
             "float32_matmul_precision": torch.get_float32_matmul_precision(), "cudnn_benchmark": autotune}  # fmt: skip
 
 
+def _gpu_uuid() -> str | None:
+    """CUDA device 0's UUID as NVML writes it ("GPU-..."), or None without a GPU or where torch hides it."""
+    if not gpu_available():
+        return None
+    uuid = getattr(torch.cuda.get_device_properties(0), "uuid", None)
+    return None if uuid is None else f"GPU-{uuid}"
+
+
 def runtime_info() -> dict[str, object]:
     """Torch version, devices, threads and the backend settings that change speed."""
     gpus = [f"cuda:{i} {torch.cuda.get_device_name(i)}" for i in range(torch.cuda.device_count())] if gpu_available() else []
@@ -401,6 +409,7 @@ def runtime_info() -> dict[str, object]:
         "mkldnn_available": torch.backends.mkldnn.is_available(),
         "mkldnn_enabled": torch.backends.mkldnn.enabled,
         "cuda_version": torch.version.cuda,
+        "gpu_uuid": _gpu_uuid(),  # NVML's name for device 0, so memory readings match it, not CUDA's ordering
         "cudnn_version": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
         **_speed_settings(),
     }

@@ -300,6 +300,11 @@ def _parse_on_off(flag: str, text: str) -> bool:
     raise SettingsError(f"{flag} must be on or off, got {text!r}")
 
 
+def install_hint(framework: str) -> str:
+    """The pip command for `framework` on this machine: its CUDA extra when NVML sees a GPU, else its CPU one."""
+    return install_command(framework, gpu=nvml.gpu_present())
+
+
 def resolve_device(requested: str) -> str:
     """'auto' -> 'gpu' when NVML sees a GPU, else 'cpu'; 'gpu' without one is a user error."""
     if requested not in DEVICES:
@@ -346,7 +351,7 @@ def build_settings(
         missing = [fw for fw in frameworks if not is_installed(fw)]
         if missing:
             fw = missing[0]
-            raise SettingsError(f"framework {fw!r} is not installed; install it with: {install_command(fw)}")
+            raise SettingsError(f"framework {fw!r} is not installed; install it with: {install_hint(fw)}")
 
     if protocol not in PROTOCOLS:
         raise SettingsError(f"--protocol must be one of {', '.join(PROTOCOLS)}, got {protocol!r}")
