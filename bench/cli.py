@@ -72,6 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
     how.add_argument("--iters", metavar="N", help="timed iterations: exactly N, or at most N with --min-time")
     how.add_argument("--min-time", metavar="SECONDS", help="time iterations until this much time has passed")
     how.add_argument("--timeout", metavar="SECONDS", help="per cell, from worker start (default 900)")
+    how.add_argument("--fp32-math", metavar="MODE",
+                     help="on a GPU: ieee (default; full fp32) or tf32 (TensorFloat-32 convolutions and matmuls), "
+                     "applied alike in every framework; a CPU computes fp32 in IEEE anyway")  # fmt: skip
+    how.add_argument("--autotune", metavar="on|off", help="on a GPU: cuDNN/XLA autotuning in every framework (default on)")
     how.add_argument("--rounds", metavar="N",
                      help="worker processes per cell, interleaved over all cells (default: 1); intervals "
                      "include the process-to-process noise only with 2 or more")  # fmt: skip

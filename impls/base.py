@@ -35,6 +35,9 @@ from impls.config import HourglassConfig
 PHASES: tuple[str, ...] = ("forward", "forward_backward")
 DEVICES: tuple[str, ...] = ("cpu", "gpu")
 PRECISIONS: tuple[str, ...] = ("fp32", "bf16")
+# How fp32 convolutions and matmuls run on a GPU: "ieee" is full fp32; "tf32" lets cuBLAS/cuDNN/XLA use
+# TensorFloat-32 (10-bit mantissa) on Ampere and later, which all three frameworks allow by default.
+FP32_MATH: tuple[str, ...] = ("ieee", "tf32")
 
 
 def _check_choice(what: str, value: object, choices: tuple[str, ...], context: str = "") -> None:
@@ -57,6 +60,11 @@ def check_device_args(framework: str, precision: str, device: str, gpu_available
     _check_choice("device", device, DEVICES)
     if device == "gpu" and not gpu_available():
         raise RuntimeError(f"no GPU visible to {framework}; use --device cpu")
+
+
+def check_math_args(fp32_math: str) -> None:
+    """fp32_math is one of FP32_MATH."""
+    _check_choice("fp32_math", fp32_math, FP32_MATH)
 
 
 def check_build_args(
@@ -148,11 +156,18 @@ class AbstractHourglassModel(abc.ABC):
         and the gradients of every trainable parameter, no optimizer update.
         """
 
-    def reset_peak_memory(self) -> None:
-        """Reset the allocator's peak counter (no-op where the framework has none)."""
+    def reset_peak_memory(self) -> bool:
+        """Reset the allocator's peak counter; False where the framework has none (then a later peak still
+        counts everything before)."""
+        return False
 
     def peak_memory_bytes(self) -> int | None:
         """Allocator peak since the last reset for this model's device, or None where not measurable."""
+        return None
+
+    def memory_analysis(self, phase: str, batch_size: int, seed: int = 0) -> dict[str, int] | None:
+        """The compiled step's own memory plan (arguments, outputs, temporaries, in bytes) where the compiler
+        reports one (XLA: JAX), else None."""
         return None
 
     def settings(self) -> dict[str, object]:

@@ -318,8 +318,19 @@ class JaxHourglass(AbstractHourglassModel):
         memory = self.jax_device.memory_stats()  # None where the backend keeps no allocator statistics
         return None if memory is None else int(memory.get("peak_bytes_in_use", 0))
 
-    def reset_peak_memory(self) -> None:
-        """No-op: JAX exposes no peak reset, so the peak counts from process start (one process per cell)."""
+    def reset_peak_memory(self) -> bool:
+        """False: JAX exposes no peak reset, so the peak counts from process start (one process per cell)."""
+        return False
+
+    def memory_analysis(self, phase: str, batch_size: int, seed: int = 0) -> dict[str, int] | None:
+        """XLA's memory plan of the compiled step: argument, output and temporary bytes (what the allocator peak
+        cannot separate, since JAX cannot reset it)."""
+        function, args = self.step_program(phase, batch_size, seed)
+        analysis = function.lower(*args).compile().memory_analysis()
+        if analysis is None:  # a backend that reports no plan
+            return None
+        return {"argument_bytes": int(analysis.argument_size_in_bytes), "output_bytes": int(analysis.output_size_in_bytes),
+                "temp_bytes": int(analysis.temp_size_in_bytes)}  # fmt: skip
 
     def settings(self) -> dict[str, object]:
         """Layout, jit mode, dtype and XLA settings that change speed."""
@@ -398,6 +409,17 @@ def gpu_available() -> bool:
         return len(jax.devices("gpu")) > 0
     except RuntimeError:  # no GPU backend (CPU-only jaxlib or no driver)
         return False
+
+
+def configure_math(fp32_math: str = "ieee", autotune: bool = True) -> dict[str, object]:
+    """Pin this process's GPU math: XLA's default precision for fp32 dots and convolutions "highest" (full
+    fp32) or "tensorfloat32" (XLA uses TF32 by default on Ampere and later). Autotuning is an XLA flag read
+    when the backend starts (--xla_gpu_autotune_level, set by the worker before JAX loads); returns the
+    settings now in force."""
+    base.check_math_args(fp32_math)
+    jax.config.update("jax_default_matmul_precision", "highest" if fp32_math == "ieee" else "tensorfloat32")
+    return {"fp32_math": fp32_math, "jax_default_matmul_precision": jax.config.jax_default_matmul_precision,
+            "xla_flags": os.environ.get("XLA_FLAGS"), "autotune_requested": autotune}  # fmt: skip
 
 
 def build(config: HourglassConfig, weights: dict[str, np.ndarray] | None = None, *, device: str = "cpu",

@@ -337,10 +337,12 @@ class TensorFlowHourglass(AbstractHourglassModel):
 
         return step
 
-    def reset_peak_memory(self) -> None:
-        """Reset TensorFlow's GPU allocator peak (nothing to reset on the CPU)."""
-        if self.device == "gpu":
-            tf.config.experimental.reset_memory_stats("GPU:0")
+    def reset_peak_memory(self) -> bool:
+        """Reset TensorFlow's GPU allocator peak (nothing to reset on the CPU: False)."""
+        if self.device != "gpu":
+            return False
+        tf.config.experimental.reset_memory_stats("GPU:0")
+        return True
 
     def peak_memory_bytes(self) -> int | None:
         """TensorFlow's GPU allocator peak since the last reset; None on the CPU."""
@@ -373,6 +375,16 @@ class TensorFlowHourglass(AbstractHourglassModel):
 def gpu_available() -> bool:
     """True when TensorFlow sees at least one GPU."""
     return bool(tf.config.list_physical_devices("GPU"))
+
+
+def configure_math(fp32_math: str = "ieee", autotune: bool = True) -> dict[str, object]:
+    """Pin this process's GPU math: TensorFloat-32 off ("ieee") or on ("tf32"; TensorFlow's default is on).
+    cuDNN autotuning is read from TF_CUDNN_USE_AUTOTUNE when the GPU starts, so the worker sets it before
+    TensorFlow loads; returns the settings now in force."""
+    base.check_math_args(fp32_math)
+    tf.config.experimental.enable_tensor_float_32_execution(fp32_math == "tf32")
+    return {"fp32_math": fp32_math, "tf32_enabled": tf.config.experimental.tensor_float_32_execution_enabled(),
+            "cudnn_autotune": os.environ.get("TF_CUDNN_USE_AUTOTUNE", "1") != "0", "autotune_requested": autotune}  # fmt: skip
 
 
 def runtime_info() -> dict[str, object]:

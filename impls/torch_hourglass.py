@@ -337,10 +337,12 @@ class TorchHourglass(AbstractHourglassModel):
                 sync()
         return step
 
-    def reset_peak_memory(self) -> None:
-        """Reset the CUDA allocator's peak counter (nothing to reset on the CPU)."""
-        if self.torch_device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.torch_device)
+    def reset_peak_memory(self) -> bool:
+        """Reset the CUDA allocator's peak counter (nothing to reset on the CPU: False)."""
+        if self.torch_device.type != "cuda":
+            return False
+        torch.cuda.reset_peak_memory_stats(self.torch_device)
+        return True
 
     def peak_memory_bytes(self) -> int | None:
         """CUDA allocator peak since the last reset; None on the CPU."""
@@ -374,6 +376,27 @@ def gpu_available() -> bool:
     return torch.cuda.is_available()
 
 
+def configure_math(fp32_math: str = "ieee", autotune: bool = True) -> dict[str, object]:
+    """Pin this process's GPU math: fp32 matmuls and convolutions in full fp32 ("ieee") or TF32 ("tf32"), and
+    cuDNN's autotuning (benchmark mode) on or off; returns the settings now in force."""
+    base.check_math_args(fp32_math)
+    tf32 = fp32_math == "tf32"
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    torch.backends.cudnn.allow_tf32 = tf32  # on by default in torch: convolutions would use TF32
+    torch.set_float32_matmul_precision("high" if tf32 else "highest")
+    torch.backends.cudnn.benchmark = autotune
+    return {"fp32_math": fp32_math, "cuda_matmul_allow_tf32": tf32, "cudnn_allow_tf32": tf32,
+            "float32_matmul_precision": torch.get_float32_matmul_precision(), "cudnn_benchmark": autotune}  # fmt: skip
+
+
+def _gpu_uuid() -> str | None:
+    """CUDA device 0's UUID as NVML writes it ("GPU-..."), or None without a GPU or where torch hides it."""
+    if not gpu_available():
+        return None
+    uuid = getattr(torch.cuda.get_device_properties(0), "uuid", None)
+    return None if uuid is None else f"GPU-{uuid}"
+
+
 def runtime_info() -> dict[str, object]:
     """Torch version, devices, threads and the backend settings that change speed."""
     gpus = [f"cuda:{i} {torch.cuda.get_device_name(i)}" for i in range(torch.cuda.device_count())] if gpu_available() else []
@@ -386,6 +409,7 @@ def runtime_info() -> dict[str, object]:
         "mkldnn_available": torch.backends.mkldnn.is_available(),
         "mkldnn_enabled": torch.backends.mkldnn.enabled,
         "cuda_version": torch.version.cuda,
+        "gpu_uuid": _gpu_uuid(),  # NVML's name for device 0, so memory readings match it, not CUDA's ordering
         "cudnn_version": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
         **_speed_settings(),
     }

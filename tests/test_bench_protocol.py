@@ -60,3 +60,9 @@ def test_protocol_result_of_another_mode_is_rejected() -> None:
 def test_protocol_empty_result_has_the_modes_type() -> None:
     result = protocol.empty_result(_cell_spec(), "timeout", "no result after --timeout 4 s")
     assert isinstance(result, protocol.CellResult) and result.status == "timeout" and result.samples_ns == []
+
+
+def test_gpu_math_env_sets_autotuning_for_tensorflow_and_xla_keeping_other_flags() -> None:
+    env = protocol.gpu_math_env(False, "--xla_gpu_autotune_level=4 --xla_dump_to=/tmp/x")
+    assert env == {"TF_CUDNN_USE_AUTOTUNE": "0", "XLA_FLAGS": "--xla_dump_to=/tmp/x --xla_gpu_autotune_level=0"}
+    assert protocol.gpu_math_env(True, "")["XLA_FLAGS"] == "--xla_gpu_autotune_level=4"

@@ -32,6 +32,7 @@ SUMMARY_COLUMNS = [
     *CELL_COLUMNS,
     "device",  # where the cell actually ran
     "device_fallback",  # True: the run is on the GPU but this framework could not see it and ran on the CPU
+    "fp32_math",  # ieee or tf32: how fp32 convolutions and matmuls ran (a CPU: ieee)
     "status",
     "error",
     "n_samples",
@@ -62,7 +63,12 @@ SUMMARY_COLUMNS = [
     "injected_slowdown",
     "equivalence_max_rel_err",
     "equivalent",
-    "gpu_allocator_peak_bytes",
+    "gpu_allocator_peak_bytes",  # build to the end of the timed loop
+    "gpu_allocator_setup_peak_bytes",  # first call and warm-up: compilation and autotuning scratch included
+    "gpu_allocator_timed_peak_bytes",  # the timed loop alone (empty where the framework cannot reset: JAX)
+    "compiled_argument_bytes",  # XLA's memory plan of the compiled step (JAX): arguments, outputs, temporaries
+    "compiled_output_bytes",
+    "compiled_temp_bytes",
     "nvml_process_used_bytes",
     "nvml_process_lookup",  # how the process figure was found: pid, device_minus_baseline, not_found, no_nvml
     "nvml_device_used_bytes",
@@ -77,7 +83,7 @@ SUMMARY_COLUMNS = [
 SAMPLE_COLUMNS = [*CELL_COLUMNS, "round", "iteration", "latency_ns"]  # round: 1..R, the worker process
 # Columns of summary.csv that hold text or booleans; every other column holds a number or nothing.
 SUMMARY_TEXT_COLUMNS = frozenset(
-    {*CELL_COLUMNS, "device", "status", "error", "noisy", "equivalent", "preset", "ci_level", "nvml_process_lookup", "device_fallback"}
+    {*CELL_COLUMNS, "device", "status", "error", "noisy", "equivalent", "preset", "ci_level", "nvml_process_lookup", "device_fallback", "fp32_math"}
     - {"batch_size"}
 )
 SUMMARY_REQUIRED = [*CELL_COLUMNS, "status"]

@@ -49,6 +49,14 @@ def compile_cache_env(cache_dir: str) -> dict[str, str]:
     }
 
 
+def gpu_math_env(autotune: bool, xla_flags: str) -> dict[str, str]:
+    """Autotuning switches that TensorFlow and XLA read when the GPU starts, so the worker sets them before a
+    framework loads (torch's cudnn.benchmark is set in the process, by configure_math)."""
+    level = "--xla_gpu_autotune_level=" + ("4" if autotune else "0")
+    kept = " ".join(flag for flag in xla_flags.split() if not flag.startswith("--xla_gpu_autotune_level"))
+    return {"TF_CUDNN_USE_AUTOTUNE": "1" if autotune else "0", "XLA_FLAGS": f"{kept} {level}".strip()}
+
+
 # Test hook: a module whose load(framework) returns a stand-in for an impls module (tests/fake_backend.py).
 BACKEND_OVERRIDE_ENV = "HGBENCH_BACKEND_OVERRIDE"
 # Test switch: lengthen every timed model step by this fraction of its own duration (busy wait), so the
@@ -98,6 +106,8 @@ class WorkerSpec:
     device: str = "cpu"  # resolved: cpu or gpu
     device_requested: str = "cpu"  # what --device said: under "auto" a framework without a GPU falls back
     seed: int = 0  # seeds inputs and the canonical weights
+    fp32_math: str = "ieee"  # on a GPU: full fp32 (ieee) or TF32 (tf32); the equivalence check is always ieee
+    autotune: bool = True  # on a GPU: cuDNN / XLA autotuning on or off, alike in every framework
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -199,6 +209,7 @@ class WorkerResult:
     host_peak_rss_bytes: int | None = None
     device: str | None = None  # where it actually built (a fallback under --device auto shows here)
     runtime_info: dict[str, Any] | None = None
+    math: dict[str, Any] | None = None  # the GPU math settings the framework put in force (configure_math)
 
 
 @dataclass(kw_only=True)
@@ -220,7 +231,12 @@ class CellResult(WorkerResult):
     samples_ns: list[int] = field(default_factory=list)
     build_s: float | None = None
     setup_s: float | None = None
-    gpu_allocator_peak_bytes: int | None = None
+    gpu_allocator_peak_bytes: int | None = None  # build to the end of the timed loop
+    gpu_allocator_setup_peak_bytes: int | None = None  # first call and warm-up (compilation, autotuning scratch)
+    gpu_allocator_timed_peak_bytes: int | None = None  # the timed loop alone; None where no reset exists (JAX)
+    compiled_argument_bytes: int | None = None  # XLA's memory plan of the compiled step (JAX)
+    compiled_output_bytes: int | None = None
+    compiled_temp_bytes: int | None = None
     nvml_process_used_bytes: int | None = None
     nvml_process_lookup: str | None = None  # pid | device_minus_baseline | not_found | no_nvml (bench.core.nvml)
     nvml_device_used_bytes: int | None = None

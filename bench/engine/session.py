@@ -29,7 +29,6 @@ from bench.core.files import DISK_FULL_EXIT_CODE, is_disk_full
 from bench.engine.launch import WorkerOutcome, run_worker
 from bench.engine.procs import WORKDIR_PREFIX
 from bench.engine.protocol import WorkerResult, WorkerSpec
-from impls import install_command
 
 # 128 + the signal's number, as shells report a process a signal ended: Ctrl-C (SIGINT) 130, SIGHUP 129,
 # SIGTERM 143 (what `timeout`, `docker stop` and CI cancellation send).
@@ -65,7 +64,7 @@ class WorkerSession:
         """Why a cell of `framework` cannot run (not installed, with the fix), or None."""
         if self.installed.get(framework):
             return None
-        return f"framework {framework!r} is not installed; install it with: {install_command(framework)}"
+        return f"framework {framework!r} is not installed; install it with: {settings.install_hint(framework)}"
 
     @property
     def workdir(self) -> Path:

@@ -187,17 +187,31 @@ def run_cell(backend: ModuleType, spec: CellSpec) -> dict[str, Any]:
     slowdown = proto.injected_slowdown(os.environ)
     step = slowed(step, slowdown)
 
+    peaks: dict[str, Any] = {"setup": None, "reset": False}
+
     def on_stage(name: str) -> None:
         probe.read()
+        if name == "timed":  # first call and warm-up are over: their peak, then a fresh count for the loop
+            peaks["setup"] = model.peak_memory_bytes()
+            peaks["reset"] = model.reset_peak_memory()
         stage(name)
 
     result = _timed(spec.loop, step, on_stage)
     probe.read()
+    timed_peak = model.peak_memory_bytes()
+    plan = model.memory_analysis(spec.phase, spec.batch_size, spec.seed) or {}  # after timing: it compiles again
     result.update(
         device=device,
         build_s=build_s,
         setup_s=setup_s,
-        gpu_allocator_peak_bytes=model.peak_memory_bytes(),
+        # The whole cell's peak, the first call and warm-up's, and the timed loop's alone: unknown (None), not
+        # the cell's, where the framework cannot reset its counter (JAX).
+        gpu_allocator_peak_bytes=_max_or_none(peaks["setup"], timed_peak),
+        gpu_allocator_setup_peak_bytes=peaks["setup"],
+        gpu_allocator_timed_peak_bytes=timed_peak if peaks["reset"] else None,
+        compiled_argument_bytes=plan.get("argument_bytes"),
+        compiled_output_bytes=plan.get("output_bytes"),
+        compiled_temp_bytes=plan.get("temp_bytes"),
         nvml_process_used_bytes=probe.process,
         nvml_process_lookup=probe.lookup if device == "gpu" else None,
         nvml_device_used_bytes=probe.device,
@@ -342,10 +356,21 @@ MODES: dict[str, Callable[[ModuleType, Any], dict[str, Any]]] = {
 }
 
 
+def _configure_math(backend: ModuleType, spec: WorkerSpec) -> dict[str, Any] | None:
+    """On a GPU, the framework's fp32 math and autotuning pinned as the run asks (the equivalence check always
+    in IEEE fp32, so its tolerance means the same everywhere); None on a CPU, whose fp32 is IEEE anyway."""
+    if spec.device != "gpu" or not hasattr(backend, "configure_math"):
+        return None
+    fp32_math = "ieee" if isinstance(spec, EquivalenceSpec) else spec.fp32_math
+    return dict(backend.configure_math(fp32_math, spec.autotune))
+
+
 def execute(spec: WorkerSpec) -> proto.WorkerResult:
     """Run the spec's mode; every exception becomes a result with a status and the error's tail."""
     envelope: dict[str, Any] = {"mode": spec.MODE, "framework": spec.framework}
     payload: dict[str, Any] = {}
+    if spec.device == "gpu":  # read by TensorFlow and XLA when the GPU starts: before the framework loads
+        os.environ.update(proto.gpu_math_env(spec.autotune, os.environ.get("XLA_FLAGS", "")))
     if isinstance(spec, CellSpec) and spec.compile_cache_dir:
         os.environ.update(proto.compile_cache_env(spec.compile_cache_dir))  # before the framework reads it
     try:
@@ -353,6 +378,7 @@ def execute(spec: WorkerSpec) -> proto.WorkerResult:
         t0 = time.perf_counter()
         backend = load_backend(spec.framework)
         envelope["import_s"] = time.perf_counter() - t0
+        envelope["math"] = _configure_math(backend, spec)
         payload = MODES[spec.MODE](backend, spec)
     except Exception as err:  # failures are data: the parent turns this into a row
         envelope.update(status=classify_exception(err), error=error_tail(err))

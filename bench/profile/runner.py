@@ -150,8 +150,7 @@ class ProfileRunner:
         s, b = self.settings, self.settings.base
         return ProfileSpec(
             framework=cell.framework, execution=cell.execution, precision=cell.precision, batch_size=cell.batch_size,
-            phase=cell.phase, config=b.config.to_dict(), device=b.device, device_requested=b.device_requested,
-            seed=b.seed, warmup=b.warmup, steps=s.steps, top_k=s.top_k, trace_dir=str(trace_dir),
+            phase=cell.phase, **b.placement(), warmup=b.warmup, steps=s.steps, top_k=s.top_k, trace_dir=str(trace_dir),
         )  # fmt: skip
 
     def profile_cell(self, cell: Cell) -> str:

@@ -237,6 +237,10 @@ def _invariant_mismatches(
 ) -> list[str]:
     """Quantities that need no timing and must agree: where the cell ran, parameters, FLOPs, equivalence."""
     problems = []
+    base_math, new_math = str(b.get("fp32_math") or "ieee"), str(n.get("fp32_math") or "ieee")
+    if base_math != new_math:
+        problems.append(f"{cell_id}: fp32 math {base_math} (base) but {new_math} (new); compare runs made with "
+                        "the same --fp32-math")  # fmt: skip
     base_device, new_device = str(b.get("device") or ""), str(n.get("device") or "")
     if base_device and new_device and base_device != new_device:  # a GPU run whose framework fell back to the CPU
         problems.append(f"{cell_id}: ran on {base_device} (base) but on {new_device} (new); a framework that cannot "

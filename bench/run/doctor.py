@@ -50,7 +50,7 @@ def framework_checks(infos: Mapping[str, Mapping[str, Any]], gpu_visible: bool) 
         info = infos.get(fw)
         if info is None:
             checks.append(Check(f"{fw}: installed", WARN, "not installed (its cells are skipped under --framework all)",
-                                f"install it with: {install_command(fw)}"))  # fmt: skip
+                                f"install it with: {settings_mod.install_hint(fw)}"))  # fmt: skip
             continue
         runtime = info.get("runtime_info") or {}
         if info.get("status", "ok") != "ok" or info.get("error"):

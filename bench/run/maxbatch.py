@@ -145,8 +145,7 @@ class MaxBatchRunner:
 
         def probe(batch: int) -> Probe:
             spec = CellSpec(framework=cell.framework, execution=cell.execution, precision=cell.precision,
-                            batch_size=batch, phase=cell.phase, loop=loop, config=s.config.to_dict(),
-                            device=s.device, device_requested=s.device_requested, seed=s.seed)  # fmt: skip
+                            batch_size=batch, phase=cell.phase, loop=loop, **s.placement())  # fmt: skip
             outcome = self.session.call(spec, f"{cell.framework}-{cell.execution}-{cell.precision}-{cell.phase}-b{batch}")
             result = outcome.result
             assert isinstance(result, CellResult)

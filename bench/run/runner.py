@@ -66,6 +66,7 @@ def _base_row(cell: Cell, kind: str, settings: RunSettings) -> dict[str, Any]:
         "kind": kind,
         **cell.to_dict(),
         "device": settings.device,
+        "fp32_math": settings.fp32_math if settings.device == "gpu" else "ieee",
         "preset": settings.preset,
         "num_stacks": cfg.num_stacks,
         "depth": cfg.depth,
@@ -86,10 +87,13 @@ def _measured_row(
 ) -> dict[str, Any]:
     """A row from a worker result: status, error, statistics of its samples, memory and timings."""
     row = {**base, "status": status, "error": error, "worker_wall_s": wall_s}
-    for key in ("device", "first_call_ms", "warmup_calls", "import_s", "build_s", "setup_s", "num_params", "injected_slowdown", "gpu_allocator_peak_bytes",
+    for key in ("device", "first_call_ms", "warmup_calls", "import_s", "build_s", "setup_s", "num_params", "injected_slowdown", "gpu_allocator_peak_bytes", "gpu_allocator_setup_peak_bytes",
+                "gpu_allocator_timed_peak_bytes", "compiled_argument_bytes", "compiled_output_bytes", "compiled_temp_bytes",
                 "nvml_process_used_bytes", "nvml_process_lookup", "nvml_device_used_bytes", "host_peak_rss_bytes"):  # fmt: skip
         if result.get(key) is not None:
             row[key] = result[key]
+    if row.get("device") == "cpu":  # a framework that fell back to the CPU computed in IEEE fp32 whatever was asked
+        row["fp32_math"] = "ieee"
     samples = result.get("samples_ns") or []
     if status == "ok" and samples:
         row["gflop_per_step"] = flops / 1e9
@@ -161,8 +165,7 @@ class Runner:
 
     def _placement(self) -> dict[str, Any]:
         """The spec fields every worker of this run shares: the network, the device and the seed."""
-        s = self.settings
-        return {"config": s.config.to_dict(), "device": s.device, "device_requested": s.device_requested, "seed": s.seed}
+        return self.settings.placement()
 
     def _save_record(self) -> None:
         self.store.write_run_json(self.record)
@@ -323,6 +326,8 @@ class Runner:
         outcome = self.session.call(spec, name)
         result = outcome.result
         assert isinstance(result, CellResult)
+        if result.math:
+            self.record.setdefault("gpu_math", {})[cell.framework] = result.math
         if result.model_settings and round_number == 1:
             self.record.setdefault("cell_settings", {})[cell.cell_id] = result.model_settings
             self._save_record()
