@@ -60,3 +60,11 @@ def test_protocol_result_of_another_mode_is_rejected() -> None:
 def test_protocol_empty_result_has_the_modes_type() -> None:
     result = protocol.empty_result(_cell_spec(), "timeout", "no result after --timeout 4 s")
     assert isinstance(result, protocol.CellResult) and result.status == "timeout" and result.samples_ns == []
+
+
+def test_protocol_gradient_check_spec_and_result_round_trip() -> None:
+    spec = protocol.GradientCheckSpec(framework="jax", execution="jit", precision="fp64", batch_size=1,
+                                      output_npz="/tmp/g.npz", config={"depth": 2})  # fmt: skip
+    assert protocol.spec_from_json(protocol.spec_to_json(spec)) == spec
+    result = protocol.GradientCheckResult(mode="gradient_check", framework="jax", loss=1.5, output_npz="/tmp/g.npz")
+    assert protocol.result_from_json("gradient_check", protocol.result_to_json(result)) == result

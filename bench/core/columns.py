@@ -53,6 +53,8 @@ SUMMARY_COLUMNS = [
     "injected_slowdown",
     "equivalence_max_rel_err",
     "equivalent",
+    "gradient_max_rel_err",
+    "gradients_equivalent",
     "gpu_allocator_peak_bytes",
     "nvml_process_used_bytes",
     "nvml_device_used_bytes",
@@ -66,7 +68,9 @@ SUMMARY_COLUMNS = [
 ]
 SAMPLE_COLUMNS = [*CELL_COLUMNS, "iteration", "latency_ns"]
 # Columns of summary.csv that hold text or booleans; every other column holds a number or nothing.
-SUMMARY_TEXT_COLUMNS = frozenset({*CELL_COLUMNS, "device", "status", "error", "noisy", "equivalent", "preset"} - {"batch_size"})
+SUMMARY_TEXT_COLUMNS = frozenset(
+    {*CELL_COLUMNS, "device", "status", "error", "noisy", "equivalent", "gradients_equivalent", "preset"} - {"batch_size"}
+)
 SUMMARY_REQUIRED = [*CELL_COLUMNS, "status"]
 SAMPLES_REQUIRED = ["cell_id", "latency_ns"]
 
