@@ -64,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--execution", metavar="LIST",
                       help="default, all, or a comma list of modes (eager, compile, function, xla, jit) "
                       "or framework:mode items such as torch:compile")  # fmt: skip
-    what.add_argument("--precision", metavar="LIST", help="fp32 (default), bf16 or fp32,bf16")
+    what.add_argument("--precision", metavar="LIST", help="fp32 (default), bf16, fp64 or a comma list (fp32,fp64)")
     what.add_argument("--device", help="auto (default: gpu when one is visible), cpu or gpu")
     what.add_argument("--protocol", help="default, or seed: the seed's loop (batch 16, 10 burn-in, 100 timed)")
     how = run.add_argument_group("how to measure")
@@ -154,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--phase", metavar="LIST", help="forward, forward_backward or all (default: both)")
     what.add_argument("--batch-size", metavar="N", help="one batch size (default: 1 on a CPU, 16 on a GPU)")
     what.add_argument("--execution", metavar="LIST", help="default, all (default) or a comma list, as for run")
-    what.add_argument("--precision", help="fp32 (default) or bf16")
+    what.add_argument("--precision", help="fp32 (default), bf16 or fp64")
     what.add_argument("--device", help="auto (default: gpu when one is visible), cpu or gpu")
     how = profile.add_argument_group("how to profile")
     how.add_argument("--warmup", metavar="N", help="untimed steps before profiling (default as for run)")

@@ -4,7 +4,7 @@ Each `impls/<framework>_hourglass.py` module exposes:
 
     FRAMEWORK: str                      # "torch" | "tensorflow" | "jax"
     EXECUTIONS: tuple[str, ...]         # execution modes, the first is the default
-    PRECISIONS: tuple[str, ...]         # ("fp32", "bf16")
+    PRECISIONS: tuple[str, ...]         # ("fp32", "bf16", "fp64")
     def build(config, weights=None, *, device="cpu", precision="fp32", execution=<default>, **options)
         -> AbstractHourglassModel       # <Framework>Hourglass(config, weights, *, device, precision, execution)
     def runtime_info() -> dict          # version, devices, threads and the settings that change speed
@@ -20,6 +20,9 @@ the three frameworks draw the same numbers and reject the same mistakes with the
 
 Precision "bf16" means the whole model runs in bfloat16: parameters, activations and BN are cast to
 bfloat16 (pure bf16, not mixed precision), inputs are cast on the way in and outputs come back as float32.
+Precision "fp64" runs everything in float64 (JAX with x64 enabled for that model's calls only), and
+arrays cross the interface as float64 both ways (`io_dtype`): the equivalence proof compares frameworks to
+a relative 1e-9, which a float32 round trip at the boundary would make impossible.
 """
 
 from __future__ import annotations
@@ -34,7 +37,12 @@ from impls.config import HourglassConfig
 
 PHASES: tuple[str, ...] = ("forward", "forward_backward")
 DEVICES: tuple[str, ...] = ("cpu", "gpu")
-PRECISIONS: tuple[str, ...] = ("fp32", "bf16")
+PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "fp64")
+
+
+def io_dtype(precision: str) -> type[np.floating]:
+    """The numpy dtype of arrays crossing the interface at `precision`: float64 for fp64, else float32."""
+    return np.float64 if precision == "fp64" else np.float32
 # How fp32 convolutions and matmuls run on a GPU: "ieee" is full fp32; "tf32" lets cuBLAS/cuDNN/XLA use
 # TensorFloat-32 (10-bit mantissa) on Ampere and later, which all three frameworks allow by default.
 FP32_MATH: tuple[str, ...] = ("ieee", "tf32")
@@ -87,6 +95,30 @@ def check_step_args(phase: str, batch_size: int) -> None:
     _check_count("batch_size", batch_size, 1, "pass the number of images per step")
 
 
+def smallest_train_batch(config: HourglassConfig) -> int:
+    """The smallest batch whose train-mode BN sees more than one value per channel everywhere.
+
+    The innermost hourglass level is (H, W) / (4 * 2^depth); at 1x1, a batch of 1 gives every BN there a
+    single value, whose batch variance is 0 and whose x - mean is exactly 0. PyTorch refuses that ("Expected
+    more than 1 value per channel when training"); TensorFlow and JAX would return the BN's bias. All three
+    refuse it alike (check_train_batch), so the frameworks never differ in what they accept.
+    """
+    divisor = 4 * 2**config.depth
+    return 2 if (config.input_hw[0] // divisor) * (config.input_hw[1] // divisor) == 1 else 1
+
+
+def check_train_batch(config: HourglassConfig, batch_size: int) -> None:
+    """ValueError when train-mode BN would normalise a single value per channel (see smallest_train_batch)."""
+    if batch_size < smallest_train_batch(config):
+        h, w = config.input_hw
+        divisor = 4 * 2**config.depth
+        raise ValueError(
+            f"train-mode batch norm needs more than one value per channel, but a batch of {batch_size} at "
+            f"{h}x{w} leaves one value at the innermost (1x1) level of a depth-{config.depth} hourglass; "
+            f"use a batch of at least 2, or an input of at least {2 * divisor} on one side"
+        )
+
+
 def check_profile_args(
     framework: str, executions: tuple[str, ...], gpu_available: Callable[[], bool], *, phase: str,
     batch_size: int, execution: str, precision: str, device: str, warmup: int, steps: int, top_k: int,
@@ -131,7 +163,7 @@ class AbstractHourglassModel(abc.ABC):
 
     @abc.abstractmethod
     def predict(self, x: np.ndarray, train_mode: bool = False) -> np.ndarray:
-        """Heatmaps of every stack, (stacks, N, H/4, W/4, K) float32.
+        """Heatmaps of every stack, (stacks, N, H/4, W/4, K) float32 (float64 for fp64: see io_dtype).
 
         Eval-mode BN (running statistics) by default; `train_mode=True` normalises with batch statistics
         and updates the running statistics as a training step would.
@@ -144,7 +176,7 @@ class AbstractHourglassModel(abc.ABC):
 
     @abc.abstractmethod
     def export_weights(self) -> dict[str, np.ndarray]:
-        """All parameters and BN statistics as float32 numpy under canonical names and layouts."""
+        """All parameters and BN statistics as float32 numpy (float64 for fp64) under canonical names and layouts."""
 
     @abc.abstractmethod
     def benchmark_step(self, phase: str, batch_size: int, seed: int = 0) -> Callable[[], None]:

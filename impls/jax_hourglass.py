@@ -23,15 +23,36 @@ import numpy as np
 from flax import nnx
 
 from impls import base, profiling, registry, spec
-from impls.base import AbstractHourglassModel, check_build_args, check_device_args, check_step_args, resolve_weights
+from impls.base import (
+    AbstractHourglassModel,
+    check_build_args,
+    check_device_args,
+    check_step_args,
+    check_train_batch,
+    resolve_weights,
+)
 from impls.config import HourglassConfig
 
 FRAMEWORK = "jax"
 EXECUTIONS: tuple[str, ...] = registry.EXECUTIONS[FRAMEWORK]
 PRECISIONS: tuple[str, ...] = base.PRECISIONS
-_DTYPES = {"fp32": jnp.float32, "bf16": jnp.bfloat16}
+_DTYPES = {"fp32": jnp.float32, "bf16": jnp.bfloat16, "fp64": jnp.float64}
 
 HW = tuple[int, int]
+
+
+def x64_scope(precision: str) -> contextlib.AbstractContextManager:
+    """Where a `precision` model's JAX work runs: float64 needs x64, which is off by default.
+
+    jax_enable_x64 is process-wide when set with jax.config.update, and it changes more than fp64 models
+    (default integer and float types, how Python scalars and numpy float64 arrays are taken in), so fp32
+    work in the same process (the test suite's, a profile) would no longer be the computation it was.
+    jax.enable_x64 is the same switch as a thread-local context: an fp64 model enters it around every
+    call into JAX (build, predict, gradients, export, each benchmark step) and leaves it after; jit keys
+    its caches on it, so fp32 programs are never shared with or changed by fp64 ones. Entering it costs
+    about a microsecond per timed fp64 step; fp32 and bf16 steps run without it.
+    """
+    return jax.enable_x64(True) if precision == "fp64" else contextlib.nullcontext()
 # Kernels start at zero: the real weights always come from a canonical dict (impls.spec.init_weights),
 # and a random initialiser would compile one XLA program per kernel shape (seconds at build time).
 _ZEROS = nnx.initializers.zeros_init()
@@ -215,9 +236,9 @@ def _fill_state(template: nnx.State, weights: dict[str, np.ndarray], dtype, devi
     ])
 
 
-def _to_numpy(state: nnx.State) -> dict[str, np.ndarray]:
-    """Canonical name -> float32 numpy for every variable of `state`."""
-    return {_canonical(path): np.asarray(var.get_value(), np.float32) for path, var in nnx.to_flat_state(state)}
+def _to_numpy(state: nnx.State, dtype: type = np.float32) -> dict[str, np.ndarray]:
+    """Canonical name -> `dtype` numpy for every variable of `state`."""
+    return {_canonical(path): np.asarray(var.get_value(), dtype) for path, var in nnx.to_flat_state(state)}
 
 
 # ------------------------------------------------------------------------------------------------- model
@@ -231,17 +252,22 @@ class JaxHourglass(AbstractHourglassModel):
         super().__init__(config, device=device, precision=precision, execution=execution)
         self.jax_device = jax.devices(device)[0]
         self._dtype = _DTYPES[precision]
-        with jax.default_device(self.jax_device):  # the placeholder zeros never touch another device
+        self._io_dtype = base.io_dtype(precision)  # numpy at the interface: float64 for fp64
+        with self.scope(), jax.default_device(self.jax_device):  # the placeholder zeros never touch another device
             module = StackedHourglass(config, rngs=nnx.Rngs(0))
-        graphdef, init_params, init_stats = nnx.split(module, nnx.Param, nnx.BatchStat)
-        names = {_canonical(p) for p, _ in [*nnx.to_flat_state(init_params), *nnx.to_flat_state(init_stats)]}
-        differ = sorted(names ^ set(spec.param_shapes(config)))
-        if differ:  # a bug in the module tree, not a user error
-            raise RuntimeError(f"nnx state paths differ from impls.spec's canonical names: {differ[:5]}")
-        self._params = _fill_state(init_params, weights, self._dtype, self.jax_device)
-        self._stats = _fill_state(init_stats, weights, self._dtype, self.jax_device)
+            graphdef, init_params, init_stats = nnx.split(module, nnx.Param, nnx.BatchStat)
+            names = {_canonical(p) for p, _ in [*nnx.to_flat_state(init_params), *nnx.to_flat_state(init_stats)]}
+            differ = sorted(names ^ set(spec.param_shapes(config)))
+            if differ:  # a bug in the module tree, not a user error
+                raise RuntimeError(f"nnx state paths differ from impls.spec's canonical names: {differ[:5]}")
+            self._params = _fill_state(init_params, weights, self._dtype, self.jax_device)
+            self._stats = _fill_state(init_stats, weights, self._dtype, self.jax_device)
         self._graphdef = graphdef  # kept for module(): profile()'s per-stage functions
         self._forward_eval, self._forward_train, self._loss_and_grads = _jitted_functions(graphdef)
+
+    def scope(self) -> contextlib.AbstractContextManager:
+        """The context every call into JAX for this model runs in: x64 for fp64 (see x64_scope), else none."""
+        return x64_scope(self.precision)
 
     def num_params(self) -> int:
         """Elements of every nnx.Param leaf (BN running statistics are nnx.BatchStat, not counted)."""
@@ -253,7 +279,8 @@ class JaxHourglass(AbstractHourglassModel):
         if x.ndim != len(shape) or tuple(x.shape[1:]) != shape[1:]:
             raise ValueError(f"{what} must have shape (N, {', '.join(map(str, shape[1:]))}), got {tuple(x.shape)}; "
                              f"the model was built for input_hw={self.config.input_hw}")
-        return jax.device_put(x.astype(self._dtype), self.jax_device)
+        with self.scope():
+            return jax.device_put(x.astype(self._dtype), self.jax_device)
 
     def _x_shape(self, n: int) -> tuple[int, ...]:
         return (n, *self.config.input_hw, 3)
@@ -262,27 +289,34 @@ class JaxHourglass(AbstractHourglassModel):
         return (n, *self.config.heatmap_hw, self.config.num_keypoints)
 
     def predict(self, x: np.ndarray, train_mode: bool = False) -> np.ndarray:
-        """Heatmaps (S, N, h, w, K) float32; train mode uses batch statistics and updates the running ones."""
-        xd = self._input(x, "x", self._x_shape(len(x)))
+        """Heatmaps (S, N, h, w, K) float32 (fp64: float64); train mode uses batch statistics and updates the running ones."""
         if train_mode:
-            heatmaps, self._stats = self._forward_train(self._params, self._stats, xd)
-        else:
-            heatmaps = self._forward_eval(self._params, self._stats, xd)
-        return np.asarray(heatmaps.astype(jnp.float32))
+            check_train_batch(self.config, len(x))
+        xd = self._input(x, "x", self._x_shape(len(x)))
+        with self.scope():
+            if train_mode:
+                heatmaps, self._stats = self._forward_train(self._params, self._stats, xd)
+            else:
+                heatmaps = self._forward_eval(self._params, self._stats, xd)
+            return np.asarray(heatmaps.astype(self._io_dtype))
 
     def loss_and_grads(self, x: np.ndarray, target: np.ndarray) -> tuple[float, dict[str, np.ndarray]]:
-        """Train-mode loss and canonical float32 gradients of every nnx.Param; updates running stats."""
+        """Train-mode loss and canonical float32 (fp64: float64) gradients of every nnx.Param; updates running stats."""
+        check_train_batch(self.config, len(x))
         xd = self._input(x, "x", self._x_shape(len(x)))
         td = self._input(target, "target", self._target_shape(len(x)))
-        loss, grads, self._stats = self._loss_and_grads(self._params, self._stats, xd, td)
-        return float(loss), _to_numpy(grads)
+        with self.scope():
+            loss, grads, self._stats = self._loss_and_grads(self._params, self._stats, xd, td)
+            return float(loss), _to_numpy(grads, self._io_dtype)
 
     def export_weights(self) -> dict[str, np.ndarray]:
-        """Parameters and running statistics as canonical float32 numpy."""
-        return {**_to_numpy(self._params), **_to_numpy(self._stats)}
+        """Parameters and running statistics as canonical float32 (fp64: float64) numpy."""
+        return {**_to_numpy(self._params, self._io_dtype), **_to_numpy(self._stats, self._io_dtype)}
 
     def module(self) -> StackedHourglass:
-        """A copy of the nnx module tree holding the current parameters and statistics (changes stay there)."""
+        """A copy of the nnx module tree holding the current parameters and statistics (changes stay there).
+
+        For fp64, call it and use it inside self.scope()."""
         return nnx.merge(self._graphdef, self._params, self._stats, copy=True)
 
     def step_inputs(self, batch_size: int, seed: int) -> tuple[jax.Array, jax.Array]:
@@ -292,8 +326,12 @@ class JaxHourglass(AbstractHourglassModel):
                 self._input(target, "target", self._target_shape(batch_size)))  # fmt: skip
 
     def step_program(self, phase: str, batch_size: int, seed: int) -> tuple[Callable, tuple]:
-        """The jitted function a `phase` step calls and its device-resident arguments (params, stats, x[, target])."""
+        """The jitted function a `phase` step calls and its device-resident arguments (params, stats, x[, target]).
+
+        For fp64 the function must be called inside self.scope() (benchmark_step does so)."""
         check_step_args(phase, batch_size)
+        if phase == "forward_backward":
+            check_train_batch(self.config, batch_size)
         x, target = self.step_inputs(batch_size, seed)
         if phase == "forward":
             return self._forward_eval, (self._params, self._stats, x)
@@ -309,7 +347,7 @@ class JaxHourglass(AbstractHourglassModel):
 
         def step() -> None:
             jax.block_until_ready(function(*args))  # forward: heatmaps; forward_backward: loss, grads, new stats
-        return step
+        return _scoped(step, self.precision)  # fp64: inside x64_scope
 
     def peak_memory_bytes(self) -> int | None:
         """XLA allocator peak on the GPU since process start (JAX has no reset); None on CPU."""
@@ -344,7 +382,8 @@ class JaxHourglass(AbstractHourglassModel):
             "matmul_precision": jax.config.jax_default_matmul_precision,
             "tf32": ("XLA may use TF32 for fp32 convs on Ampere+ GPUs at the default precision"
                      if self.device == "gpu" and self.precision == "fp32" else "n/a"),
-            "jax_enable_x64": bool(jax.config.jax_enable_x64),
+            "jax_enable_x64": self.precision == "fp64" or bool(jax.config.jax_enable_x64),
+            "x64_scope": "jax.enable_x64(True) around every call of this model" if self.precision == "fp64" else None,
             "platform": self.jax_device.platform,
             "xla_flags": os.environ.get("XLA_FLAGS"),
             "peak_memory": "device.memory_stats()['peak_bytes_in_use'] since process start (no reset in JAX)",
@@ -463,7 +502,20 @@ def runtime_info() -> dict[str, object]:
 
 def _device_array(a: np.ndarray, device: str, precision: str) -> jax.Array:
     """A numpy array on `device` in `precision`'s dtype."""
-    return jax.device_put(a.astype(_DTYPES[precision]), jax.devices(device)[0])
+    with x64_scope(precision):
+        return jax.device_put(a.astype(_DTYPES[precision]), jax.devices(device)[0])
+
+
+def _scoped(step: Callable[[], None], precision: str) -> Callable[[], None]:
+    """`step` itself, or for fp64 `step` run inside x64_scope (its arrays are float64)."""
+    if precision != "fp64":
+        return step
+
+    def step_x64() -> None:
+        with jax.enable_x64(True):
+            step()
+
+    return step_x64
 
 
 def conv_benchmark(input_shape: tuple[int, int, int, int], c_out: int, *, kernel_size: int = 3, device: str = "cpu",
@@ -479,7 +531,7 @@ def conv_benchmark(input_shape: tuple[int, int, int, int], c_out: int, *, kernel
     def step() -> None:
         jax.block_until_ready(conv(x, kernel))  # (N, H, W, c_out)
 
-    return step
+    return _scoped(step, precision)
 
 
 def gemm_benchmark(m: int, k: int, n: int, *, device: str = "cpu", precision: str = "fp32",
@@ -495,7 +547,7 @@ def gemm_benchmark(m: int, k: int, n: int, *, device: str = "cpu", precision: st
     def step() -> None:
         jax.block_until_ready(matmul(a, b))  # (m, n)
 
-    return step
+    return _scoped(step, precision)
 
 
 # profile(config, *, phase, batch_size, execution, trace_dir, ...) -> impls.profiling.ProfileResult; it runs

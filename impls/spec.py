@@ -186,11 +186,20 @@ def trainable_names(config: HourglassConfig) -> list[str]:
 
 
 def bn_cancelled_biases(config: HourglassConfig) -> list[str]:
-    """Conv biases fed straight into a BN: their gradient is zero in train mode, since the BN subtracts
-    the batch mean and so removes any per-channel constant. Only present with conv_bias=True (the newell
-    preset keeps them because the Torch7 network has them; they still count as parameters). In
-    pre-activation networks more biases vanish: a constant passes identity skips, 1x1 convs and pooling
-    unchanged into a later BN."""
+    """Conv biases whose gradient is zero in train mode, because a BN subtracts the batch mean and so
+    removes any per-channel constant they add.
+
+    Post-activation: the biases of convs fed straight into a BN (only present with conv_bias=True; the
+    newell preset keeps them because the Torch7 network has them, and they still count as parameters);
+    a ReLU stands between every other bias and the next BN. Pre-activation: every conv bias except the
+    heatmap convs' (head_i.heatmap_conv.bias). There a per-channel constant passes identity skips, 1x1
+    convs, pooling, upsampling and the merges unchanged (as another constant) until a BN removes it, and
+    the heatmaps, the only output, come from relu(lin_bn(...)), after such a BN; the merge biases, which
+    every config has, vanish too. Checked in float64 against every framework's gradient by
+    tests/test_fp64_proof.py."""
+    if config.block == "preact":
+        return [f"{cv.name}.bias" for cv in convs(config)
+                if cv.bias and not (cv.name.startswith("head_") and cv.name.endswith(".heatmap_conv"))]  # fmt: skip
     return [f"{cv.name}.bias" for cv in convs(config) if cv.bias and cv.feeds_bn]
 
 

@@ -16,13 +16,20 @@ import numpy as np
 import tensorflow as tf
 
 from impls import base, profiling, registry, spec
-from impls.base import AbstractHourglassModel, check_build_args, check_device_args, check_step_args, resolve_weights
+from impls.base import (
+    AbstractHourglassModel,
+    check_build_args,
+    check_device_args,
+    check_step_args,
+    check_train_batch,
+    resolve_weights,
+)
 from impls.config import HourglassConfig
 
 FRAMEWORK = "tensorflow"
 EXECUTIONS: tuple[str, ...] = registry.EXECUTIONS[FRAMEWORK]
 PRECISIONS: tuple[str, ...] = base.PRECISIONS
-_DTYPES = {"fp32": tf.float32, "bf16": tf.bfloat16}
+_DTYPES = {"fp32": tf.float32, "bf16": tf.bfloat16, "fp64": tf.float64}
 _DEVICES = {"cpu": "/CPU:0", "gpu": "/GPU:0"}
 
 
@@ -230,6 +237,7 @@ class TensorFlowHourglass(AbstractHourglassModel):
         super().__init__(config, device=device, precision=precision, execution=execution)
         self.tf_device = _DEVICES[device]
         self._dtype = _DTYPES[precision]
+        self._io_dtype = tf.as_dtype(base.io_dtype(precision))  # numpy at the interface: float64 for fp64
         with tf.device(self.tf_device):
             self.net = StackedHourglass(_Context(config, weights, self._dtype))
         # Canonical name <-> variable, by attribute walk; the count check catches any variable it misses.
@@ -275,7 +283,7 @@ class TensorFlowHourglass(AbstractHourglassModel):
         """A numpy array as a tensor on the model's device in the model's dtype."""
         with tf.device(self.tf_device):
             # identity runs on the device, so the result lives there even when cast is a no-op (fp32)
-            return tf.identity(tf.cast(tf.convert_to_tensor(a, tf.float32), self._dtype))
+            return tf.identity(tf.cast(tf.convert_to_tensor(a, self._io_dtype), self._dtype))
 
     def _check_input(self, x: np.ndarray, target: np.ndarray | None = None) -> None:
         """ValueError naming the shape expected when x (or target) does not fit the config."""
@@ -291,23 +299,27 @@ class TensorFlowHourglass(AbstractHourglassModel):
         return int(sum(np.prod(v.shape) for v in self.net.trainable_variables))
 
     def predict(self, x: np.ndarray, train_mode: bool = False) -> np.ndarray:
-        """Heatmaps (S, N, h, w, K) float32; train_mode uses batch statistics and updates the running ones."""
+        """Heatmaps (S, N, h, w, K) float32 (fp64: float64); train_mode uses batch statistics and updates the running ones."""
+        if train_mode:
+            check_train_batch(self.config, len(x))
         self._check_input(x)
         forward = self._forward_train if train_mode else self._forward_eval
         heatmaps = forward(self._input(x))  # (S, N, h, w, K)
-        return tf.cast(heatmaps, tf.float32).numpy()
+        return tf.cast(heatmaps, self._io_dtype).numpy()
 
     def loss_and_grads(self, x: np.ndarray, target: np.ndarray) -> tuple[float, dict[str, np.ndarray]]:
-        """Train-mode loss and every trainable parameter's gradient, float32 under canonical names."""
+        """Train-mode loss and every trainable parameter's gradient, float32 (fp64: float64) under canonical names."""
+        check_train_batch(self.config, len(x))
         self._check_input(x, target)
         loss, grads = self._loss_and_grads(self._input(x), self._input(target))
         return float(loss), {
-            n: tf.cast(g, tf.float32).numpy() for n, g in zip(self._trainable_names, grads, strict=True)
+            n: tf.cast(g, self._io_dtype).numpy() for n, g in zip(self._trainable_names, grads, strict=True)
         }
 
     def export_weights(self) -> dict[str, np.ndarray]:
-        """Every variable (parameters and BN statistics) as float32 numpy under canonical names."""
-        return {name: np.array(tf.cast(v, tf.float32).numpy(), dtype=np.float32) for name, v in self._variables.items()}
+        """Every variable (parameters and BN statistics) as float32 (fp64: float64) numpy under canonical names."""
+        dtype = self._io_dtype.as_numpy_dtype
+        return {name: np.array(tf.cast(v, self._io_dtype).numpy(), dtype=dtype) for name, v in self._variables.items()}
 
     def step_inputs(self, batch_size: int, seed: int) -> tuple[tf.Tensor, tf.Tensor]:
         """impls.spec.random_batch on the device: x (N, H, W, 3) and target (N, H/4, W/4, K)."""
@@ -318,6 +330,8 @@ class TensorFlowHourglass(AbstractHourglassModel):
         """The function a `phase` step calls (a tf.function unless eager) and its device-resident arguments:
         (x,) for forward, (x, target) for forward_backward."""
         check_step_args(phase, batch_size)
+        if phase == "forward_backward":
+            check_train_batch(self.config, batch_size)
         x, target = self.step_inputs(batch_size, seed)
         return (self._forward_eval, (x,)) if phase == "forward" else (self._loss_and_grads, (x, target))
 

@@ -17,7 +17,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from impls import base, profiling, registry, spec
-from impls.base import AbstractHourglassModel, check_build_args, check_device_args, check_step_args, resolve_weights
+from impls.base import (
+    AbstractHourglassModel,
+    check_build_args,
+    check_device_args,
+    check_step_args,
+    check_train_batch,
+    resolve_weights,
+)
 from impls.config import HourglassConfig
 
 FRAMEWORK = "torch"
@@ -28,7 +35,7 @@ PRECISIONS: tuple[str, ...] = base.PRECISIONS
 # Seam: torch updates running_var with the UNBIASED batch variance (times n/(n-1)), Keras and Flax with the
 # biased one; normalisation itself uses the biased variance everywhere. Left as PyTorch does it.
 BN_MOMENTUM = 0.1
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp64": torch.float64}
 # True only inside stage_scopes(): record_function costs a little even with no profiler listening, and under
 # torch.compile dynamo guards on this global, so flipping it would recompile the model.
 _stage_scopes_enabled = False
@@ -238,11 +245,11 @@ def _canonical_tensors(net: StackedHourglass, config: HourglassConfig) -> dict[s
     return out
 
 
-def _to_canonical(name: str, t: torch.Tensor) -> np.ndarray:
-    """A torch tensor as a fresh float32 numpy array in canonical layout (kernels (kh, kw, c_in, c_out))."""
+def _to_canonical(name: str, t: torch.Tensor, dtype: torch.dtype = torch.float32) -> np.ndarray:
+    """A torch tensor as a fresh `dtype` numpy array in canonical layout (kernels (kh, kw, c_in, c_out))."""
     if name.endswith(".kernel"):
         t = t.permute(2, 3, 1, 0)  # (c_out, c_in, kh, kw) -> (kh, kw, c_in, c_out)
-    return t.detach().to("cpu", torch.float32, copy=True, memory_format=torch.contiguous_format).numpy()
+    return t.detach().to("cpu", dtype, copy=True, memory_format=torch.contiguous_format).numpy()
 
 
 class TorchHourglass(AbstractHourglassModel):
@@ -256,12 +263,15 @@ class TorchHourglass(AbstractHourglassModel):
         self.channels_last = channels_last
         self.torch_device = _torch_device(device)
         self._dtype = _DTYPES[precision]
+        self._io_dtype = torch.float64 if precision == "fp64" else torch.float32  # numpy at the interface: base.io_dtype
         self._memory_format = torch.channels_last if channels_last else torch.contiguous_format
 
-        self.net = StackedHourglass(config)
-        with torch.no_grad():  # load in fp32 on the CPU, then convert: export of fp32 weights is bitwise exact
+        self.net = StackedHourglass(config).to(self._io_dtype)  # a no-op for fp32 and bf16
+        # Load in the interface dtype on the CPU, then convert: export of fp32 weights is bitwise exact, and
+        # fp64 weights are not rounded through float32 on the way in.
+        with torch.no_grad():
             for name, t in _canonical_tensors(self.net, config).items():
-                value = torch.from_numpy(np.asarray(weights[name], dtype=np.float32))
+                value = torch.from_numpy(np.asarray(weights[name], dtype=base.io_dtype(precision)))
                 t.copy_(value.permute(3, 2, 0, 1) if name.endswith(".kernel") else value)
         self.net.to(self.torch_device, self._dtype, memory_format=self._memory_format)
         self._tensors = _canonical_tensors(self.net, config)  # after .to(): BN buffers are new tensors
@@ -277,7 +287,7 @@ class TorchHourglass(AbstractHourglassModel):
         """NHWC numpy -> NCHW tensor on the model's device, dtype and memory format."""
         if a.ndim != 4:
             raise ValueError(f"expected an NHWC array (N, H, W, C), got shape {a.shape}")
-        t = torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)).permute(0, 3, 1, 2)  # (N, C, H, W) view
+        t = torch.from_numpy(np.ascontiguousarray(a, dtype=base.io_dtype(self.precision))).permute(0, 3, 1, 2)  # (N, C, H, W) view
         return t.to(self.torch_device, self._dtype, memory_format=self._memory_format)
 
     def sync(self) -> None:
@@ -290,11 +300,13 @@ class TorchHourglass(AbstractHourglassModel):
             self.net.train(train)
 
     def predict(self, x: np.ndarray, train_mode: bool = False) -> np.ndarray:
-        """Heatmaps (S, N, H/4, W/4, K) float32; train_mode uses batch statistics and updates running ones."""
+        """Heatmaps (S, N, H/4, W/4, K) float32 (fp64: float64); train_mode uses batch statistics and updates running ones."""
+        if train_mode:
+            check_train_batch(self.config, len(x))
         self.set_mode(train_mode)
         with torch.no_grad() if train_mode else torch.inference_mode():
             heatmaps = self._fn(self._input(x))  # (S, N, K, h, w)
-        return _to_canonical("heatmaps", heatmaps.permute(0, 1, 3, 4, 2))  # (S, N, h, w, K)
+        return _to_canonical("heatmaps", heatmaps.permute(0, 1, 3, 4, 2), self._io_dtype)  # (S, N, h, w, K)
 
     def _train_step(self, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Train-mode forward, loss and backward; gradients land in each parameter's .grad."""
@@ -306,13 +318,14 @@ class TorchHourglass(AbstractHourglassModel):
 
     def loss_and_grads(self, x: np.ndarray, target: np.ndarray) -> tuple[float, dict[str, np.ndarray]]:
         """Train-mode loss and every trainable parameter's gradient in canonical layout."""
+        check_train_batch(self.config, len(x))
         loss = self._train_step(self._input(x), self._input(target))
-        grads = {name: _to_canonical(name, self._tensors[name].grad) for name in self._trainable}
+        grads = {name: _to_canonical(name, self._tensors[name].grad, self._io_dtype) for name in self._trainable}
         return loss.item(), grads
 
     def export_weights(self) -> dict[str, np.ndarray]:
-        """Every parameter and BN statistic as float32 numpy under canonical names and layouts."""
-        return {name: _to_canonical(name, t) for name, t in self._tensors.items()}
+        """Every parameter and BN statistic as float32 (fp64: float64) numpy under canonical names and layouts."""
+        return {name: _to_canonical(name, t, self._io_dtype) for name, t in self._tensors.items()}
 
     def step_inputs(self, batch_size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
         """impls.spec.random_batch on the device: x (N, 3, H, W) and target (N, K, H/4, W/4)."""
@@ -322,6 +335,8 @@ class TorchHourglass(AbstractHourglassModel):
     def benchmark_step(self, phase: str, batch_size: int, seed: int = 0) -> Callable[[], None]:
         """A zero-argument step on device-resident random inputs; it returns after a device sync."""
         check_step_args(phase, batch_size)
+        if phase == "forward_backward":
+            check_train_batch(self.config, batch_size)
         x, target = self.step_inputs(batch_size, seed)
         fn, sync = self._fn, self.sync
 

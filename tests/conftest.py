@@ -8,9 +8,11 @@ import secrets
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, Phase, settings
 
 import impls
 from impls import HourglassConfig
+from tests import fp64_record
 
 # Small configs that still exercise every seam: both block variants, both paddings, both stem pools,
 # conv biases on and off, and a non-square input (the heatmap is 8x12).
@@ -32,8 +34,27 @@ SMALL_CONFIGS: dict[str, HourglassConfig] = {
 }
 
 
+# Generated-configuration tests (tests/test_fp64_proof.py). "ci", the default, is a fixed number of
+# examples sized for CI's 2-core budget: every example builds and compiles the network anew in each framework
+# (JAX's XLA compile of a 4-stack depth-4 network's gradient takes over a minute there). A failing example is
+# reported as found, not shrunk (shrinking re-runs it dozens of times), with its config printed in full.
+# "thorough" for a local run: `python -m pytest tests/test_fp64_proof.py --hypothesis-profile thorough`
+# (50 train-mode and 100 eval-mode examples, a failure shrunk to a simpler config; about an hour on 2 cores).
+_GENERATED = {"deadline": None, "database": None, "print_blob": True,
+              "suppress_health_check": [HealthCheck.too_slow]}  # fmt: skip
+settings.register_profile("ci", max_examples=4, phases=[Phase.explicit, Phase.generate], **_GENERATED)
+settings.register_profile("thorough", max_examples=50, **_GENERATED)
+settings.load_profile("ci")
+
+
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "gpu: needs a GPU; skipped when none is visible")
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """After the run: how many generated examples the float64 proof checked and its largest errors."""
+    for line in fp64_record.summary_lines():
+        terminalreporter.write_line(line)
 
 
 @pytest.fixture(params=impls.FRAMEWORKS)

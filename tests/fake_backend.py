@@ -13,6 +13,7 @@ over "framework/execution/phase" ("torch/*/forward_backward"). Kinds:
     slow      every step sleeps 20 ms
     error     benchmark_step() raises ValueError (a Python exception while setting up)
     disagree  predict() returns heatmaps 10% off
+    graddisagree  loss_and_grads() returns gradients 1e-6 off (far inside fp32 rounding, far outside fp64's)
     noconv    the module has no conv_benchmark
     noprofile the module has no profile
     badprofile  profile() returns stage times that sum to more than the step they partition
@@ -38,7 +39,7 @@ import numpy as np
 
 from impls.base import AbstractHourglassModel
 from impls.config import HourglassConfig
-from impls.spec import conv_probe_arrays, gemm_probe_arrays, init_weights, random_batch
+from impls.spec import conv_probe_arrays, gemm_probe_arrays, init_weights, random_batch, trainable_names
 
 EXECUTIONS: dict[str, tuple[str, ...]] = {
     "torch": ("eager", "compile"),
@@ -94,7 +95,14 @@ class FakeModel(AbstractHourglassModel):
         return out * 1.1 if "disagree" in _faults(self.framework, self.execution) else out
 
     def loss_and_grads(self, x: np.ndarray, target: np.ndarray) -> tuple[float, dict[str, np.ndarray]]:
-        return 0.0, {name: np.zeros_like(w) for name, w in self.weights.items()}
+        """A deterministic stand-in: every trainable parameter's gradient is the parameter times a function of
+        the inputs, in float64 for fp64 (as the real contract says)."""
+        dtype = np.float64 if self.precision == "fp64" else np.float32
+        scale = float(np.mean(np.asarray(x, np.float64) * 0.5) + np.mean(np.asarray(target, np.float64) ** 2))
+        if "graddisagree" in _faults(self.framework, self.execution):
+            scale *= 1 + 1e-6
+        grads = {name: (self.weights[name].astype(np.float64) * scale).astype(dtype) for name in trainable_names(self.config)}
+        return scale, grads
 
     def export_weights(self) -> dict[str, np.ndarray]:
         return dict(self.weights)
@@ -220,7 +228,7 @@ def load(framework: str) -> SimpleNamespace:
         __name__=f"tests.fake_backend[{framework}]",
         FRAMEWORK=framework,
         EXECUTIONS=EXECUTIONS[framework],
-        PRECISIONS=("fp32", "bf16"),
+        PRECISIONS=("fp32", "bf16", "fp64"),
         build=build,
         runtime_info=runtime_info,
         gpu_available=lambda: False,

@@ -1,7 +1,10 @@
 """A slow, plain-numpy forward pass of the canonical network: the oracle the frameworks are checked against.
 
 Written from the architecture description, in float64, independently of any framework. Only the
-forward pass (eval-mode or train-mode BN); gradients are checked across frameworks instead.
+forward pass (eval-mode or train-mode BN). It also runs in complex128, which gives the gradient oracle:
+`directional_derivative` evaluates the loss at weights + i*h*direction, and Im(loss)/h is the derivative
+along the direction to float64 rounding (the complex step; no difference of two nearby values, so no
+cancellation, and ReLU and max pooling take the branch of the real part, as the frameworks' gradients do).
 """
 
 from __future__ import annotations
@@ -11,14 +14,17 @@ import numpy as np
 from impls.config import HourglassConfig
 from impls.spec import BN_EPSILON, conv_padding
 
+COMPLEX_STEP = 1e-30  # imaginary step: its square (1e-60) vanishes beside any real value, and 1e-30 does not underflow
+
 
 class NumpyHourglass:
-    """Forward pass over canonical weights; activations NHWC float64."""
+    """Forward pass over canonical weights; activations NHWC float64 (complex128 when weights or input are complex)."""
 
     def __init__(self, config: HourglassConfig, weights: dict[str, np.ndarray], train_mode: bool = False) -> None:
         self.config = config
-        self.w = {k: v.astype(np.float64) for k, v in weights.items()}
+        self.w = {k: v.astype(np.complex128 if np.iscomplexobj(v) else np.float64) for k, v in weights.items()}
         self.train_mode = train_mode
+        self.complex = any(np.iscomplexobj(v) for v in weights.values())
         # Distance to the nearest kink seen in the last forward pass, relative to each tensor's spread:
         # the smallest |ReLU input| and the smallest gap between a max-pool window's two largest values.
         # fp32 rounding moves values by ~1e-6 of that spread, so a smaller margin means the frameworks may
@@ -26,17 +32,28 @@ class NumpyHourglass:
         # out: they come from sums of ReLU zeros (or ties between them), are exact in every framework, and
         # pass no gradient whichever side is taken.
         self.kink_margin = np.inf
+        # Max-pool windows whose two largest values are exactly equal and non-zero (a constant reaching a
+        # pool, e.g. a BN's bias where a whole bottleneck channel is off). Harmless: torch, TensorFlow and JAX
+        # all send such a window's gradient to its first maximum in row-major order, as this reference does.
+        self.ties = 0
 
     def _relu(self, x: np.ndarray) -> np.ndarray:
-        self.kink_margin = min(self.kink_margin, _smallest_nonzero(np.abs(x)) / (np.std(x) + 1e-30))
-        return np.maximum(x, 0.0)
+        real = x.real  # the value itself for float64; a complex step's branch is chosen by its real part
+        self.kink_margin = min(self.kink_margin, _smallest_nonzero(np.abs(real)) / (np.std(real) + 1e-30))
+        return np.where(real > 0, x, 0.0)
 
     def _max_pool(self, x: np.ndarray) -> np.ndarray:
         n, h, w, c = x.shape
-        windows = np.sort(x.reshape(n, h // 2, 2, w // 2, 2, c).transpose(0, 1, 3, 5, 2, 4).reshape(-1, 4), axis=1)
-        gaps = windows[:, 3] - windows[:, 2]
-        self.kink_margin = min(self.kink_margin, _smallest_nonzero(gaps) / (np.std(x) + 1e-30))
-        return windows[:, 3].reshape(n, h // 2, w // 2, c)
+        windows = x.reshape(n, h // 2, 2, w // 2, 2, c).transpose(0, 1, 3, 5, 2, 4).reshape(-1, 4)  # row-major windows
+        rows = np.arange(len(windows))
+        first = np.argmax(windows.real, axis=1)  # the first of equal maxima, where every framework sends the gradient
+        best = windows[rows, first]
+        others = windows.real.copy()
+        others[rows, first] = -np.inf
+        gaps = best.real - others.max(axis=1)
+        self.ties += int(np.count_nonzero((gaps == 0) & (best.real != 0)))
+        self.kink_margin = min(self.kink_margin, _smallest_nonzero(gaps) / (np.std(x.real) + 1e-30))
+        return best.reshape(n, h // 2, w // 2, c)
 
     def conv(self, name: str, x: np.ndarray, stride: int = 1) -> np.ndarray:
         kernel = self.w[f"{name}.kernel"]  # (k, k, c_in, c_out)
@@ -51,7 +68,10 @@ class NumpyHourglass:
 
     def bn(self, name: str, x: np.ndarray) -> np.ndarray:
         if self.train_mode:
-            mean, var = x.mean(axis=(0, 1, 2)), x.var(axis=(0, 1, 2))  # biased variance, as every framework
+            # Biased two-pass variance, as every framework; written out (not x.var, which takes |x - mean|^2)
+            # so that it stays analytic for the complex step.
+            mean = x.mean(axis=(0, 1, 2))
+            var = ((x - mean) ** 2).mean(axis=(0, 1, 2))
         else:
             mean, var = self.w[f"{name}.mean"], self.w[f"{name}.var"]
         return (x - mean) / np.sqrt(var + BN_EPSILON) * self.w[f"{name}.scale"] + self.w[f"{name}.bias"]
@@ -80,8 +100,8 @@ class NumpyHourglass:
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         cfg = self.config
-        x = x.astype(np.float64)
-        self.kink_margin = np.inf
+        x = x.astype(np.complex128 if np.iscomplexobj(x) or self.complex else np.float64)
+        self.kink_margin, self.ties = np.inf, 0
         x = self._relu(self.bn("stem.bn", self.conv("stem.conv", x, stride=2)))
         x = self.residual("stem.res1", x)
         x = _avg_pool(x) if cfg.stem_pool == "avg" else self._max_pool(x)
@@ -111,3 +131,21 @@ def _avg_pool(x: np.ndarray) -> np.ndarray:
 def _smallest_nonzero(a: np.ndarray) -> float:
     nonzero = a[a != 0]
     return float(np.min(nonzero)) if nonzero.size else np.inf
+
+
+def loss(heatmaps: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """The training loss, sum over stacks of mean((heatmaps_s - target)^2), kept complex for the complex step."""
+    return sum(np.mean((h - target) ** 2) for h in heatmaps)
+
+
+def directional_derivative(
+    config: HourglassConfig, weights: dict[str, np.ndarray], x: np.ndarray, target: np.ndarray,
+    direction: dict[str, np.ndarray],
+) -> float:
+    """d/dt loss(weights + t * direction) at t = 0 in train mode, by the complex step (exact to float64 rounding).
+
+    `direction` covers some or all parameters; the others stay where they are.
+    """
+    moved = {n: w + 1j * COMPLEX_STEP * direction[n] if n in direction else w for n, w in weights.items()}
+    heatmaps = NumpyHourglass(config, moved, train_mode=True)(x)
+    return float(loss(heatmaps, target).imag / COMPLEX_STEP)

@@ -66,3 +66,11 @@ def test_gpu_math_env_sets_autotuning_for_tensorflow_and_xla_keeping_other_flags
     env = protocol.gpu_math_env(False, "--xla_gpu_autotune_level=4 --xla_dump_to=/tmp/x")
     assert env == {"TF_CUDNN_USE_AUTOTUNE": "0", "XLA_FLAGS": "--xla_dump_to=/tmp/x --xla_gpu_autotune_level=0"}
     assert protocol.gpu_math_env(True, "")["XLA_FLAGS"] == "--xla_gpu_autotune_level=4"
+
+
+def test_protocol_gradient_check_spec_and_result_round_trip() -> None:
+    spec = protocol.GradientCheckSpec(framework="jax", execution="jit", precision="fp64", batch_size=1,
+                                      output_npz="/tmp/g.npz", config={"depth": 2})  # fmt: skip
+    assert protocol.spec_from_json(protocol.spec_to_json(spec)) == spec
+    result = protocol.GradientCheckResult(mode="gradient_check", framework="jax", loss=1.5, output_npz="/tmp/g.npz")
+    assert protocol.result_from_json("gradient_check", protocol.result_to_json(result)) == result

@@ -51,6 +51,9 @@ def test_runner_real_frameworks_measure_tiny_end_to_end(tmp_path: Path) -> None:
     if len(AVAILABLE) > 1:
         verdicts = record["equivalence"]["frameworks"]
         assert all(v["equivalent"] and v["max_rel_err"] < 1e-4 for v in verdicts.values()), verdicts
+        gradients = record["gradient_check"]["frameworks"]  # one fp64 train step, compared per parameter
+        assert all(v["equivalent"] and v["max_rel_err"] < 1e-10 for v in gradients.values()), gradients
+        assert model["gradients_equivalent"].all()
     samples = pd.read_csv(run_dir / "samples.csv")
     assert (samples[samples["kind"] == "model"].groupby("cell_id").size() == 3).all()
     # Memory columns: XLA's plan of the compiled step for JAX; the CPU has no allocator peak, so those stay empty.

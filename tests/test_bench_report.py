@@ -99,6 +99,24 @@ def test_report_markdown_links_every_figure_and_tables(tiny_report: Path) -> Non
     assert text.count("-b2-forward |") == 6  # every batch-2 forward cell of the sweep is listed
 
 
+def test_report_equivalence_table_shows_the_fp64_gradient_check(tmp_path: Path) -> None:
+    run = copy_run(tmp_path)
+    record = json.loads((run / "run.json").read_text())
+    assert "gradient_check" not in record  # a run from before the check: its columns stay empty (tiny_report)
+    entry = {"status": "ok", "max_rel_err": 3.2e-13, "equivalent": True, "worst_parameter": "stem.conv.kernel"}
+    record["gradient_check"] = {"rtol": 1e-8, "batch_size": 1, "precision": "fp64", "frameworks": {
+        "torch": entry, "tensorflow": entry,
+        "jax": {**entry, "max_rel_err": 4.0e-6, "equivalent": False, "worst_parameter": "head_0.lin_bn.scale"},
+    }}  # fmt: skip
+    (run / "run.json").write_text(json.dumps(record))
+    report.build_report([run], tmp_path / "out")
+    text = (tmp_path / "out" / "report.md").read_text()
+    table = text.split("## Equivalence")[1].split("## Environment")[0]
+    assert "gradients (fp64, batch 1): largest error" in table and "gradients agree" in table
+    assert "3.20e-13" in table and "4.00e-06" in table and "| NO |" in table
+    assert "jax's fp64 GRADIENTS DISAGREE" in text and "head_0.lin_bn.scale" in text
+
+
 def test_report_summary_gives_each_framework_its_best_cell_and_speedup_vs_baseline() -> None:
     table = report.model_table(report.load_runs([FIXTURE]))
     best = report.best_per_framework(table, "tensorflow")

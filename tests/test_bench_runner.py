@@ -144,6 +144,47 @@ def test_runner_flags_a_framework_that_disagrees_loudly(
     assert "FRAMEWORK DISAGREES: jax" in capsys.readouterr().out
 
 
+def test_runner_gradient_check_compares_fp64_gradients_and_records_them(
+    fake: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, run_dir = run(tmp_path, "--framework", "all", "--phase", "forward")
+    assert code == 0
+    check = json.loads((run_dir / "run.json").read_text())["gradient_check"]
+    assert check["precision"] == "fp64" and check["batch_size"] == 1 and check["rtol"] == 1e-8
+    for entry in check["frameworks"].values():
+        assert entry["status"] == "ok" and entry["equivalent"] is True
+        assert entry["max_rel_err"] == 0 and entry["reference"].startswith("elementwise median")
+    rows = summary(run_dir)
+    model = rows[rows["kind"] == "model"]
+    assert (model["gradient_max_rel_err"] == 0).all() and model["gradients_equivalent"].all()
+    assert "gradients (fp64, batch 1, largest error per parameter): torch 0.0e+00" in capsys.readouterr().out
+
+
+def test_runner_flags_gradients_that_disagree_in_fp64_though_heatmaps_agree(
+    fake: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fake.setenv("HGBENCH_FAKE_FAULTS", "graddisagree@jax")
+    code, run_dir = run(tmp_path, "--framework", "all", "--phase", "forward")
+    assert code == 1
+    record = json.loads((run_dir / "run.json").read_text())
+    assert all(e["equivalent"] for e in record["equivalence"]["frameworks"].values())
+    gradients = record["gradient_check"]["frameworks"]
+    assert gradients["jax"]["equivalent"] is False and gradients["jax"]["max_rel_err"] == pytest.approx(1e-6, rel=1e-2)
+    assert gradients["torch"]["equivalent"] is True
+    rows = summary(run_dir)
+    assert not rows.loc["jax-jit-fp32-b1-forward", "gradients_equivalent"]
+    assert rows.loc["torch-eager-fp32-b1-forward", "gradients_equivalent"]
+    assert "GRADIENTS DISAGREE: jax" in capsys.readouterr().out
+
+
+def test_runner_measures_fp64_cells_like_the_others(fake: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    code, run_dir = run(tmp_path, "--framework", "torch", "--precision", "fp32,fp64")
+    rows = summary(run_dir)
+    assert code == 0
+    assert rows.loc["torch-eager-fp64-b1-forward_backward", "status"] == "ok"
+    assert set(rows[rows["kind"] == "calibration"]["precision"]) == {"fp32", "fp64"}
+
+
 def test_runner_calibration_without_conv_benchmark_is_skipped_with_reason(
     fake: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:

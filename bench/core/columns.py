@@ -63,6 +63,8 @@ SUMMARY_COLUMNS = [
     "injected_slowdown",
     "equivalence_max_rel_err",
     "equivalent",
+    "gradient_max_rel_err",
+    "gradients_equivalent",
     "gpu_allocator_peak_bytes",  # build to the end of the timed loop
     "gpu_allocator_setup_peak_bytes",  # first call and warm-up: compilation and autotuning scratch included
     "gpu_allocator_timed_peak_bytes",  # the timed loop alone (empty where the framework cannot reset: JAX)
@@ -83,7 +85,8 @@ SUMMARY_COLUMNS = [
 SAMPLE_COLUMNS = [*CELL_COLUMNS, "round", "iteration", "latency_ns"]  # round: 1..R, the worker process
 # Columns of summary.csv that hold text or booleans; every other column holds a number or nothing.
 SUMMARY_TEXT_COLUMNS = frozenset(
-    {*CELL_COLUMNS, "device", "status", "error", "noisy", "equivalent", "preset", "ci_level", "nvml_process_lookup", "device_fallback", "fp32_math"}
+    {*CELL_COLUMNS, "device", "status", "error", "noisy", "equivalent", "gradients_equivalent", "preset", "ci_level",
+     "nvml_process_lookup", "device_fallback", "fp32_math"}
     - {"batch_size"}
 )
 SUMMARY_REQUIRED = [*CELL_COLUMNS, "status"]

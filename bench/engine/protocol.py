@@ -377,3 +377,30 @@ def result_from_json(mode: str, data: dict[str, Any]) -> WorkerResult:
 def empty_result(spec: WorkerSpec, status: str, error: str) -> WorkerResult:
     """The result of a worker that wrote none (a crash, a timeout): only how it ended."""
     return RESULT_TYPES[spec.MODE](mode=spec.MODE, framework=spec.framework, status=status, error=error)
+
+
+# ---------------------------------------------------------------- gradient check (fp64, before timing)
+
+
+@dataclass(frozen=True, kw_only=True)
+class GradientCheckSpec(WorkerSpec):
+    """`gradient_check`: one train-mode step of the canonical weights on impls.spec.random_batch(config,
+    batch_size, seed), in `precision`: the loss and every parameter's gradient, saved as .npz."""
+
+    MODE: ClassVar[str] = "gradient_check"
+    execution: str
+    precision: str
+    batch_size: int
+    output_npz: str  # written by the worker: canonical parameter name -> gradient
+
+
+@dataclass(kw_only=True)
+class GradientCheckResult(WorkerResult):
+    """The loss of the step and where the gradients were saved."""
+
+    loss: float | None = None
+    output_npz: str | None = None
+
+
+SPEC_TYPES[GradientCheckSpec.MODE] = GradientCheckSpec
+RESULT_TYPES[GradientCheckSpec.MODE] = GradientCheckResult

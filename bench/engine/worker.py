@@ -9,6 +9,7 @@ The only module of `bench` that loads a framework (through `impls.load`). The pa
 - `info`: the framework's runtime_info() (for `bench list` and run.json).
 - `overhead`: the harness's loop against a bare loop on the same model (`python -m bench overhead`).
 - `profile`: the framework's own profile of one cell (`profile()`, impls/profiling.py; `python -m bench profile`).
+- `gradient_check`: one train-mode step's loss and gradients (fp64 in `bench run`), saved as .npz.
 
 A Python exception becomes a result with status failed or oom and the traceback's tail; a hard crash
 writes nothing and the parent reads the exit status and stderr instead. Progress markers go to stderr
@@ -47,6 +48,7 @@ from bench.engine.protocol import (
     CalibrationSpec,
     CellSpec,
     EquivalenceSpec,
+    GradientCheckSpec,
     InfoSpec,
     OverheadSpec,
     ProfileSpec,
@@ -398,6 +400,27 @@ def main(argv: list[str] | None = None) -> int:
     stage("write")
     write_json_atomic(Path(args[1]), proto.result_to_json(result))
     return 0
+
+
+def run_gradient_check(backend: ModuleType, spec: GradientCheckSpec) -> dict[str, Any]:
+    """One train-mode step of the canonical weights (seed 0) on impls.spec.random_batch in spec.precision:
+    the loss, and every gradient saved to spec.output_npz for the parent to compare across frameworks."""
+    from impls import init_weights
+    from impls.spec import random_batch
+
+    config = _config(spec)
+    device = _device(backend, spec)
+    stage("build")
+    model = backend.build(config, init_weights(config, seed=0), device=device, precision=spec.precision,
+                          execution=spec.execution)  # fmt: skip
+    x, target = random_batch(config, spec.batch_size, spec.seed)  # (N, H, W, 3), (N, H/4, W/4, K)
+    stage("loss_and_grads")
+    loss, grads = model.loss_and_grads(x, target)
+    np.savez(spec.output_npz, **{name: np.asarray(g) for name, g in grads.items()})
+    return {"device": device, "loss": float(loss), "output_npz": spec.output_npz, "runtime_info": runtime_record(backend)}
+
+
+MODES[GradientCheckSpec.MODE] = run_gradient_check
 
 
 if __name__ == "__main__":

@@ -185,6 +185,13 @@ def collect_warnings(runs: Sequence[RunData], table: pd.DataFrame, best: pd.Data
                 notes.append(
                     f"{prefix}{fw}'s equivalence check {entry.get('status')}: {_last_line(entry.get('error'))}"
                 )
+        for fw, entry in ((run.record.get("gradient_check") or {}).get("frameworks", {}) or {}).items():
+            if entry.get("equivalent") is False:
+                notes.append(f"{prefix}{fw}'s fp64 GRADIENTS DISAGREE with the other frameworks (largest error "
+                             f"{entry.get('max_rel_err'):.3g}, {entry.get('worst_parameter')}); its backward pass "
+                             "is not the same computation")  # fmt: skip
+            elif entry.get("status") not in (None, "ok"):
+                notes.append(f"{prefix}{fw}'s gradient check {entry.get('status')}: {_last_line(entry.get('error'))}")
     for _, row in table.iterrows():
         prefix = f"[{row['run']}] " if len(runs) > 1 else ""
         cell = f"{row['cell_id']}"
@@ -308,7 +315,9 @@ def _equivalence_display(runs: Sequence[RunData]) -> pd.DataFrame:
     rows = []
     for run in runs:
         eq = run.record.get("equivalence", {}) or {}
+        grad = run.record.get("gradient_check", {}) or {}  # absent in runs made before the gradient check
         for fw, entry in (eq.get("frameworks", {}) or {}).items():
+            g = (grad.get("frameworks", {}) or {}).get(fw, {})
             rows.append({
                 **({"run": run.label} if len(runs) > 1 else {}),
                 "framework": fw, "status": entry.get("status", ""), "execution": entry.get("execution", ""),
@@ -316,6 +325,10 @@ def _equivalence_display(runs: Sequence[RunData]) -> pd.DataFrame:
                 "tolerance": fmt(eq.get("rtol"), "g"),
                 "agrees": {True: "yes", False: "NO"}.get(entry.get("equivalent"), ""),
                 "compared with": entry.get("reference", "") or _last_line(entry.get("error")),
+                "gradients (fp64, batch " + str(grad.get("batch_size", 1)) + "): largest error":
+                    fmt(g.get("max_rel_err"), ".2e") if g.get("status") == "ok" else g.get("status", ""),
+                "gradient tolerance": fmt(grad.get("rtol"), "g"),
+                "gradients agree": {True: "yes", False: "NO"}.get(g.get("equivalent"), ""),
             })  # fmt: skip
     return pd.DataFrame(rows)
 
@@ -403,7 +416,8 @@ def _markdown(heading: str, title: str, baseline: str, banners: list[str], figur
     for name, path in figures.items():
         parts.append(f"### {FIGURES[name]}\n\n![{name}]({path.name})\n")
     parts += ["## Cells\n", render.md_table(sections["cells"])]
-    parts += ["## Equivalence (heatmaps of one weight set, before timing)\n", render.md_table(sections["equivalence"])]
+    parts += ["## Equivalence (heatmaps of one weight set in fp32, and one train step's gradients in fp64, before timing)\n",
+              render.md_table(sections["equivalence"])]
     parts += ["## Environment\n", render.md_table(sections["environment"])]
     return "\n".join(parts)
 
@@ -418,7 +432,7 @@ def _html(heading: str, title: str, baseline: str, banners: list[str], figures: 
     body += ["<h2>Warnings</h2>", render.warnings_html(notes), "<h2>Figures</h2>"]
     body += [render.figure_html(name, FIGURES[name], path) for name, path in figures.items()]
     body += ["<h2>Cells</h2>", render.html_table(sections["cells"], "cells-table")]
-    body += ["<h2>Equivalence (heatmaps of one weight set, before timing)</h2>",
+    body += ["<h2>Equivalence (heatmaps of one weight set in fp32, and one train step's gradients in fp64, before timing)</h2>",
              render.html_table(sections["equivalence"], "equivalence-table")]  # fmt: skip
     body += ["<h2>Environment</h2>", render.html_table(sections["environment"], "environment-table")]
     return render.page(heading, body)

@@ -41,14 +41,18 @@ from bench.engine.protocol import (
     CellResult,
     CellSpec,
     EquivalenceSpec,
+    GradientCheckResult,
+    GradientCheckSpec,
     WorkerResult,
     injected_slowdown,
 )
 from bench.engine.session import INTERRUPTED_EXIT_CODES, WorkerSession, run_guarded
+from bench.run import gradients
 from bench.run.devices import gpu_fallbacks
 from bench.run.equivalence import compare
 from bench.run.plan import round_order
 from impls import count_flops
+from impls.base import smallest_train_batch
 
 BUSY_LOAD_PER_CORE = 0.5  # a 1-minute load above this share of the usable cores triggers a warning
 # The parent holds every framework's heatmaps and float64 copies while comparing them (equivalence.compare):
@@ -245,6 +249,63 @@ class Runner:
             text = ", ".join(f"{fw} {err:.1e}" for fw, err in checked.items())
             self.console.print(f"equivalence (largest relative error of heatmaps): {text}")
 
+    def check_gradients(self, progress: Any, task: Any) -> None:
+        """One train-mode step of every framework in fp64 on the same batch, gradients compared per parameter
+        (bench.run.gradients); recorded in run.json under "gradient_check", disagreement shouted."""
+        s = self.settings
+        batch_size = smallest_train_batch(s.config)  # 1, or 2 where the innermost level is 1x1
+        grads: dict[str, dict[str, np.ndarray]] = {}
+        losses: dict[str, float] = {}
+        entries: dict[str, dict[str, Any]] = {}
+        for fw in self.active:
+            progress.update(task, description=f"{fw}: gradient check (fp64)")  # not counted in the bar's total
+            execution = settings_mod.EXECUTIONS[fw][0]
+            output = self.session.workdir / f"gradients_{fw}.npz"
+            spec = GradientCheckSpec(framework=fw, execution=execution, precision=gradients.GRADIENT_PRECISION,
+                                     batch_size=batch_size, output_npz=str(output), **self._placement())  # fmt: skip
+            outcome = self.session.call(spec, f"{fw}-gradient-check")
+            result = outcome.result
+            assert isinstance(result, GradientCheckResult)
+            entries[fw] = {"status": outcome.status, "error": outcome.error, "execution": execution,
+                           "precision": gradients.GRADIENT_PRECISION, "loss": result.loss}  # fmt: skip
+            if outcome.status == "ok" and result.loss is not None:
+                with np.load(output) as saved:
+                    grads[fw] = {name: saved[name] for name in saved.files}
+                losses[fw] = result.loss
+        for fw, verdict in gradients.compare(grads, losses, gradients.GRADIENT_RTOL).items():
+            entries[fw].update(verdict)
+        self.record["gradient_check"] = {
+            "rtol": gradients.GRADIENT_RTOL,
+            "rule": "per parameter ||a - b|| / (||b|| + 1e-4 x typical), typical = RMS element of the whole "
+                    "gradient x sqrt(size); the loss relative; both <= rtol",
+            "precision": gradients.GRADIENT_PRECISION,
+            "batch_size": batch_size,
+            "inputs": f"impls.spec.random_batch(config, {batch_size}, seed={s.seed})",
+            "weights": "impls.init_weights(config, seed=0)",
+            "frameworks": entries,
+        }
+        self._save_record()
+        for fw, entry in entries.items():
+            if entry["status"] != "ok":
+                last = (entry["error"] or "").splitlines()[-1:] or [""]
+                out.alarm(self.console, f"GRADIENT CHECK {entry['status'].upper()}: {fw}",
+                          f"{fw} could not compute fp64 gradients: {last[0]}")  # fmt: skip
+            elif entry.get("equivalent") is False:
+                out.alarm(self.console, f"GRADIENTS DISAGREE: {fw}",
+                          f"{fw}'s fp64 gradients differ from {entry['reference']}: largest error "
+                          f"{entry['max_rel_err']:.3g} ({entry['worst_parameter']}), loss {entry['loss_rel_err']:.3g}, "
+                          f"> {gradients.GRADIENT_RTOL:g}. Its timings are recorded, but its backward pass is not "
+                          "the same computation.")  # fmt: skip
+        checked = {fw: e["max_rel_err"] for fw, e in entries.items() if e.get("max_rel_err") is not None}
+        if checked:
+            text = ", ".join(f"{fw} {err:.1e}" for fw, err in checked.items())
+            self.console.print(f"gradients (fp64, batch {batch_size}, largest error per parameter): {text}")
+
+    def _gradient_entries(self) -> dict[str, Mapping[str, Any]]:
+        """The gradient check's per-framework entries, keyed apart from the forward check's for exit_code."""
+        entries = (self.record.get("gradient_check") or {}).get("frameworks", {})
+        return {f"{fw} gradients": entry for fw, entry in entries.items()}
+
     def _warn_threads(self) -> None:
         """Frameworks that use different thread counts are not compared like for like: say so.
 
@@ -346,6 +407,9 @@ class Runner:
         equivalence = self.record.get("equivalence", {}).get("frameworks", {}).get(cell.framework, {})
         row["equivalence_max_rel_err"] = equivalence.get("max_rel_err")
         row["equivalent"] = equivalence.get("equivalent")
+        gradient = (self.record.get("gradient_check") or {}).get("frameworks", {}).get(cell.framework, {})
+        row["gradient_max_rel_err"] = gradient.get("max_rel_err")
+        row["gradients_equivalent"] = gradient.get("equivalent")
         best = ceilings(self.store.rows())
         if row.get("achieved_gflop_per_s") is not None:
             for who, rate_column, share_column in (("*", "conv_ceiling_gflop_per_s", "ceiling_fraction"),
@@ -385,6 +449,7 @@ class Runner:
         with self.session.workers(total) as (progress, task):
             if need_equivalence:
                 self.check_equivalence(progress, task)
+                self.check_gradients(progress, task)
                 self._warn_threads()
             for fw in calibrations:
                 progress.update(task, description=f"{fw}: conv and GEMM calibration")
@@ -413,7 +478,7 @@ class Runner:
             self.console.print("one round per cell: intervals know the noise within one worker process only "
                                "(use --rounds 3 or more for intervals that include the process-to-process noise)")  # fmt: skip
         self.console.print(f"wall time {self.record['bench_wall_s']:.0f} s; results: {escape(str(self.store.run_dir))}")
-        return exit_code(rows, self.record.get("equivalence", {}).get("frameworks", {}))
+        return exit_code(rows, {**self.record.get("equivalence", {}).get("frameworks", {}), **self._gradient_entries()})
 
     def _todo(self) -> list[tuple[int, Cell]]:
         """(round, cell) still to measure, in the run's interleaved order (a resumed run skips what is done)."""

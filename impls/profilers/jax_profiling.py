@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from impls import profiling, spec
-from impls.jax_hourglass import FRAMEWORK, JaxHourglass, apply_module, build, heatmap_loss
+from impls.jax_hourglass import FRAMEWORK, JaxHourglass, apply_module, build, heatmap_loss, x64_scope
 from impls.profiling import CompileInfo, FlopCount, ProfileRequest, ProfileResult, StageTiming
 from impls.stages import IMAGE, LOSS, Stage, stage_plan
 
@@ -33,6 +33,11 @@ _TARGET = "target"  # the loss's constant in the staged environment, beside the 
 
 def run(request: ProfileRequest) -> ProfileResult:
     """Time, trace (jax.profiler), stage-time and FLOP-count one `phase` step (arguments already checked)."""
+    with x64_scope(request.precision):  # fp64: every call below runs with x64 on (see x64_scope)
+        return _run(request)
+
+
+def _run(request: ProfileRequest) -> ProfileResult:
     model = build(request.config, device=request.device, precision=request.precision, execution=request.execution)
     step = model.benchmark_step(request.phase, request.batch_size, request.seed)
     function, args = model.step_program(request.phase, request.batch_size, request.seed)  # for cache and HLO
