@@ -79,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     how.add_argument("--rounds", metavar="N",
                      help="worker processes per cell, interleaved over all cells (default: 1); intervals "
                      "include the process-to-process noise only with 2 or more")  # fmt: skip
+    how.add_argument("--timing-only", action="store_true", default=None,
+                     help="measure the cells only: no equivalence or gradient check and no calibration first "
+                     "(for repeated runs of cells another run checked, as CI's gate does after its first pair)")  # fmt: skip
     where = run.add_argument_group("where results go")
     where.add_argument("--out", metavar="DIR", help="results directory (default: results/)")
     where.add_argument("--run-id", metavar="NAME", help="name the run folder OUT/NAME instead of <UTC time>-<device> (must not exist)")
@@ -251,13 +254,15 @@ def _like_settings(args: argparse.Namespace, options: dict) -> RunSettings:
     from bench.core.rundir import read_record
     from bench.run.runner import settings_from_record
 
-    extra = [k for k in options if k not in ("out", "rounds")] + (["resume"] if args.resume is not None else [])
+    extra = [k for k in options if k not in ("out", "rounds", "timing_only")] + (["resume"] if args.resume is not None else [])
     if extra:
         flags = ", ".join("--" + k.replace("_", "-") for k in extra)
-        raise UsageError(f"--like takes every measurement setting from RUN_DIR/run.json; drop {flags} (only --out, --run-id, --rounds and --no-report may be given)")
+        raise UsageError(f"--like takes every measurement setting from RUN_DIR/run.json; drop {flags} (only --out, --run-id, --rounds, --timing-only and --no-report may be given)")
     recorded = dict(read_record(Path(args.like))["settings"])
     if "rounds" in options:  # the same cells in another number of processes: what the coverage experiment varies
         recorded["rounds"] = parse_positive_int("--rounds", options["rounds"])
+    if options.get("timing_only"):
+        recorded["checks"] = False
     return settings_from_record({**recorded, "out_dir": options.get("out", "results")}, f"--like: {args.like}/run.json")
 
 

@@ -100,6 +100,12 @@ def test_gate_measures_the_committed_code_in_alternating_pairs_and_passes_when_t
     order = sorted(runs.iterdir(), key=started)  # A B, B A, A B
     assert [p.name for p in order] == ["base-1", "new-1", "new-2", "base-2", "base-3", "new-3"]
     assert all(injected(runs / f"base-{k}") == 2.0 and math.isnan(injected(runs / f"new-{k}")) for k in (1, 2, 3))
+    # Pair 1 checks equivalence and gradients and calibrates on both sides; later pairs time the cells alone.
+    checks = {p.name: json.loads((p / "run.json").read_text())["settings"]["checks"] for p in runs.iterdir()}
+    assert checks == {"base-1": True, "new-1": True, "base-2": False, "new-2": False, "base-3": False, "new-3": False}
+    assert verdict["later_pairs_timing_only"] is True
+    kinds = set(pd.read_csv(runs / "new-2" / "summary.csv")["kind"])
+    assert kinds == {"model"} and "calibration" in set(pd.read_csv(runs / "new-1" / "summary.csv")["kind"])
     judged = {j["name"]: j for j in verdict["paired"]}
     assert set(judged) == {CELL, ALL_CELLS}
     assert judged[CELL]["n_pairs"] == 3 and judged[CELL]["ratio"] < 1 and judged[CELL]["verdict"] == "faster"

@@ -377,6 +377,14 @@ def test_run_like_measures_the_same_cells_into_a_new_run(
     assert "drop --preset" in capsys.readouterr().err
     assert cli.main(["run", "--like", str(tmp_path)]) == 2
     assert "no run.json" in capsys.readouterr().err
+    # --timing-only: the same cells timed, with no equivalence or gradient check and no calibration first.
+    argv = ["run", "--like", str(base_dir), "--out", str(out), "--run-id", "bare", "--no-report", "--timing-only"]
+    assert cli.main(argv) == 0
+    assert "timing only" in capsys.readouterr().out
+    bare = json.loads((out / "bare" / "run.json").read_text())
+    assert bare["settings"]["checks"] is False and not bare["equivalence"] and not bare.get("gradient_check")
+    assert list(summary(out / "bare").index) == list(base[base["kind"] == "model"].index)
+    assert not any((out / "bare" / "logs").glob("*calibration*")) and not any((out / "bare" / "logs").glob("*equivalence*"))
 
 
 def test_regression_check_experiment_writes_pairs_and_summary(fake: pytest.MonkeyPatch, tmp_path: Path) -> None:

@@ -125,6 +125,9 @@ class RunSettings:
     autotune: bool = True  # cuDNN / XLA autotuning on a GPU, alike in all three frameworks
     seed: int = 0  # seeds inputs, canonical weights and the bootstrap
     equivalence_rtol: float = EQUIVALENCE_RTOL
+    # The equivalence and gradient checks and the calibration before timing. False (--timing-only) for
+    # repeated runs of cells that another run checked: CI's gate after its first pair of runs.
+    checks: bool = True
 
     def cells(self) -> list[Cell]:
         """Every cell of the run, in a stable order: framework, execution, precision, batch, phase."""
@@ -339,6 +342,7 @@ def build_settings(
     min_time: str | None = None,
     timeout: str | None = None,
     rounds: str | None = None,
+    timing_only: bool | None = None,
     fp32_math: str | None = None,
     autotune: str | None = None,
     out: str = "results",
@@ -423,6 +427,7 @@ def build_settings(
         rounds=parse_positive_int("--rounds", rounds) if rounds is not None else defaults.rounds,
         fp32_math=parse_choices("--fp32-math", fp32_math, FP32_MATH)[0] if fp32_math is not None else "ieee",
         autotune=_parse_on_off("--autotune", autotune) if autotune is not None else True,
+        checks=not timing_only,
         out_dir=out,
         protocol=protocol,
     )

@@ -1,7 +1,7 @@
 """Runs a planned benchmark: each cell in a fresh worker process, one at a time, rows written as they finish.
 
 Order of a run: equivalence check (one worker per framework), conv calibration (one worker per
-framework), then every cell. Faults are data: a worker that crashes, runs out of memory or passes
+framework), then every cell (with --timing-only, the cells alone). Faults are data: a worker that crashes, runs out of memory or passes
 --timeout becomes a row with that status and the tail of its output (see bench.engine.launch), and the run
 goes on.
 """
@@ -426,9 +426,9 @@ class Runner:
         """Run everything not yet done, round by round (bench.run.plan); print the table; return the exit code."""
         s, done = self.settings, self.store.done_cell_ids()
         todo = self._todo()
-        need_equivalence = not self.record.get("equivalence") and bool(self.active)
+        need_equivalence = s.checks and not self.record.get("equivalence") and bool(self.active)
         workloads = [CalibrationWorkload(**w) for w in calibration_workloads(s.config, s.batch_sizes, s.precisions)]
-        calibrations = [fw for fw in self.active if any(_calibration_cell(fw, w).cell_id not in done for w in workloads)]
+        calibrations = [fw for fw in self.active if s.checks and any(_calibration_cell(fw, w).cell_id not in done for w in workloads)]
         total = len(todo) + len(calibrations) + (len(self.active) if need_equivalence else 0)
         cells = len({cell.cell_id for _, cell in todo})
         self.record["rounds"] = {
@@ -442,6 +442,8 @@ class Runner:
             f"{f' in {s.rounds} interleaved rounds' if s.rounds > 1 else ''} "
             f"(preset {s.preset}, input {s.config.input_hw[0]}x{s.config.input_hw[1]}), results in {escape(str(self.store.run_dir))}"
         )
+        if not s.checks:
+            self.console.print("timing only (--timing-only): no equivalence or gradient check and no calibration in this run")
         self._warn_busy()
         for fw, why in self.record.get("device_fallback", {}).items():
             out.warn(self.console, f"{fw} runs on the CPU although the run is on the GPU: {why}")
