@@ -39,7 +39,7 @@ SMALL_CONFIGS: dict[str, HourglassConfig] = {
 # (JAX's XLA compile of a 4-stack depth-4 network's gradient takes over a minute there). A failing example is
 # reported as found, not shrunk (shrinking re-runs it dozens of times), with its config printed in full.
 # "thorough" for a local run: `python -m pytest tests/test_fp64_proof.py --hypothesis-profile thorough`
-# (50 train-mode and 100 eval-mode examples, a failure shrunk to a simpler config; about an hour on 2 cores).
+# (50 train-mode and 100 eval-mode examples, a failure shrunk to a simpler config; 25 minutes on 2 cores).
 _GENERATED = {"deadline": None, "database": None, "print_blob": True,
               "suppress_health_check": [HealthCheck.too_slow]}  # fmt: skip
 settings.register_profile("ci", max_examples=4, phases=[Phase.explicit, Phase.generate], **_GENERATED)
