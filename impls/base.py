@@ -6,9 +6,17 @@ Each `impls/<framework>_hourglass.py` module exposes:
     EXECUTIONS: tuple[str, ...]         # execution modes, the first is the default
     PRECISIONS: tuple[str, ...]         # ("fp32", "bf16", "fp64")
     def build(config, weights=None, *, device="cpu", precision="fp32", execution=<default>, **options)
-        -> AbstractHourglassModel
+        -> AbstractHourglassModel       # <Framework>Hourglass(config, weights, *, device, precision, execution)
     def runtime_info() -> dict          # version, devices, threads and the settings that change speed
     def gpu_available() -> bool
+    def conv_benchmark(input_shape, c_out, *, kernel_size=3, device="cpu", precision="fp32", seed=0)
+    def gemm_benchmark(m, k, n, *, device="cpu", precision="fp32", seed=0)   # calibration probes
+    def profile(config, *, phase, batch_size, execution, trace_dir, ...) -> impls.profiling.ProfileResult
+    def heatmap_loss(heatmaps, target)  # the training loss in the framework's own tensors
+
+Inputs of timed work come from impls.spec (random_batch, conv_probe_arrays, gemm_probe_arrays) and
+arguments are checked here (check_build_args, check_device_args, check_step_args, check_profile_args), so
+the three frameworks draw the same numbers and reject the same mistakes with the same words.
 
 Precision "bf16" means the whole model runs in bfloat16: parameters, activations and BN are cast to
 bfloat16 (pure bf16, not mixed precision), inputs are cast on the way in and outputs come back as float32.
@@ -20,7 +28,7 @@ a relative 1e-9, which a float32 round trip at the boundary would make impossibl
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import numpy as np
 
@@ -35,6 +43,9 @@ PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "fp64")
 def io_dtype(precision: str) -> type[np.floating]:
     """The numpy dtype of arrays crossing the interface at `precision`: float64 for fp64, else float32."""
     return np.float64 if precision == "fp64" else np.float32
+# How fp32 convolutions and matmuls run on a GPU: "ieee" is full fp32; "tf32" lets cuBLAS/cuDNN/XLA use
+# TensorFloat-32 (10-bit mantissa) on Ampere and later, which all three frameworks allow by default.
+FP32_MATH: tuple[str, ...] = ("ieee", "tf32")
 
 
 def _check_choice(what: str, value: object, choices: tuple[str, ...], context: str = "") -> None:
@@ -59,12 +70,21 @@ def check_device_args(framework: str, precision: str, device: str, gpu_available
         raise RuntimeError(f"no GPU visible to {framework}; use --device cpu")
 
 
+def check_math_args(fp32_math: str) -> None:
+    """fp32_math is one of FP32_MATH."""
+    _check_choice("fp32_math", fp32_math, FP32_MATH)
+
+
 def check_build_args(
     framework: str, executions: tuple[str, ...], execution: str, precision: str, device: str,
-    gpu_available: Callable[[], bool],
+    gpu_available: Callable[[], bool], options: Mapping[str, object] | None = None, known_options: tuple[str, ...] = (),
 ) -> None:
-    """Raise ValueError naming a bad execution, precision or device, or RuntimeError when a GPU is asked
-    for and the framework sees none: the checks every `build` makes before touching its framework."""
+    """Raise ValueError naming a bad execution, precision, device or unknown build option, or RuntimeError
+    when a GPU is asked for and the framework sees none: the checks every `build` makes before touching its
+    framework. `options` are the keyword arguments build() did not recognise; `known_options` the ones it takes."""
+    if options:
+        takes = f"it takes only {', '.join(known_options)}" if known_options else "it takes none"
+        raise ValueError(f"unknown build option(s) {', '.join(sorted(options))} for {framework}; {takes}; remove them")
     _check_choice("execution", execution, executions, f" for {framework}")
     check_device_args(framework, precision, device, gpu_available)
 
@@ -132,6 +152,11 @@ class AbstractHourglassModel(abc.ABC):
     precision: str
     device: str
 
+    def __init__(self, config: HourglassConfig, *, device: str, precision: str, execution: str) -> None:
+        """Record what was built; every model is <Framework>Hourglass(config, weights, *, device, precision,
+        execution[, framework options]) and calls this first."""
+        self.config, self.device, self.precision, self.execution = config, device, precision, execution
+
     @abc.abstractmethod
     def num_params(self) -> int:
         """Trainable parameters, counted from the framework's own variables."""
@@ -163,11 +188,18 @@ class AbstractHourglassModel(abc.ABC):
         and the gradients of every trainable parameter, no optimizer update.
         """
 
-    def reset_peak_memory(self) -> None:
-        """Reset the allocator's peak counter (no-op where the framework has none)."""
+    def reset_peak_memory(self) -> bool:
+        """Reset the allocator's peak counter; False where the framework has none (then a later peak still
+        counts everything before)."""
+        return False
 
     def peak_memory_bytes(self) -> int | None:
         """Allocator peak since the last reset for this model's device, or None where not measurable."""
+        return None
+
+    def memory_analysis(self, phase: str, batch_size: int, seed: int = 0) -> dict[str, int] | None:
+        """The compiled step's own memory plan (arguments, outputs, temporaries, in bytes) where the compiler
+        reports one (XLA: JAX), else None."""
         return None
 
     def settings(self) -> dict[str, object]:

@@ -249,7 +249,7 @@ class JaxHourglass(AbstractHourglassModel):
 
     def __init__(self, config: HourglassConfig, weights: dict[str, np.ndarray], *, device: str, precision: str,
                  execution: str) -> None:
-        self.config, self.device, self.precision, self.execution = config, device, precision, execution
+        super().__init__(config, device=device, precision=precision, execution=execution)
         self.jax_device = jax.devices(device)[0]
         self._dtype = _DTYPES[precision]
         self._io_dtype = base.io_dtype(precision)  # numpy at the interface: float64 for fp64
@@ -314,10 +314,10 @@ class JaxHourglass(AbstractHourglassModel):
         return {**_to_numpy(self._params, self._io_dtype), **_to_numpy(self._stats, self._io_dtype)}
 
     def module(self) -> StackedHourglass:
-        """The nnx module tree holding the current parameters and statistics (changes to it stay there).
+        """A copy of the nnx module tree holding the current parameters and statistics (changes stay there).
 
         For fp64, call it and use it inside self.scope()."""
-        return nnx.merge(self._graphdef, self._params, self._stats)
+        return nnx.merge(self._graphdef, self._params, self._stats, copy=True)
 
     def step_inputs(self, batch_size: int, seed: int) -> tuple[jax.Array, jax.Array]:
         """impls.spec.random_batch on the device: x (N, H, W, 3) and target (N, H/4, W/4, K)."""
@@ -356,8 +356,19 @@ class JaxHourglass(AbstractHourglassModel):
         memory = self.jax_device.memory_stats()  # None where the backend keeps no allocator statistics
         return None if memory is None else int(memory.get("peak_bytes_in_use", 0))
 
-    def reset_peak_memory(self) -> None:
-        """No-op: JAX exposes no peak reset, so the peak counts from process start (one process per cell)."""
+    def reset_peak_memory(self) -> bool:
+        """False: JAX exposes no peak reset, so the peak counts from process start (one process per cell)."""
+        return False
+
+    def memory_analysis(self, phase: str, batch_size: int, seed: int = 0) -> dict[str, int] | None:
+        """XLA's memory plan of the compiled step: argument, output and temporary bytes (what the allocator peak
+        cannot separate, since JAX cannot reset it)."""
+        function, args = self.step_program(phase, batch_size, seed)
+        analysis = function.lower(*args).compile().memory_analysis()
+        if analysis is None:  # a backend that reports no plan
+            return None
+        return {"argument_bytes": int(analysis.argument_size_in_bytes), "output_bytes": int(analysis.output_size_in_bytes),
+                "temp_bytes": int(analysis.temp_size_in_bytes)}  # fmt: skip
 
     def settings(self) -> dict[str, object]:
         """Layout, jit mode, dtype and XLA settings that change speed."""
@@ -439,12 +450,21 @@ def gpu_available() -> bool:
         return False
 
 
+def configure_math(fp32_math: str = "ieee", autotune: bool = True) -> dict[str, object]:
+    """Pin this process's GPU math: XLA's default precision for fp32 dots and convolutions "highest" (full
+    fp32) or "tensorfloat32" (XLA uses TF32 by default on Ampere and later). Autotuning is an XLA flag read
+    when the backend starts (--xla_gpu_autotune_level, set by the worker before JAX loads); returns the
+    settings now in force."""
+    base.check_math_args(fp32_math)
+    jax.config.update("jax_default_matmul_precision", "highest" if fp32_math == "ieee" else "tensorfloat32")
+    return {"fp32_math": fp32_math, "jax_default_matmul_precision": jax.config.jax_default_matmul_precision,
+            "xla_flags": os.environ.get("XLA_FLAGS"), "autotune_requested": autotune}  # fmt: skip
+
+
 def build(config: HourglassConfig, weights: dict[str, np.ndarray] | None = None, *, device: str = "cpu",
           precision: str = "fp32", execution: str = EXECUTIONS[0], **options: object) -> JaxHourglass:
     """A JaxHourglass; weights default to impls.spec.init_weights(config, seed=0)."""
-    if options:
-        raise ValueError(f"unknown option(s) {sorted(options)} for jax; it takes none")
-    check_build_args(FRAMEWORK, EXECUTIONS, execution, precision, device, gpu_available)
+    check_build_args(FRAMEWORK, EXECUTIONS, execution, precision, device, gpu_available, options)
     weights = resolve_weights(config, weights)
     return JaxHourglass(config, weights, device=device, precision=precision, execution=execution)
 

@@ -51,9 +51,9 @@ def canonical_name(name: str) -> str:
     return key
 
 
-def install_command(framework: str) -> str:
-    """The pip command that installs `framework` for this project."""
-    return f"pip install '.[{canonical_name(framework)}]'"
+def install_command(framework: str, gpu: bool = False) -> str:
+    """The pip command that installs `framework` for this project: its CPU build, or with `gpu` its CUDA build."""
+    return f"pip install '.[{canonical_name(framework)}{'-gpu' if gpu else ''}]'"
 
 
 def is_installed(framework: str) -> bool:

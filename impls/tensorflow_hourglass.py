@@ -75,8 +75,8 @@ class BatchNorm2d(tf.Module):
         self.mean = ctx.variable(f"{name}.mean", trainable=False)
         self.var = ctx.variable(f"{name}.var", trainable=False)
 
-    def __call__(self, x: tf.Tensor, training: bool) -> tf.Tensor:
-        if training:
+    def __call__(self, x: tf.Tensor, train: bool) -> tf.Tensor:
+        if train:
             mean, var = batch_moments(x)  # (C,) each; the biased variance, as tf.nn.moments gives
             # new = 0.9 * old + 0.1 * batch (Keras momentum 0.9 = PyTorch momentum 0.1)
             self.mean.assign(spec.BN_DECAY * self.mean + (1.0 - spec.BN_DECAY) * mean)
@@ -121,17 +121,17 @@ class Residual(tf.Module):
         self.skip_conv = Conv2d(f"{name}.skip_conv", ctx) if f"{name}.skip_conv" in ctx.specs else None
         self.skip_bn = BatchNorm2d(f"{name}.skip_bn", ctx) if f"{name}.skip_bn" in ctx.specs else None
 
-    def __call__(self, x: tf.Tensor, training: bool) -> tf.Tensor:
+    def __call__(self, x: tf.Tensor, train: bool) -> tf.Tensor:
         relu = tf.nn.relu
         if self.preact:
-            y = self.conv1(relu(self.bn1(x, training)))
-            y = self.conv2(relu(self.bn2(y, training)))
-            y = self.conv3(relu(self.bn3(y, training)))
+            y = self.conv1(relu(self.bn1(x, train)))
+            y = self.conv2(relu(self.bn2(y, train)))
+            y = self.conv3(relu(self.bn3(y, train)))
             return y + (x if self.skip_conv is None else self.skip_conv(x))
-        y = relu(self.bn1(self.conv1(x), training))
-        y = relu(self.bn2(self.conv2(y), training))
-        y = relu(self.bn3(self.conv3(y), training))
-        skip = x if self.skip_conv is None else relu(self.skip_bn(self.skip_conv(x), training))
+        y = relu(self.bn1(self.conv1(x), train))
+        y = relu(self.bn2(self.conv2(y), train))
+        y = relu(self.bn3(self.conv3(y), train))
+        skip = x if self.skip_conv is None else relu(self.skip_bn(self.skip_conv(x), train))
         return relu(y + skip)
 
 
@@ -145,10 +145,10 @@ class Hourglass(tf.Module):
         self.low2 = Hourglass(f"{name}.low2", depth - 1, ctx) if depth > 1 else Residual(f"{name}.low2", ctx)
         self.low3 = Residual(f"{name}.low3", ctx)
 
-    def __call__(self, x: tf.Tensor, training: bool) -> tf.Tensor:
-        up1 = self.up1(x, training)
-        low = self.low1(tf.nn.max_pool2d(x, 2, 2, "VALID"), training)  # (N, H/2, W/2, C)
-        low = self.low3(self.low2(low, training), training)
+    def __call__(self, x: tf.Tensor, train: bool) -> tf.Tensor:
+        up1 = self.up1(x, train)
+        low = self.low1(tf.nn.max_pool2d(x, 2, 2, "VALID"), train)  # (N, H/2, W/2, C)
+        low = self.low3(self.low2(low, train), train)
         return up1 + _upsample_nearest_2x(low)  # (N, H, W, C)
 
 
@@ -163,11 +163,11 @@ class Stem(tf.Module):
         self.res3 = Residual(f"{name}.res3", ctx)
         self.pool = tf.nn.avg_pool2d if ctx.config.stem_pool == "avg" else tf.nn.max_pool2d
 
-    def __call__(self, x: tf.Tensor, training: bool) -> tf.Tensor:
-        x = tf.nn.relu(self.bn(self.conv(x), training))  # (N, H/2, W/2, C/4)
-        x = self.res1(x, training)  # (N, H/2, W/2, C/2)
+    def __call__(self, x: tf.Tensor, train: bool) -> tf.Tensor:
+        x = tf.nn.relu(self.bn(self.conv(x), train))  # (N, H/2, W/2, C/4)
+        x = self.res1(x, train)  # (N, H/2, W/2, C/2)
         x = self.pool(x, 2, 2, "VALID")  # (N, H/4, W/4, C/2)
-        return self.res3(self.res2(x, training), training)  # (N, H/4, W/4, C)
+        return self.res3(self.res2(x, train), train)  # (N, H/4, W/4, C)
 
 
 class Head(tf.Module):
@@ -179,8 +179,8 @@ class Head(tf.Module):
         self.lin_conv, self.lin_bn = Conv2d(f"{name}.lin_conv", ctx), BatchNorm2d(f"{name}.lin_bn", ctx)
         self.heatmap_conv = Conv2d(f"{name}.heatmap_conv", ctx)
 
-    def __call__(self, x: tf.Tensor, training: bool) -> tuple[tf.Tensor, tf.Tensor]:
-        previous = tf.nn.relu(self.lin_bn(self.lin_conv(self.res(x, training)), training))  # (N, h, w, C)
+    def __call__(self, x: tf.Tensor, train: bool) -> tuple[tf.Tensor, tf.Tensor]:
+        previous = tf.nn.relu(self.lin_bn(self.lin_conv(self.res(x, train)), train))  # (N, h, w, C)
         return previous, self.heatmap_conv(previous)  # heatmaps (N, h, w, K)
 
 
@@ -209,17 +209,17 @@ class StackedHourglass(tf.Module):
             if i < self.num_stacks - 1:
                 setattr(self, f"merge_{i}", Merge(f"merge_{i}", ctx))
 
-    def __call__(self, x: tf.Tensor, training: bool) -> tf.Tensor:
+    def __call__(self, x: tf.Tensor, train: bool) -> tf.Tensor:
         # Each stage runs in a name scope named after it, so profiled graph ops read "stem/...",
         # "gradient_tape/head_0/...". Graph modes pay for scopes at trace time only; eager, a few µs per step.
         with tf.name_scope("stem"):
-            x = self.stem(x, training)  # (N, h, w, C) with h, w = H/4, W/4
+            x = self.stem(x, train)  # (N, h, w, C) with h, w = H/4, W/4
         outputs = []
         for i in range(self.num_stacks):
             with tf.name_scope(f"hourglass_{i}"):
-                y = getattr(self, f"hourglass_{i}")(x, training)
+                y = getattr(self, f"hourglass_{i}")(x, train)
             with tf.name_scope(f"head_{i}"):
-                previous, heatmaps = getattr(self, f"head_{i}")(y, training)
+                previous, heatmaps = getattr(self, f"head_{i}")(y, train)
             outputs.append(heatmaps)
             if i < self.num_stacks - 1:
                 with tf.name_scope(f"merge_{i}"):
@@ -256,7 +256,7 @@ class TensorFlowHourglass(AbstractHourglassModel):
 
     def __init__(self, config: HourglassConfig, weights: dict[str, np.ndarray], *, device: str, precision: str,
                  execution: str) -> None:
-        self.config, self.device, self.precision, self.execution = config, device, precision, execution
+        super().__init__(config, device=device, precision=precision, execution=execution)
         self.tf_device = _DEVICES[device]
         self._dtype = _DTYPES[precision]
         self._io_dtype = tf.as_dtype(base.io_dtype(precision))  # numpy at the interface: float64 for fp64
@@ -286,10 +286,10 @@ class TensorFlowHourglass(AbstractHourglassModel):
         # still compiles once per concrete shape at run time.
         return tf.function(fn, input_signature=signature, jit_compile=self.execution == "xla")
 
-    def _run_forward(self, x: tf.Tensor, training: bool) -> tf.Tensor:
+    def _run_forward(self, x: tf.Tensor, train: bool) -> tf.Tensor:
         """Heatmaps (S, N, h, w, K) of x (N, H, W, 3) on the model's device."""
         with tf.device(self.tf_device):
-            return self.net(x, training)
+            return self.net(x, train)
 
     def _run_loss_and_grads(self, x: tf.Tensor, target: tf.Tensor) -> tuple[tf.Tensor, list[tf.Tensor]]:
         """Train-mode loss and the gradient of every trainable variable, in self._trainable's order."""
@@ -373,10 +373,12 @@ class TensorFlowHourglass(AbstractHourglassModel):
 
         return step
 
-    def reset_peak_memory(self) -> None:
-        """Reset TensorFlow's GPU allocator peak (nothing to reset on the CPU)."""
-        if self.device == "gpu":
-            tf.config.experimental.reset_memory_stats("GPU:0")
+    def reset_peak_memory(self) -> bool:
+        """Reset TensorFlow's GPU allocator peak (nothing to reset on the CPU: False)."""
+        if self.device != "gpu":
+            return False
+        tf.config.experimental.reset_memory_stats("GPU:0")
+        return True
 
     def peak_memory_bytes(self) -> int | None:
         """TensorFlow's GPU allocator peak since the last reset; None on the CPU."""
@@ -412,6 +414,16 @@ def gpu_available() -> bool:
     return bool(tf.config.list_physical_devices("GPU"))
 
 
+def configure_math(fp32_math: str = "ieee", autotune: bool = True) -> dict[str, object]:
+    """Pin this process's GPU math: TensorFloat-32 off ("ieee") or on ("tf32"; TensorFlow's default is on).
+    cuDNN autotuning is read from TF_CUDNN_USE_AUTOTUNE when the GPU starts, so the worker sets it before
+    TensorFlow loads; returns the settings now in force."""
+    base.check_math_args(fp32_math)
+    tf.config.experimental.enable_tensor_float_32_execution(fp32_math == "tf32")
+    return {"fp32_math": fp32_math, "tf32_enabled": tf.config.experimental.tensor_float_32_execution_enabled(),
+            "cudnn_autotune": os.environ.get("TF_CUDNN_USE_AUTOTUNE", "1") != "0", "autotune_requested": autotune}  # fmt: skip
+
+
 def runtime_info() -> dict[str, object]:
     """TensorFlow version, devices, threads and the settings that change speed."""
     gpus = tf.config.list_physical_devices("GPU")
@@ -445,9 +457,7 @@ def runtime_info() -> dict[str, object]:
 def build(config: HourglassConfig, weights: dict[str, np.ndarray] | None = None, *, device: str = "cpu",
           precision: str = "fp32", execution: str = EXECUTIONS[0], **options: object) -> TensorFlowHourglass:
     """A TensorFlowHourglass; weights default to impls.spec.init_weights(config, seed=0)."""
-    if options:
-        raise ValueError(f"tensorflow's build takes no extra options, got {sorted(options)}; remove them")
-    check_build_args(FRAMEWORK, EXECUTIONS, execution, precision, device, gpu_available)
+    check_build_args(FRAMEWORK, EXECUTIONS, execution, precision, device, gpu_available, options)
     weights = resolve_weights(config, weights)
     return TensorFlowHourglass(config, weights, device=device, precision=precision, execution=execution)
 

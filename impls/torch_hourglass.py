@@ -259,7 +259,7 @@ class TorchHourglass(AbstractHourglassModel):
 
     def __init__(self, config: HourglassConfig, weights: dict[str, np.ndarray], *, device: str, precision: str,
                  execution: str, channels_last: bool = True) -> None:
-        self.config, self.device, self.precision, self.execution = config, device, precision, execution
+        super().__init__(config, device=device, precision=precision, execution=execution)
         self.channels_last = channels_last
         self.torch_device = _torch_device(device)
         self._dtype = _DTYPES[precision]
@@ -352,10 +352,12 @@ class TorchHourglass(AbstractHourglassModel):
                 sync()
         return step
 
-    def reset_peak_memory(self) -> None:
-        """Reset the CUDA allocator's peak counter (nothing to reset on the CPU)."""
-        if self.torch_device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.torch_device)
+    def reset_peak_memory(self) -> bool:
+        """Reset the CUDA allocator's peak counter (nothing to reset on the CPU: False)."""
+        if self.torch_device.type != "cuda":
+            return False
+        torch.cuda.reset_peak_memory_stats(self.torch_device)
+        return True
 
     def peak_memory_bytes(self) -> int | None:
         """CUDA allocator peak since the last reset; None on the CPU."""
@@ -369,12 +371,7 @@ class TorchHourglass(AbstractHourglassModel):
             "compile": {"backend": "inductor", "mode": "default"} if self.execution == "compile" else None,
             "dtype": str(self._dtype),
             "torch_device": str(self.torch_device),
-            "cuda_matmul_allow_tf32": torch.backends.cuda.matmul.allow_tf32,
-            "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,
-            "cudnn_benchmark": torch.backends.cudnn.benchmark,
-            "float32_matmul_precision": torch.get_float32_matmul_precision(),
-            "intra_op_threads": torch.get_num_threads(),
-            "inter_op_threads": torch.get_num_interop_threads(),
+            **_speed_settings(),
         }
 
 
@@ -394,6 +391,27 @@ def gpu_available() -> bool:
     return torch.cuda.is_available()
 
 
+def configure_math(fp32_math: str = "ieee", autotune: bool = True) -> dict[str, object]:
+    """Pin this process's GPU math: fp32 matmuls and convolutions in full fp32 ("ieee") or TF32 ("tf32"), and
+    cuDNN's autotuning (benchmark mode) on or off; returns the settings now in force."""
+    base.check_math_args(fp32_math)
+    tf32 = fp32_math == "tf32"
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    torch.backends.cudnn.allow_tf32 = tf32  # on by default in torch: convolutions would use TF32
+    torch.set_float32_matmul_precision("high" if tf32 else "highest")
+    torch.backends.cudnn.benchmark = autotune
+    return {"fp32_math": fp32_math, "cuda_matmul_allow_tf32": tf32, "cudnn_allow_tf32": tf32,
+            "float32_matmul_precision": torch.get_float32_matmul_precision(), "cudnn_benchmark": autotune}  # fmt: skip
+
+
+def _gpu_uuid() -> str | None:
+    """CUDA device 0's UUID as NVML writes it ("GPU-..."), or None without a GPU or where torch hides it."""
+    if not gpu_available():
+        return None
+    uuid = getattr(torch.cuda.get_device_properties(0), "uuid", None)
+    return None if uuid is None else f"GPU-{uuid}"
+
+
 def runtime_info() -> dict[str, object]:
     """Torch version, devices, threads and the backend settings that change speed."""
     gpus = [f"cuda:{i} {torch.cuda.get_device_name(i)}" for i in range(torch.cuda.device_count())] if gpu_available() else []
@@ -402,17 +420,25 @@ def runtime_info() -> dict[str, object]:
         "version": torch.__version__,
         "devices": ["cpu", *gpus],
         "gpu_available": gpu_available(),
-        "intra_op_threads": torch.get_num_threads(),
-        "inter_op_threads": torch.get_num_interop_threads(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "mkldnn_available": torch.backends.mkldnn.is_available(),
         "mkldnn_enabled": torch.backends.mkldnn.enabled,
         "cuda_version": torch.version.cuda,
+        "gpu_uuid": _gpu_uuid(),  # NVML's name for device 0, so memory readings match it, not CUDA's ordering
         "cudnn_version": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
+        **_speed_settings(),
+    }
+
+
+def _speed_settings() -> dict[str, object]:
+    """The process-wide torch settings that change speed: TF32, cuDNN autotuning, matmul precision, threads."""
+    return {
         "cuda_matmul_allow_tf32": torch.backends.cuda.matmul.allow_tf32,
         "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,
         "cudnn_benchmark": torch.backends.cudnn.benchmark,
         "float32_matmul_precision": torch.get_float32_matmul_precision(),
+        "intra_op_threads": torch.get_num_threads(),
+        "inter_op_threads": torch.get_num_interop_threads(),
     }
 
 
@@ -423,9 +449,7 @@ def build(config: HourglassConfig, weights: dict[str, np.ndarray] | None = None,
 
     channels_last (None -> True): model and inputs in torch.channels_last, 1.6-1.8x faster on oneDNN CPUs.
     """
-    if options:
-        raise ValueError(f"unknown torch build options {sorted(options)}; the only option is channels_last")
-    check_build_args(FRAMEWORK, EXECUTIONS, execution, precision, device, gpu_available)
+    check_build_args(FRAMEWORK, EXECUTIONS, execution, precision, device, gpu_available, options, ("channels_last",))
     weights = resolve_weights(config, weights)
     return TorchHourglass(config, weights, device=device, precision=precision, execution=execution,
                           channels_last=True if channels_last is None else channels_last)  # fmt: skip

@@ -6,6 +6,7 @@ HGBENCH_FAKE_FAULTS, a comma list of KIND@SELECTOR; SELECTOR is a framework ("ja
 over "framework/execution/phase" ("torch/*/forward_backward"). Kinds:
 
     crash     the process aborts (SIGABRT) in the first step
+    sigkill   the process is sent SIGKILL in the first step (as by a person, not the out-of-memory killer)
     exit      the process exits with code 3 in the first step
     oom       a CUDA-style out-of-memory RuntimeError in the first step
     hang      the first step never returns
@@ -17,7 +18,9 @@ over "framework/execution/phase" ("torch/*/forward_backward"). Kinds:
     noprofile the module has no profile
     badprofile  profile() returns stage times that sum to more than the step they partition
     recompile profile() reports 2 recompilations in the timed loop
-crash, exit, oom, hang and error also hit profile() (before its first step).
+crash, sigkill, exit, oom, hang and error also hit profile() (before its first step).
+Like the real modules, a benchmark step and the calibration probes allocate their inputs for the batch
+size they are given (impls.spec), so a huge batch or input size fails with the same MemoryError.
 HGBENCH_FAKE_THREADS=torch=4 makes runtime_info report 4 intra-op threads for torch (default 1).
 """
 
@@ -26,6 +29,7 @@ from __future__ import annotations
 import fnmatch
 import json
 import os
+import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -35,7 +39,7 @@ import numpy as np
 
 from impls.base import AbstractHourglassModel
 from impls.config import HourglassConfig
-from impls.spec import init_weights, trainable_names
+from impls.spec import conv_probe_arrays, gemm_probe_arrays, init_weights, random_batch, trainable_names
 
 EXECUTIONS: dict[str, tuple[str, ...]] = {
     "torch": ("eager", "compile"),
@@ -109,6 +113,7 @@ class FakeModel(AbstractHourglassModel):
             raise ValueError(f"fake setup failure for {self.framework}/{self.execution}/{phase}")
         size = 48 if phase == "forward" else 64
         calls = [0]
+        random_batch(self.config, batch_size, seed)  # allocated as a real step does: a huge batch fails here
 
         def step() -> None:
             calls[0] += 1
@@ -128,6 +133,8 @@ def _inject(kinds: set[str]) -> None:
     """The faults that strike at the first step (of a benchmark step or of profile())."""
     if "crash" in kinds:
         os.abort()
+    if "sigkill" in kinds:
+        os.kill(os.getpid(), signal.SIGKILL)
     if "exit" in kinds:
         os._exit(3)
     if "oom" in kinds:
@@ -209,11 +216,13 @@ def load(framework: str) -> SimpleNamespace:
 
     def conv_benchmark(input_shape: tuple[int, int, int, int], c_out: int, *, kernel_size: int = 3, device: str = "cpu",
                        precision: str = "fp32", seed: int = 0) -> Callable[[], None]:  # fmt: skip
-        return lambda: _work(32)
+        x, kernel = conv_probe_arrays(input_shape, c_out, kernel_size, seed)
+        return lambda: (x, kernel, _work(32))[2]
 
     def gemm_benchmark(m: int, k: int, n: int, *, device: str = "cpu", precision: str = "fp32",
                        seed: int = 0) -> Callable[[], None]:  # fmt: skip
-        return lambda: _work(24)
+        a, b = gemm_probe_arrays(m, k, n, seed)
+        return lambda: (a, b, _work(24))[2]
 
     module = SimpleNamespace(
         __name__=f"tests.fake_backend[{framework}]",

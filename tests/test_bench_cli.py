@@ -61,7 +61,7 @@ def test_overhead_prints_harness_bare_and_cell_medians(
 
 
 @pytest.mark.parametrize("module", ["bench", "bench.regress.ab_check", "bench.experiments.ab_check_experiment",
-                                    "bench.experiments.regression_check"])  # fmt: skip
+                                    "bench.experiments.regression_check", "bench.experiments.coverage"])  # fmt: skip
 def test_every_module_with_a_main_answers_help(module: str) -> None:
     import subprocess
     import sys

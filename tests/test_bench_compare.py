@@ -17,7 +17,8 @@ import pytest
 import impls
 from bench.cli import main
 from bench.core.columns import SAMPLE_COLUMNS, SUMMARY_COLUMNS
-from bench.regress.compare import CompareError, compare_runs, parse_threshold, ratio_of_medians, verdict
+from bench.core.stats import ratio_of_medians
+from bench.regress.compare import CompareError, compare_runs, parse_threshold, verdict
 
 FWD = "torch-eager-fp32-b1-forward"
 BWD = "torch-eager-fp32-b1-forward_backward"
@@ -39,6 +40,7 @@ def write_run(
     config: Mapping[str, Any] | None = None,
     row_overrides: Mapping[str, Mapping[str, Any]] | None = None,
     warnings: Sequence[str] = (),
+    status: str | None = None,
 ) -> Path:
     """A run folder as `bench run` writes it: model cells `torch-eager-fp32-b1-<phase>` with samples in ms."""
     run_dir = root / name
@@ -51,17 +53,22 @@ def write_run(
         kind = "calibration" if execution.endswith("_benchmark") else "model"
         key = {"cell_id": cell_id, "kind": kind, "framework": framework, "execution": execution,
                "precision": precision, "batch_size": int(batch[1:]), "phase": phase}  # fmt: skip
-        row = {**key, "device": "cpu", "status": "ok", "n_samples": len(values_ms),
-               "latency_ms_median": float(np.median(values_ms)), "first_call_ms": 100.0,
+        pooled = np.concatenate([np.ravel(v) for v in values_ms]) if isinstance(values_ms, list) else values_ms
+        row = {**key, "device": "cpu", "status": "ok", "n_samples": len(pooled),
+               "latency_ms_median": float(np.median(pooled)), "first_call_ms": 100.0,
                "gflop_per_step": 0.25 if phase == "forward_backward" else 0.1}  # fmt: skip
         if kind == "model":
             row.update(equivalence_max_rel_err=5e-7, equivalent=True)
         row.update((row_overrides or {}).get(cell_id, {}))
         rows.append(row)
-        samples += [{**key, "iteration": i, "latency_ns": round(v * 1e6)} for i, v in enumerate(values_ms)]
+        rounds = values_ms if isinstance(values_ms, list) and values_ms and np.ndim(values_ms[0]) else [values_ms]
+        samples += [{**key, "round": r, "iteration": i, "latency_ns": round(v * 1e6)}
+                    for r, values in enumerate(rounds, start=1) for i, v in enumerate(values)]  # fmt: skip
     pd.DataFrame(rows, columns=SUMMARY_COLUMNS).to_csv(run_dir / "summary.csv", index=False)
     pd.DataFrame(samples, columns=SAMPLE_COLUMNS).to_csv(run_dir / "samples.csv", index=False)
     record = {"run_id": name, "settings": {"config": cfg, "device": "cpu"}, "warnings": list(warnings)}
+    if status is not None:
+        record["status"] = status
     (run_dir / "run.json").write_text(json.dumps(record))
     return run_dir
 
@@ -160,9 +167,64 @@ def test_compare_runs_cells_on_one_side_are_listed(tmp_path: Path, capsys: pytes
     comparison = compare_runs(base, new)
     status = {c.cell_id: c.status for c in comparison.cells}
     assert status == {FWD: "compared", BWD: "base_only", "torch-eager-fp32-b2-forward": "new_only"}
-    assert main(["compare", str(base), str(new)]) == 0
+    assert main(["compare", str(base), str(new), "--allow-partial"]) == 0
     out = capsys.readouterr().out
     assert f"base only: {BWD}" in out and "new only: torch-eager-fp32-b2-forward" in out
+    assert f"partial (allowed): {BWD}: ok in the base, missing from the new run" in out
+    assert "no significant regression among the cells both runs measured" in out
+
+
+def test_compare_cell_ok_in_base_but_missing_in_new_exits_1_naming_it(tmp_path: Path, capsys) -> None:
+    base = write_run(tmp_path, "base", {FWD: _noise(30, 30), BWD: _noise(30, 31)})
+    new = write_run(tmp_path, "new", {FWD: _noise(30, 32)})
+    assert main(["compare", str(base), str(new)]) == 1
+    out = capsys.readouterr().out
+    assert f"incomplete new run: {BWD}: ok in the base, missing from the new run" in out
+    assert "no significant regression" not in out and "--allow-partial" in out
+
+
+def test_compare_cell_failed_in_new_exits_1_with_its_error_unless_partial_is_allowed(tmp_path: Path, capsys) -> None:
+    base = write_run(tmp_path, "base", {FWD: _noise(30, 34), BWD: _noise(30, 35)})
+    new = write_run(tmp_path, "new", {FWD: _noise(30, 36), BWD: _noise(30, 37)},
+                    row_overrides={BWD: {"status": "failed", "error": "Traceback\nValueError: boom"}})  # fmt: skip
+    comparison = compare_runs(base, new)
+    assert comparison.exit_code == 1 and comparison.regressions == []
+    assert comparison.incomplete == [f"{BWD}: ok in the base, failed (ValueError: boom) in the new run"]
+    assert main(["compare", str(base), str(new), "--allow-partial"]) == 0
+    assert "partial (allowed)" in capsys.readouterr().out
+
+
+def test_compare_cell_failed_in_both_runs_is_not_an_incomplete_new_run(tmp_path: Path) -> None:
+    overrides = {BWD: {"status": "oom"}}
+    base = write_run(tmp_path, "base", {FWD: _noise(30, 38), BWD: _noise(30, 39)}, row_overrides=overrides)
+    new = write_run(tmp_path, "new", {FWD: _noise(30, 38), BWD: _noise(30, 39)}, row_overrides=overrides)
+    assert compare_runs(base, new).exit_code == 0
+
+
+@pytest.mark.parametrize("status", ["interrupted", "running"])
+def test_compare_new_run_not_complete_exits_1_saying_so(tmp_path: Path, capsys, status: str) -> None:
+    base = write_run(tmp_path, "base", {FWD: _noise(30, 50)}, status="complete")
+    new = write_run(tmp_path, "new", {FWD: _noise(30, 51)}, status=status)
+    assert main(["compare", str(base), str(new)]) == 1
+    assert f"incomplete new run: the new run is {status} (run.json status), not complete" in capsys.readouterr().out
+    assert main(["compare", str(base), str(new), "--allow-partial"]) == 0
+
+
+def test_compare_new_run_with_a_header_only_summary_exits_1(tmp_path: Path, capsys) -> None:
+    base = write_run(tmp_path, "base", {FWD: _noise(30, 52)})
+    new = write_run(tmp_path, "new", {})
+    assert main(["compare", str(base), str(new)]) == 1
+    assert f"{FWD}: ok in the base, missing from the new run" in capsys.readouterr().out
+
+
+def test_compare_identical_runs_with_summary_cut_mid_line_exits_2_naming_the_file(tmp_path: Path, capsys) -> None:
+    cells = {FWD: _noise(30, 53), BWD: _noise(30, 54)}
+    base = write_run(tmp_path, "base", cells, calibration_ms=_noise(30, 55, 2.0))
+    new = write_run(tmp_path, "new", cells, calibration_ms=_noise(30, 55, 2.0))
+    text = (new / "summary.csv").read_text()
+    (new / "summary.csv").write_text(text[: len(text) - 40])  # the last row loses its end
+    assert main(["compare", str(base), str(new), "--normalize"]) == 2
+    assert "summary.csv ends mid-line: the file was cut short" in _one_line_error(capsys)
 
 
 def test_compare_runs_failed_cell_is_not_compared(tmp_path: Path) -> None:
@@ -298,9 +360,93 @@ def test_compare_cli_json_into_missing_folder_exits_2_before_comparing(tmp_path:
     assert "--json" in _one_line_error(capsys)
 
 
+@pytest.mark.parametrize(("flag", "target", "message"), [
+    ("--json", "{tmp}", "is a folder; give a file name"),
+    ("--csv", "{tmp}/base/summary.csv/x.csv", "summary.csv is a file, not a folder; give a path in a folder"),
+    ("--json", "", "--json is empty; give a file name"),
+])  # fmt: skip
+def test_compare_cli_unwritable_output_file_exits_2_with_one_line(tmp_path: Path, capsys, flag: str, target: str,
+                                                                  message: str) -> None:  # fmt: skip
+    base = write_run(tmp_path, "base", {FWD: _noise(30, 70)})
+    assert main(["compare", str(base), str(base), flag, target.format(tmp=tmp_path)]) == 2
+    assert message in _one_line_error(capsys)
+
+
+def test_compare_cli_writes_json_and_csv_with_the_verdict(tmp_path: Path) -> None:
+    base = write_run(tmp_path, "base", {FWD: _noise(30, 73), BWD: _noise(30, 74)})
+    new = write_run(tmp_path, "new", {FWD: _noise(30, 75)})
+    code = main(["compare", str(base), str(new), "--json", str(tmp_path / "c.json"), "--csv", str(tmp_path / "c.csv")])
+    record = json.loads((tmp_path / "c.json").read_text())
+    assert code == 1 and record["exit_code"] == 1 and record["missing_in_new"] == [BWD]
+    assert set(pd.read_csv(tmp_path / "c.csv")["cell_id"]) == {FWD, BWD}
+
+
 def test_compare_cli_shows_a_runs_busy_machine_warning(tmp_path: Path, capsys) -> None:
     busy = "the machine is busy (1-minute load 4.1 on 2 cores); timings will be slow and noisy"
     base = write_run(tmp_path, "base", {FWD: _noise(30, 71)})
     new = write_run(tmp_path, "new", {FWD: _noise(30, 72)}, warnings=[busy])
     assert main(["compare", str(base), str(new)]) == 0
     assert f"warning: new run: {busy}" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------- rounds: the process as a level
+
+
+def _rounds(seed: int, offsets: Sequence[float], center_ms: float = 10.0, n: int = 20) -> list[np.ndarray]:
+    """One round per offset: latencies around center_ms * (1 + offset), 1% within-round noise."""
+    return [_noise(n, seed + i, center_ms * (1.0 + off), spread=0.01) for i, off in enumerate(offsets)]
+
+
+def test_compare_of_rounds_does_not_flag_same_code_with_process_noise() -> None:
+    """Same code, 6% process-to-process noise: one round each would look like a confident 1.12x; with five
+    rounds a side the interval knows the noise and the verdict is unchanged."""
+    base = _rounds(10, [-0.06, 0.0, 0.06, -0.03, 0.03])
+    new = _rounds(20, [0.06, 0.03, 0.0, 0.06, -0.03])
+    single = ratio_of_medians(base[0], new[0])
+    assert single.ci_level == "within-process" and verdict(single, 0.10) == "slower"  # the false alarm of one round
+    stats = ratio_of_medians(base, new)
+    assert stats.ci_level == "rounds" and stats.rounds_base == 5 and stats.rounds_new == 5
+    assert stats.ci95_low < 1.0 < stats.ci95_high
+    assert verdict(stats, 0.10) == "unchanged"
+
+
+def test_compare_of_rounds_flags_a_real_slowdown_beyond_the_process_noise() -> None:
+    offsets = [-0.03, 0.0, 0.03, -0.015, 0.015]
+    base, new = _rounds(30, offsets), _rounds(40, offsets, center_ms=12.5)  # 1.25x slower
+    stats = ratio_of_medians(base, new)
+    assert stats.ratio == pytest.approx(1.25, rel=0.03)
+    assert stats.ci95_low > 1.0
+    assert verdict(stats, 0.10) == "slower"
+
+
+def test_compare_cli_reads_rounds_and_labels_one_round_cells(tmp_path: Path, capsys) -> None:
+    base = write_run(tmp_path, "base", {FWD: _rounds(50, [0.0, 0.02, -0.02]), BWD: _noise(30, 51)})
+    new = write_run(tmp_path, "new", {FWD: _rounds(60, [0.01, -0.01, 0.0]), BWD: _noise(30, 61)})
+    comparison = compare_runs(base, new)
+    cells = {c.cell_id: c for c in comparison.cells}
+    assert (cells[FWD].rounds_base, cells[FWD].rounds_new, cells[FWD].ci_level) == (3, 3, "rounds")
+    assert cells[BWD].ci_level == "within-process" and "within-process interval only" in cells[BWD].note
+
+
+# ---------------------------------------------------------------- devices
+
+
+def test_compare_flags_a_cell_that_ran_on_another_device(tmp_path: Path) -> None:
+    base = write_run(tmp_path, "base", {FWD: _noise(30, 71)})
+    new = write_run(tmp_path, "new", {FWD: _noise(30, 72)}, row_overrides={FWD: {"device": "gpu"}})
+    comparison = compare_runs(base, new)
+    assert comparison.exit_code == 1
+    assert any("ran on cpu (base) but on gpu (new)" in m for m in comparison.invariant_mismatches)
+
+
+def test_compare_refuses_runs_on_different_gpu_models(tmp_path: Path) -> None:
+    runs = []
+    for name, gpu in (("base", "NVIDIA H100"), ("new", "NVIDIA H200")):
+        run_dir = write_run(tmp_path, name, {FWD: _noise(30, 73)})
+        record = json.loads((run_dir / "run.json").read_text())
+        record["settings"]["device"] = "gpu"
+        record["environment"] = {"gpus": [{"name": gpu}]}
+        (run_dir / "run.json").write_text(json.dumps(record))
+        runs.append(run_dir)
+    with pytest.raises(CompareError, match=r"the runs are on different GPUs: NVIDIA H100 in .* but NVIDIA H200"):
+        compare_runs(*runs)

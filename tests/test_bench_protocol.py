@@ -62,6 +62,12 @@ def test_protocol_empty_result_has_the_modes_type() -> None:
     assert isinstance(result, protocol.CellResult) and result.status == "timeout" and result.samples_ns == []
 
 
+def test_gpu_math_env_sets_autotuning_for_tensorflow_and_xla_keeping_other_flags() -> None:
+    env = protocol.gpu_math_env(False, "--xla_gpu_autotune_level=4 --xla_dump_to=/tmp/x")
+    assert env == {"TF_CUDNN_USE_AUTOTUNE": "0", "XLA_FLAGS": "--xla_dump_to=/tmp/x --xla_gpu_autotune_level=0"}
+    assert protocol.gpu_math_env(True, "")["XLA_FLAGS"] == "--xla_gpu_autotune_level=4"
+
+
 def test_protocol_gradient_check_spec_and_result_round_trip() -> None:
     spec = protocol.GradientCheckSpec(framework="jax", execution="jit", precision="fp64", batch_size=1,
                                       output_npz="/tmp/g.npz", config={"depth": 2})  # fmt: skip

@@ -325,3 +325,23 @@ def test_report_summary_shows_the_ceiling_shares_the_cells_table_shows(tmp_path:
     best = report.best_per_framework(report.model_table(report.load_runs([run_dir])), "torch")
     shown = report._summary_display(best[best["status"] == "ok"], "torch", multi=False)
     assert set(shown["% ceiling"]) == {"25"} and set(shown["% own fw ceiling"]) == {"50"}
+
+
+def test_report_speedup_carries_an_interval_and_unranked_when_it_holds_one() -> None:
+    runs = report.load_runs([FIXTURE])
+    table = report.model_table(runs)
+    samples = pd.concat([run.samples.assign(run=run.label) for run in runs], ignore_index=True)
+    best = report.best_per_framework(table, "torch", samples)
+    others = best[(best["status"] == "ok") & (best["framework"] != "torch")]
+    assert not others.empty
+    for r in others.to_dict("records"):
+        assert r["speedup_ci95_low"] <= r["speedup_vs_baseline"] <= r["speedup_ci95_high"]
+        text = report._speedup_text(r, "torch")
+        assert ("not distinguishable from torch" in text) == (r["speedup_ci95_low"] <= 1.0 <= r["speedup_ci95_high"])
+    # Two cells of one distribution: their speedup interval holds 1, so they are not ranked.
+    same = {"framework": "jax", "speedup_vs_baseline": 1.01, "speedup_ci95_low": 0.97, "speedup_ci95_high": 1.05,
+            "speedup_ci_level": "rounds"}  # fmt: skip
+    assert report._speedup_text(same, "torch") == "1.01x (0.97-1.05), not distinguishable from torch"
+    apart = {**same, "speedup_vs_baseline": 0.8, "speedup_ci95_low": 0.76, "speedup_ci95_high": 0.84,
+             "speedup_ci_level": "within-process"}  # fmt: skip
+    assert report._speedup_text(apart, "torch") == "0.80x (0.76-0.84, one round: within-process interval)"

@@ -77,7 +77,7 @@ def test_read_run_reads_what_run_store_wrote(tmp_path: Path) -> None:
         ("summary.csv", lambda t: t + t.splitlines()[1] + "\n", "line 3 repeats cell_id=torch-eager-fp32-b1-forward"),
         ("summary.csv", lambda t: t.replace("cell_id,", "cell_id,bogus,", 1).replace("\ntorch", "\nx,torch"),
          "column\\(s\\) this version does not know: bogus"),
-        ("samples.csv", lambda t: t + t.splitlines()[1] + "\n", "repeats cell_id=torch-eager-fp32-b1-forward, iteration=0"),
+        ("samples.csv", lambda t: t + t.splitlines()[1] + "\n", "repeats cell_id=torch-eager-fp32-b1-forward, round=1, iteration=0"),
         ("run.json", lambda t: t[: len(t) // 2], "is not valid JSON"),
     ],
     ids=["truncated", "missing_fields", "inf_latency", "duplicate_cell", "extra_column", "duplicate_sample", "cut_json"],

@@ -339,11 +339,14 @@ def test_test_slowdown_switch_is_recorded_and_warned(fake: pytest.MonkeyPatch, t
     assert any("HGBENCH_TEST_SLOWDOWN" in text for text in warnings)
 
 
-def test_test_slowdown_switch_rejects_a_malformed_value(fake: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_test_slowdown_switch_rejects_a_malformed_value_before_measuring(
+    fake: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     fake.setenv("HGBENCH_TEST_SLOWDOWN", "lots")
-    code, run_dir = run(tmp_path, "--framework", "torch", "--phase", "forward")
-    assert code == 1
-    assert "HGBENCH_TEST_SLOWDOWN='lots'" in summary(run_dir).loc["torch-eager-fp32-b1-forward", "error"]
+    assert cli.main(["run", *TINY, "--out", str(tmp_path), "--framework", "torch"]) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith("error: HGBENCH_TEST_SLOWDOWN='lots' is not a fraction between 0 and 10")
+    assert list(tmp_path.iterdir()) == []  # no run folder, no worker started
 
 
 def test_slowed_step_lasts_at_least_the_fraction_longer() -> None:
@@ -396,3 +399,77 @@ def test_regression_check_experiment_writes_pairs_and_summary(fake: pytest.Monke
     assert slowed.loc["jax-jit-fp32-b1-forward", "injected_slowdown"] == 1.0
     assert set(pd.read_csv(out / "summary.csv")["kind"]) == {"same_code", "same_code_vs_like", "slowdown", "slowdown_vs_like"}
     assert regression_check.main(["--like", str(tmp_path), "--out", str(out)]) == 2
+
+
+# ---------------------------------------------------------------- rounds
+
+
+def test_runner_measures_every_cell_in_interleaved_rounds(fake: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    code, run_dir = run(tmp_path, "--framework", "torch,jax", "--execution", "default", "--rounds", "3")
+    assert code == 0
+    rows = summary(run_dir)
+    model = rows[rows["kind"] == "model"]
+    assert set(model["n_rounds"]) == {3} and set(model["ci_level"]) == {"rounds"}
+    assert (model["round_median_ms_min"] <= model["latency_ms_median"]).all()
+    assert (model["latency_ms_median"] <= model["round_median_ms_max"]).all()
+    samples = pd.read_csv(run_dir / "samples.csv")
+    cell = samples[samples["cell_id"] == "torch-eager-fp32-b1-forward"]
+    assert sorted(set(cell["round"])) == [1, 2, 3] and len(cell) == 3 * 3  # --iters 3 per round
+    record = json.loads((run_dir / "run.json").read_text())
+    assert record["rounds"]["rounds"] == 3 and record["rounds"]["order_seed"] == 0
+    logs = sorted(p.name for p in (run_dir / "logs").glob("torch-eager-fp32-b1-forward-round*.log"))
+    assert logs == [f"torch-eager-fp32-b1-forward-round{r}.log" for r in (1, 2, 3)]
+
+
+def test_runner_failed_round_ends_the_cell_and_says_which_round(fake: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    fake.setenv("HGBENCH_FAKE_FAULTS", "error@torch/*/forward")
+    code, run_dir = run(tmp_path, "--framework", "torch", "--execution", "default", "--rounds", "2")
+    rows = summary(run_dir)
+    assert code == 1
+    assert rows.loc["torch-eager-fp32-b1-forward", "status"] == "failed"
+    assert rows.loc["torch-eager-fp32-b1-forward", "error"].startswith("round 1 of 2: ")
+    assert rows.loc["torch-eager-fp32-b1-forward_backward", "n_rounds"] == 2
+
+
+def test_runner_one_round_is_labelled_within_process(fake: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    code, run_dir = run(tmp_path, "--framework", "jax", "--phase", "forward")
+    assert code == 0
+    assert summary(run_dir).loc["jax-jit-fp32-b1-forward", "ci_level"] == "within-process"
+
+
+# ---------------------------------------------------------------- the GPU branch, on the fake backend
+
+
+def test_runner_on_a_gpu_records_a_framework_that_falls_back_to_the_cpu(fake: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """NVML sees a GPU, the (fake) frameworks do not: under --device auto the run goes on, warns, marks every
+    row device_fallback and keeps those rows out of GPU ceilings."""
+    fake.setattr(settings.nvml, "gpu_present", lambda: True)
+    code, run_dir = run(tmp_path, "--framework", "torch", "--execution", "default", "--phase", "forward", "--batch-size", "1")
+    assert code == 0
+    rows = summary(run_dir)
+    assert set(rows["device"]) == {"cpu"} and rows["device_fallback"].all()
+    record = json.loads((run_dir / "run.json").read_text())
+    assert "torch" in record["device_fallback"] and "pip install '.[torch-gpu]'" in record["device_fallback"]["torch"]
+    assert any("torch runs on the CPU although the run is on the GPU" in w for w in record["warnings"])
+
+
+def test_runner_device_gpu_with_a_cpu_build_is_bad_input_naming_the_cuda_install(
+    fake: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fake.setattr(settings.nvml, "gpu_present", lambda: True)
+    assert cli.main(["run", *TINY, "--out", str(tmp_path), "--framework", "jax", "--device", "gpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --device gpu: NVML sees a GPU but jax cannot use it") and err.count("\n") == 1
+    assert "pip install '.[jax-gpu]'" in err
+    assert not any(tmp_path.iterdir())  # nothing was measured or written
+
+
+def test_ceilings_are_per_device_so_a_cpu_fallback_never_sets_a_gpu_ceiling() -> None:
+    from bench.run.runner import ceilings
+
+    rows = [{"kind": "calibration", "status": "ok", "phase": "gemm", "framework": fw, "device": device,
+             "precision": "fp32", "batch_size": 16, "achieved_gflop_per_s": rate}
+            for fw, device, rate in (("torch", "gpu", 50_000.0), ("jax", "cpu", 90.0))]  # fmt: skip
+    best = ceilings(rows)
+    assert best[("gpu", "*", "fp32", 16)] == 50_000.0 and best[("cpu", "*", "fp32", 16)] == 90.0
+    assert ("gpu", "jax", "fp32", 16) not in best

@@ -155,3 +155,19 @@ def test_help_and_parent_modules_import_no_framework() -> None:
     )
     done = subprocess.run([sys.executable, "-c", code], check=False, cwd=REPO_ROOT, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+
+
+def test_fp32_math_and_autotune_are_parsed_and_recorded(cpu_only: None) -> None:
+    s = build_settings(preset="tiny", fp32_math="tf32", autotune="off")
+    assert (s.fp32_math, s.autotune) == ("tf32", False)
+    assert s.placement()["fp32_math"] == "tf32" and s.placement()["autotune"] is False
+    assert RunSettings.from_dict(s.to_dict()) == s
+    default = build_settings(preset="tiny")
+    assert (default.fp32_math, default.autotune) == ("ieee", True)
+
+
+@pytest.mark.parametrize(("flag", "value", "message"), [("--fp32-math", "fp16", "--fp32-math: unknown value 'fp16'"),
+                                                        ("--autotune", "maybe", "--autotune must be on or off, got 'maybe'")])  # fmt: skip
+def test_fp32_math_and_autotune_reject_bad_values(cpu_only: None, capsys, flag: str, value: str, message: str) -> None:
+    assert cli.main(["run", "--preset", "tiny", flag, value]) == 2
+    assert message in capsys.readouterr().err

@@ -140,3 +140,51 @@ def test_relative_error_is_infinite_for_nan_or_wrong_shape() -> None:
     ref = np.ones((1, 1, 2, 2, 1))
     assert relative_error(np.full_like(ref, np.nan), ref) == math.inf
     assert relative_error(np.ones((1, 1, 2, 2, 2)), ref) == math.inf
+
+
+# ---------------------------------------------------------------- rounds: the process as a level
+
+
+def _rounds_with_offsets(rng: np.random.Generator, offsets: np.ndarray, n: int = 30) -> list[np.ndarray]:
+    """One round per offset: samples around 10 ms + that round's offset, with small within-round noise."""
+    return [10.0 + off + rng.normal(0.0, 0.02, size=n) for off in offsets]
+
+
+def test_two_level_interval_covers_a_known_between_round_offset() -> None:
+    """Rounds differ by offsets drawn around 0 (sd 0.3 ms, within-round sd 0.02 ms): the two-level interval
+    covers the true centre (10 ms) far more often than the within-process interval of the pooled samples."""
+    rng = np.random.default_rng(7)
+    covered_rounds = covered_within = 0
+    trials = 60
+    for trial in range(trials):
+        rounds = _rounds_with_offsets(rng, rng.normal(0.0, 0.3, size=5))
+        low, high = stats.median_ci(rounds, seed=trial)
+        covered_rounds += low <= 10.0 <= high
+        low, high = stats.bootstrap_median_ci(np.concatenate(rounds), seed=trial)
+        covered_within += low <= 10.0 <= high
+    assert covered_rounds / trials >= 0.85
+    assert covered_within / trials <= 0.5
+
+
+def test_summarize_of_rounds_gives_the_between_round_spread() -> None:
+    rounds = [[10_000_000] * 5, [11_000_000] * 5, [12_000_000] * 5]  # round medians 10, 11, 12 ms
+    s = stats.summarize(rounds, batch_size=1, flops=None)
+    assert s["n_rounds"] == 3 and s["n_samples"] == 15 and s["ci_level"] == "rounds"
+    assert s["round_median_ms_min"] == pytest.approx(10.0) and s["round_median_ms_max"] == pytest.approx(12.0)
+    assert s["round_cv"] == pytest.approx(1.0 / 11.0)  # sd of (10, 11, 12) is 1
+    assert s["noisy"] is True  # between-round CV 9% > 5%, though each round is constant
+    assert s["latency_ms_median_ci95_low"] >= 10.0 and s["latency_ms_median_ci95_high"] <= 12.0
+
+
+def test_summarize_of_one_round_is_labelled_within_process() -> None:
+    s = stats.summarize(SAMPLES_NS, batch_size=1, flops=None)
+    assert s["n_rounds"] == 1 and s["ci_level"] == "within-process"
+    assert math.isnan(s["round_cv"])
+
+
+def test_resampled_medians_handles_rounds_of_different_lengths() -> None:
+    rng = np.random.default_rng(0)
+    rounds = [np.full(3, 1.0), np.full(7, 2.0)]
+    medians = stats.resampled_medians(rounds, 400, rng)
+    assert set(np.unique(medians)) <= {1.0, 1.5, 2.0}  # all-1 or all-2 resamples, or one of each (median of 10 values)
+    assert 1.0 in medians and 2.0 in medians

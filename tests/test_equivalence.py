@@ -96,7 +96,9 @@ def test_grads_match_finite_difference_of_numpy_reference(backend, draw: Draw) -
     """
     config = SMALL_CONFIGS["tiny"]
     weights = impls.init_weights(config, seed=2)
-    x, target = draw.inputs(config)
+    # Away from kinks: within fp32 rounding of a ReLU or max-pool kink the fp32 gradient may take the other
+    # side's slope than the float64 reference (seen in a CI rehearsal: TensorFlow 1.1% off, seed 1007085518).
+    x, target = draw.inputs_away_from_kinks(config, weights)
     _, grads = backend.build(config, weights=weights).loss_and_grads(x, target)
     eps = 1e-9  # float64 reference: rounding stays near 1e-5 of the slope, and few kinks lie this close
     direction = {n: draw.rng.standard_normal(weights[n].shape) for n in grads}

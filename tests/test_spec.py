@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import impls
-from impls import ConfigError, HourglassConfig, spec
+from impls import ConfigError, HourglassConfig, base, spec, stages
 from tests.conftest import SMALL_CONFIGS
 
 ALL_CONFIGS = {**SMALL_CONFIGS, "seed": impls.PRESETS["seed"], "newell": impls.PRESETS["newell"]}
@@ -147,3 +147,89 @@ def test_import_impls_imports_no_framework() -> None:
     code = "import sys, impls; impls.installed_frameworks(); print(sorted({'torch','tensorflow','jax'} & set(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("name", ["tiny", "nonsquare_preact"])
+def test_random_batch_draws_x_then_target_from_one_seeded_generator(name: str) -> None:
+    """The draw every framework's benchmark step used before it was shared: x first, then the target."""
+    config = SMALL_CONFIGS[name]
+    rng = np.random.default_rng(7)
+    want_x = rng.standard_normal((3, *config.input_hw, 3), dtype=np.float32)
+    want_target = rng.standard_normal((3, *config.heatmap_hw, config.num_keypoints), dtype=np.float32)
+    x, target = spec.random_batch(config, 3, seed=7)
+    assert x.dtype == target.dtype == np.float32
+    np.testing.assert_array_equal(x, want_x)
+    np.testing.assert_array_equal(target, want_target)
+    assert not np.array_equal(spec.random_batch(config, 3, seed=8)[0], x)
+
+
+def test_probe_arrays_draw_input_then_kernel_and_a_then_b() -> None:
+    rng = np.random.default_rng(3)
+    want_x = rng.standard_normal((2, 8, 6, 4), dtype=np.float32)
+    want_kernel = rng.standard_normal((3, 3, 4, 5), dtype=np.float32)
+    x, kernel = spec.conv_probe_arrays((2, 8, 6, 4), 5, 3, seed=3)
+    np.testing.assert_array_equal(x, want_x)
+    np.testing.assert_array_equal(kernel, want_kernel)
+    rng = np.random.default_rng(3)
+    want_a, want_b = rng.standard_normal((7, 4), dtype=np.float32), rng.standard_normal((4, 9), dtype=np.float32)
+    a, b = spec.gemm_probe_arrays(7, 4, 9, seed=3)
+    np.testing.assert_array_equal(a, want_a)
+    np.testing.assert_array_equal(b, want_b)
+
+
+@pytest.mark.parametrize("name", list(ALL_CONFIGS))
+@pytest.mark.parametrize("phase", impls.PHASES)
+def test_stage_plan_reads_only_tensors_written_before(name: str, phase: str) -> None:
+    config = ALL_CONFIGS[name]
+    plan = stages.stage_plan(config, phase)
+    written = {stages.IMAGE}
+    for stage in plan:
+        assert set(stage.inputs) <= written, f"{stage.name} reads {set(stage.inputs) - written} before any stage writes it"
+        assert not set(stage.outputs) & written, f"{stage.name} overwrites {set(stage.outputs) & written}"
+        written |= set(stage.outputs)
+    names = [stage.name for stage in plan]
+    assert names[: len(stages.stage_names(config))] == stages.stage_names(config)
+    assert (names[-1] == "loss") == (phase == "forward_backward")
+    # every stage is a top-level block whose parameters carry its name: the plan and the spec agree
+    assert {stages.stage_of(conv.name) for conv in spec.convs(config)} == set(stages.stage_names(config))
+
+
+def test_stage_plan_loss_reads_every_stacks_heatmaps() -> None:
+    config = SMALL_CONFIGS["nonsquare_preact"]  # 3 stacks
+    loss = stages.stage_plan(config, "forward_backward")[-1]
+    assert loss == stages.Stage("loss", ("heatmaps_0", "heatmaps_1", "heatmaps_2"), ("loss",))
+    assert stages.stage_plan(config)[3] == stages.Stage("merge_0", ("x_0", "previous_0", "heatmaps_0"), ("x_1",))
+
+
+@pytest.mark.parametrize(
+    ("call", "error", "message"),
+    [
+        (lambda: base.check_step_args("backward", 1), ValueError,
+         r"unknown phase 'backward'; choose one of: forward, forward_backward"),
+        (lambda: base.check_step_args("forward", 0), ValueError,
+         r"batch_size must be a positive integer, got 0; pass the number of images per step"),
+        (lambda: base.check_step_args("forward", True), ValueError, r"batch_size must be a positive integer, got True"),
+        (lambda: base.check_device_args("jax", "fp8", "cpu", lambda: True), ValueError,
+         r"unknown precision 'fp8'; choose one of: fp32, bf16"),
+        (lambda: base.check_device_args("jax", "fp32", "tpu", lambda: True), ValueError,
+         r"unknown device 'tpu'; choose one of: cpu, gpu"),
+        (lambda: base.check_device_args("jax", "fp32", "gpu", lambda: False), RuntimeError,
+         r"no GPU visible to jax; use --device cpu"),
+        (lambda: base.check_build_args("jax", ("jit",), "eager", "fp32", "cpu", lambda: False), ValueError,
+         r"unknown execution 'eager' for jax; choose one of: jit"),
+        (lambda: base.check_build_args("torch", ("eager",), "eager", "fp32", "cpu", lambda: False, {"fast": 1},
+                                       ("channels_last",)), ValueError,
+         r"unknown build option\(s\) fast for torch; it takes only channels_last; remove them"),
+        (lambda: base.check_profile_args("jax", ("jit",), lambda: False, phase="forward", batch_size=1,
+                                         execution="jit", precision="fp32", device="cpu", warmup=-1, steps=1,
+                                         top_k=1), ValueError,
+         r"warmup must be an integer >= 0, got -1; pass 0 to profile without warm-up steps"),
+        (lambda: base.check_profile_args("jax", ("jit",), lambda: False, phase="forward", batch_size=1,
+                                         execution="jit", precision="fp32", device="cpu", warmup=0, steps=1,
+                                         top_k=0), ValueError,
+         r"top_k must be a positive integer, got 0; keep at least one row of the op table"),
+    ],
+)  # fmt: skip
+def test_argument_checks_say_what_was_given_expected_and_the_fix(call, error: type, message: str) -> None:
+    with pytest.raises(error, match=message):
+        call()

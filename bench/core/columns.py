@@ -22,12 +22,17 @@ SUMMARY_CSV = "summary.csv"
 SAMPLES_CSV = "samples.csv"
 RUN_JSON = "run.json"
 LOGS_DIR = "logs"
+# The worker running now (pid, process group, cell), removed when it ends: one left behind means the
+# parent died, and `--resume` kills what is left of that worker (bench.engine.procs).
+LIVE_WORKER_JSON = "live_worker.json"
 
 CELL_COLUMNS = ["cell_id", "kind", "framework", "execution", "precision", "batch_size", "phase"]
 CONFIG_COLUMNS = ["preset", "num_stacks", "depth", "channels", "num_keypoints", "input_height", "input_width"]
 SUMMARY_COLUMNS = [
     *CELL_COLUMNS,
-    "device",
+    "device",  # where the cell actually ran
+    "device_fallback",  # True: the run is on the GPU but this framework could not see it and ran on the CPU
+    "fp32_math",  # ieee or tf32: how fp32 convolutions and matmuls ran (a CPU: ieee)
     "status",
     "error",
     "n_samples",
@@ -40,6 +45,11 @@ SUMMARY_COLUMNS = [
     "latency_ms_iqr",
     "latency_ms_median_ci95_low",
     "latency_ms_median_ci95_high",
+    "ci_level",  # rounds (two-level interval) or within-process (one round: the process level is unknown)
+    "n_rounds",
+    "round_median_ms_min",
+    "round_median_ms_max",
+    "round_cv",  # coefficient of variation of the round medians: the process-to-process noise
     "noisy",
     "first_call_ms",
     "throughput_img_per_s",
@@ -55,8 +65,14 @@ SUMMARY_COLUMNS = [
     "equivalent",
     "gradient_max_rel_err",
     "gradients_equivalent",
-    "gpu_allocator_peak_bytes",
+    "gpu_allocator_peak_bytes",  # build to the end of the timed loop
+    "gpu_allocator_setup_peak_bytes",  # first call and warm-up: compilation and autotuning scratch included
+    "gpu_allocator_timed_peak_bytes",  # the timed loop alone (empty where the framework cannot reset: JAX)
+    "compiled_argument_bytes",  # XLA's memory plan of the compiled step (JAX): arguments, outputs, temporaries
+    "compiled_output_bytes",
+    "compiled_temp_bytes",
     "nvml_process_used_bytes",
+    "nvml_process_lookup",  # how the process figure was found: pid, device_minus_baseline, not_found, no_nvml
     "nvml_device_used_bytes",
     "host_peak_rss_bytes",
     "warmup_calls",
@@ -66,10 +82,12 @@ SUMMARY_COLUMNS = [
     "worker_wall_s",
     *CONFIG_COLUMNS,
 ]
-SAMPLE_COLUMNS = [*CELL_COLUMNS, "iteration", "latency_ns"]
+SAMPLE_COLUMNS = [*CELL_COLUMNS, "round", "iteration", "latency_ns"]  # round: 1..R, the worker process
 # Columns of summary.csv that hold text or booleans; every other column holds a number or nothing.
 SUMMARY_TEXT_COLUMNS = frozenset(
-    {*CELL_COLUMNS, "device", "status", "error", "noisy", "equivalent", "gradients_equivalent", "preset"} - {"batch_size"}
+    {*CELL_COLUMNS, "device", "status", "error", "noisy", "equivalent", "gradients_equivalent", "preset", "ci_level",
+     "nvml_process_lookup", "device_fallback", "fp32_math"}
+    - {"batch_size"}
 )
 SUMMARY_REQUIRED = [*CELL_COLUMNS, "status"]
 SAMPLES_REQUIRED = ["cell_id", "latency_ns"]
@@ -132,3 +150,32 @@ PROFILE_TEXT_COLUMNS = frozenset(
     {"framework", "execution", "phase", "precision", "stage", "method", "status", "error", "op", "source", "note",
      "program_size_unit"}
 )  # fmt: skip
+
+# ---------------------------------------------------------------- bench maxbatch: probes.csv and maxbatch.csv
+
+_MAXBATCH_TARGET = ["framework", "execution", "precision", "phase", "device", "memory_budget_bytes"]
+MAXBATCH_PROBE_COLUMNS = [
+    *_MAXBATCH_TARGET,
+    "batch_size",
+    "status",
+    "error",
+    "fits",
+    "peak_bytes",  # the GPU allocator's peak on a GPU, the worker's peak resident memory on a CPU
+    "memory_source",
+    "over_budget",
+    "latency_ms_median",
+    "throughput_img_per_s",
+]
+MAXBATCH_COLUMNS = [
+    *_MAXBATCH_TARGET,
+    "status",  # ok | none_fit | skipped | failed | timeout (a probe that failed for a reason other than memory)
+    "error",
+    "probes",
+    "largest_batch",
+    "largest_throughput_img_per_s",
+    "largest_peak_bytes",
+    "limited_by",  # memory, or the search limit (--limit) when every probe fit
+    "best_batch",  # the throughput-optimal batch among those that fit
+    "best_throughput_img_per_s",
+]
+

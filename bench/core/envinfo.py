@@ -21,7 +21,9 @@ from bench.core.paths import REPO_ROOT
 
 # Distribution names whose versions matter to the numbers; several names cover one framework's builds.
 PACKAGES: tuple[str, ...] = (
-    "torch", "tensorflow", "tensorflow-cpu", "keras", "jax", "jaxlib", "flax", "jax-cuda12-plugin",
+    "torch", "tensorflow", "tensorflow-cpu", "keras", "jax", "jaxlib", "flax",
+    "jax-cuda12-plugin", "jax-cuda12-pjrt", "jax-cuda13-plugin", "jax-cuda13-pjrt",
+    "nvidia-cudnn-cu12", "nvidia-cudnn-cu13", "nvidia-cublas-cu12", "nvidia-cuda-runtime-cu12",
     "numpy", "scipy", "pandas", "nvidia-ml-py", "rich",
 )  # fmt: skip
 
@@ -94,6 +96,7 @@ def collect(args: list[str] | None = None) -> dict[str, Any]:
         "ram_bytes": psutil.virtual_memory().total,
         "load_average": load_average(),
         "gpus": nvml.gpus(),
+        "gpu_state": nvml.device_state(),  # clocks, power, throttling, persistence/MIG, other processes
         "python": platform.python_version(),
         "python_executable": sys.executable,
         "packages": {name: package_version(name) for name in PACKAGES if package_version(name) is not None},

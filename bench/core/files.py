@@ -1,13 +1,16 @@
-"""Atomic file writes (a temp file in the same directory, then os.replace) and JSON without NaN.
+"""Atomic file writes (a temp file in the same directory, then os.replace), JSON without NaN, and the
+checks that an output path can be written before any work starts.
 
 Kept free of pandas: the worker writes its result with it and should start fast.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
+import shutil
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -28,6 +31,84 @@ def atomic_write(path: Path, write: Any) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+class OutputPathError(ValueError):
+    """An output path that cannot be written (a file, under a file, read-only, full); the message names the fix."""
+
+
+# A full disk (ENOSPC) or a full quota (EDQUOT): the run stops cleanly and can be resumed once space is freed.
+DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+DISK_FULL_EXIT_CODE = 75  # EX_TEMPFAIL (sysexits.h): a temporary failure; free space, then retry or --resume
+
+
+def is_disk_full(err: BaseException) -> bool:
+    """True for an OSError that says the disk or the quota is full."""
+    return isinstance(err, OSError) and err.errno in DISK_FULL_ERRNOS
+
+
+def _size(n_bytes: float) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if n_bytes < 1024 or unit == "GiB":
+            return f"{n_bytes:.0f} {unit}" if unit == "bytes" else f"{n_bytes:.1f} {unit}"
+        n_bytes /= 1024
+    return ""  # unreachable
+
+
+def check_output_dir(path: str | Path, flag: str, need_bytes: int = 0) -> Path:
+    """`path` as a folder this process can write, or create, with `need_bytes` free on its disk.
+
+    Creates nothing: a missing folder is judged by the nearest folder above it that exists, which must
+    take a new entry. `flag` names where the path came from in the message ("--out"). Raises
+    OutputPathError for an empty path, a file, a path under a file, a folder that cannot be written
+    (read-only mount, /proc, permissions) and too little free space.
+    """
+    text = str(path)
+    if not text.strip():
+        raise OutputPathError(f"{flag} is empty; give a folder, e.g. {flag.split(maxsplit=1)[0]} results")
+    folder = Path(text).expanduser()
+    existing = folder.absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        if existing == folder.absolute():
+            raise OutputPathError(f"{flag} {text!r} is a file, not a folder; give a folder (it is created when missing)")
+        raise OutputPathError(f"{flag} {text!r}: {existing} is a file, so no folder can be made under it; "
+                              "give a path inside a folder")  # fmt: skip
+    try:
+        with tempfile.TemporaryFile(dir=existing, prefix=".hgbench-write-check-"):
+            pass
+    except OSError as err:
+        reason = err.strerror or type(err).__name__
+        what = "is not a folder this process can write" if existing == folder.absolute() else f"cannot be made in {existing}"
+        raise OutputPathError(f"{flag} {text!r} {what} ({reason}); give a writable folder") from None
+    free = shutil.disk_usage(existing).free
+    if need_bytes and free < need_bytes:
+        raise OutputPathError(f"{flag} {text!r}: only {_size(free)} free on its disk, and this needs about "
+                              f"{_size(need_bytes)}; free some space or give a folder on another disk")  # fmt: skip
+    return folder
+
+
+def check_output_file(path: str | Path, flag: str) -> Path:
+    """`path` as a file that can be written: not empty, not a folder, in an existing folder this process can write."""
+    text, example = str(path), f"compare.{flag.lstrip('-')}"
+    if not text.strip():
+        raise OutputPathError(f"{flag} is empty; give a file name, e.g. {flag} {example}")
+    target = Path(text).expanduser()
+    if target.is_dir():
+        raise OutputPathError(f"{flag} {text!r} is a folder; give a file name, e.g. {flag} {Path(text) / example}")
+    parent = target.absolute().parent
+    if parent.exists() and not parent.is_dir():
+        raise OutputPathError(f"{flag} {text!r}: {parent} is a file, not a folder; give a path in a folder")
+    if not parent.is_dir():
+        raise OutputPathError(f"{flag} {text!r}: its folder {parent} does not exist; create it or give a path in an existing folder")
+    try:
+        with tempfile.TemporaryFile(dir=parent, prefix=".hgbench-write-check-"):
+            pass
+    except OSError as err:
+        raise OutputPathError(f"{flag} {text!r}: its folder {parent} cannot be written ({err.strerror}); "
+                              "give a path in a writable folder") from None  # fmt: skip
+    return target
 
 
 def _umask() -> int:

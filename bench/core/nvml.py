@@ -85,22 +85,99 @@ def visible_gpu_uuid() -> str | None:
     return matches[0] if len(matches) == 1 else None
 
 
-def memory_used(uuid: str | None, pid: int) -> tuple[int | None, int | None]:
-    """(bytes used by process `pid` on GPU `uuid`, bytes used on the whole device); None where unknown."""
-    if uuid is None:
-        return None, None
+# ---------------------------------------------------------------- device state that changes numbers
+
+# NVML's clocks-event (throttle) reason bits, named as nvml.h names them; "gpu_idle" alone is harmless.
+_THROTTLE_REASONS: dict[int, str] = {
+    0x1: "gpu_idle", 0x2: "applications_clocks_setting", 0x4: "sw_power_cap", 0x8: "hw_slowdown",
+    0x10: "sync_boost", 0x20: "sw_thermal_slowdown", 0x40: "hw_thermal_slowdown", 0x80: "hw_power_brake_slowdown",
+    0x100: "display_clock_setting",
+}  # fmt: skip
+
+
+def _call(default: object, function: object, *args: object) -> object:
+    """One NVML query; `default` where the driver or device does not support it (NVML raises then)."""
+    try:
+        return function(*args)  # type: ignore[operator]
+    except Exception:  # NVMLError_NotSupported and friends: that figure is unknown, the others still count
+        return default
+
+
+def throttle_reasons(mask: int | None) -> list[str]:
+    """Names of the set clocks-event reason bits (unknown bits as hex)."""
+    if mask is None:
+        return []
+    names = [name for bit, name in _THROTTLE_REASONS.items() if mask & bit]
+    rest = mask & ~sum(_THROTTLE_REASONS)
+    return names + ([hex(rest)] if rest else [])
+
+
+def device_state() -> list[dict[str, object]]:
+    """Per GPU: clocks now and at most, power draw and limit, temperature, persistence and MIG mode, the
+    clocks-event (throttle) reasons, and the compute processes on it with their memory. Unknown is None."""
     with _session() as nv:
         if nv is None:
-            return None, None
+            return []
+        states = []
+        for index in range(int(_call(0, nv.nvmlDeviceGetCount))):
+            handle = nv.nvmlDeviceGetHandleByIndex(index)
+            sm, mem = nv.NVML_CLOCK_SM, nv.NVML_CLOCK_MEM
+            power = _call(None, nv.nvmlDeviceGetPowerUsage, handle)  # milliwatts
+            limit = _call(None, nv.nvmlDeviceGetEnforcedPowerLimit, handle)
+            mig = _call(None, nv.nvmlDeviceGetMigMode, handle)
+            processes = _call([], nv.nvmlDeviceGetComputeRunningProcesses, handle) or []
+            reasons = _call(None, nv.nvmlDeviceGetCurrentClocksThrottleReasons, handle)
+            states.append({
+                "index": index,
+                "uuid": _text(_call("", nv.nvmlDeviceGetUUID, handle)),
+                "sm_clock_mhz": _call(None, nv.nvmlDeviceGetClockInfo, handle, sm),
+                "sm_clock_max_mhz": _call(None, nv.nvmlDeviceGetMaxClockInfo, handle, sm),
+                "memory_clock_mhz": _call(None, nv.nvmlDeviceGetClockInfo, handle, mem),
+                "power_w": None if power is None else int(power) / 1000,
+                "power_limit_w": None if limit is None else int(limit) / 1000,
+                "temperature_c": _call(None, nv.nvmlDeviceGetTemperature, handle, nv.NVML_TEMPERATURE_GPU),
+                "persistence_mode": _call(None, nv.nvmlDeviceGetPersistenceMode, handle),
+                "mig_mode": None if mig is None else mig[0],  # (current, pending)
+                "throttle_reasons": throttle_reasons(None if reasons is None else int(reasons)),
+                "compute_processes": [
+                    {"pid": int(proc.pid), "used_bytes": None if proc.usedGpuMemory is None else int(proc.usedGpuMemory)}
+                    for proc in processes
+                ],
+            })  # fmt: skip
+        return states
+
+
+# Where a process's GPU memory figure came from (the nvml_process_lookup column).
+LOOKUP_PID = "pid"  # NVML listed this process's PID
+LOOKUP_ONLY_PROCESS = "device_minus_baseline"  # PIDs differ (a container): device used minus the reading
+#   taken before the framework loaded, valid only while this is the device's one compute process
+LOOKUP_NOT_FOUND = "not_found"  # PIDs differ and other processes share the device: unknown
+LOOKUP_NO_NVML = "no_nvml"
+
+
+def process_memory(uuid: str | None, pid: int, baseline_used: int | None) -> tuple[int | None, int | None, str]:
+    """(bytes this process uses on GPU `uuid`, bytes used on the device, how the first was found).
+
+    NVML reports host PIDs, so inside a container os.getpid() matches nothing; then, if this is the only
+    compute process on the device, the device's used memory minus `baseline_used` (read before the
+    framework touched the GPU) stands in, and the lookup says so. Otherwise the figure is unknown (None),
+    never 0.
+    """
+    if uuid is None:
+        return None, None, LOOKUP_NO_NVML
+    with _session() as nv:
+        if nv is None:
+            return None, None, LOOKUP_NO_NVML
         try:
-            handle = nv.nvmlDeviceGetHandleByUUID(uuid.encode() if isinstance(uuid, str) else uuid)
+            handle = nv.nvmlDeviceGetHandleByUUID(uuid.encode())
             device_used = int(nv.nvmlDeviceGetMemoryInfo(handle).used)
         except Exception:
-            return None, None
-        process_used = None
-        with suppress(Exception):  # per-process accounting is optional in NVML; the device figure stands
-            for proc in nv.nvmlDeviceGetComputeRunningProcesses(handle):
-                # usedGpuMemory is None where the driver cannot attribute memory (e.g. another PID namespace).
-                if proc.pid == pid and proc.usedGpuMemory is not None:
-                    process_used = int(proc.usedGpuMemory)
-        return process_used, device_used
+            return None, None, LOOKUP_NO_NVML
+        processes = _call([], nv.nvmlDeviceGetComputeRunningProcesses, handle) or []
+        for proc in processes:
+            if proc.pid == pid and proc.usedGpuMemory is not None:
+                return int(proc.usedGpuMemory), device_used, LOOKUP_PID
+        if len(processes) <= 1 and baseline_used is not None:
+            return max(device_used - baseline_used, 0), device_used, LOOKUP_ONLY_PROCESS
+        return None, device_used, LOOKUP_NOT_FOUND
+

@@ -123,7 +123,8 @@ def _no_repeats(path: Path, frame: pd.DataFrame, keys: list[str], fix: str) -> N
     repeated = frame.duplicated(subset=keys, keep="first")
     if repeated.any():
         index = int(np.flatnonzero(repeated.to_numpy())[0])
-        what = ", ".join(f"{k}={frame[k].iloc[index]}" for k in keys)
+        values = [frame[k].iloc[index] for k in keys]
+        what = ", ".join(f"{k}={int(v) if isinstance(v, float) and v.is_integer() else v}" for k, v in zip(keys, values, strict=True))
         raise RunDirError(f"{path} line {index + 2} repeats {what}; each must appear once: {fix}")
 
 
@@ -159,9 +160,18 @@ class RunData:
     samples: pd.DataFrame  # one row per timed iteration; latency_ns as float64
 
     def samples_ms(self, cell_id: str) -> np.ndarray:
-        """One cell's per-iteration latencies in ms, in iteration order."""
+        """One cell's per-iteration latencies in ms, every round's, in round and iteration order."""
         rows = self.samples[self.samples["cell_id"] == cell_id]
         return rows["latency_ns"].to_numpy(dtype=np.float64) / 1e6
+
+    def samples_by_round(self, cell_id: str) -> list[np.ndarray]:
+        """One cell's latencies in ms, one array per round (runs written before rounds existed: one round)."""
+        rows = self.samples[self.samples["cell_id"] == cell_id]
+        if rows.empty:
+            return []
+        if "round" not in rows or rows["round"].isna().all():
+            return [rows["latency_ns"].to_numpy(dtype=np.float64) / 1e6]
+        return [group["latency_ns"].to_numpy(dtype=np.float64) / 1e6 for _, group in rows.groupby("round", sort=True)]
 
     @property
     def status(self) -> str:
@@ -197,9 +207,13 @@ def _read_samples(path: Path) -> pd.DataFrame:
         raise RunDirError(f"{path} line {index + 2}: latency_ns must be positive integers, got "
                           f"{frame['latency_ns'].iloc[index]!r}; {_FIX_RUN}")  # fmt: skip
     frame["latency_ns"] = latency.astype(np.float64)
+    keys = ["cell_id"]
+    for column in ("round", "iteration"):
+        if column in frame:
+            frame[column] = _numbers(path, frame, column, _FIX_RUN)
+            keys.append(column)
     if "iteration" in frame:
-        frame["iteration"] = _numbers(path, frame, "iteration", _FIX_RUN)
-        _no_repeats(path, frame, ["cell_id", "iteration"], _FIX_RUN)
+        _no_repeats(path, frame, keys, _FIX_RUN)
     return frame
 
 
@@ -264,16 +278,31 @@ class RunStore:
         """Every row so far (as text for resumed rows, as values for new ones)."""
         return self._summary.to_dict("records")
 
-    def add(self, row: Mapping[str, Any], samples_ns: Iterable[int] = ()) -> None:
-        """Add or replace a cell's row and samples, then rewrite both CSVs atomically."""
+    def rounds_of(self, cell_id: str) -> list[list[int]]:
+        """The samples (ns) stored for a cell, one list per round in round order (a resumed run's included)."""
+        if self._samples.empty:
+            return []
+        rows = self._samples[self._samples["cell_id"] == cell_id]
+        if "round" not in rows:  # a run recorded before rounds existed: one round
+            return [[int(v) for v in rows["latency_ns"]]] if not rows.empty else []
+        rounds = pd.to_numeric(rows["round"], errors="coerce").fillna(1).astype(int)
+        return [[int(v) for v in rows.loc[rounds == r, "latency_ns"]] for r in sorted(set(rounds))]
+
+    def add(self, row: Mapping[str, Any], samples_ns: Iterable[int] | Sequence[Sequence[int]] = ()) -> None:
+        """Add or replace a cell's row and samples (one flat list, or one list per round), then rewrite both
+        CSVs atomically."""
         cell_id = row["cell_id"]
         columns = cols.SUMMARY_COLUMNS
         new_row = pd.DataFrame([{column: row.get(column) for column in columns}], columns=columns)
         kept = self._summary[self._summary["cell_id"] != cell_id] if not self._summary.empty else None
         self._summary = new_row if kept is None or kept.empty else pd.concat([kept, new_row], ignore_index=True)
+        given = list(samples_ns)
+        per_round = given if given and isinstance(given[0], (list, tuple)) else [given] if given else []
+        key = {c: row.get(c) for c in cols.CELL_COLUMNS}
         samples = [
-            {**{c: row.get(c) for c in cols.CELL_COLUMNS}, "iteration": i, "latency_ns": ns}
-            for i, ns in enumerate(samples_ns)
+            {**key, "round": number, "iteration": i, "latency_ns": ns}
+            for number, values in enumerate(per_round, start=1)
+            for i, ns in enumerate(values)
         ]
         if samples or not self._samples.empty:
             kept_samples = self._samples[self._samples["cell_id"] != cell_id] if not self._samples.empty else None

@@ -14,7 +14,7 @@ from typing import Any
 
 from bench.core import nvml
 from impls import FRAMEWORKS, PHASES, ConfigError, HourglassConfig, get_preset, install_command, is_installed
-from impls.base import PRECISIONS
+from impls.base import FP32_MATH, PRECISIONS
 from impls.registry import EXECUTIONS, UnknownFrameworkError, canonical_name
 
 DEVICES: tuple[str, ...] = ("auto", "cpu", "gpu")
@@ -40,6 +40,7 @@ class _Defaults:
     warmup: int
     iters: int | None
     min_time_s: float | None
+    rounds: int  # worker processes per cell, interleaved over all cells
 
 
 _DEFAULTS: dict[str, _Defaults] = {
@@ -54,9 +55,10 @@ _DEFAULTS: dict[str, _Defaults] = {
         warmup=2,
         iters=30,
         min_time_s=3.0,
+        rounds=1,
     ),
     # GPU: the seed's batch of 16, every execution, a warm-up long enough for autotuning.
-    "gpu": _Defaults(batch_sizes=(16,), executions=dict(EXECUTIONS), warmup=10, iters=500, min_time_s=3.0),
+    "gpu": _Defaults(batch_sizes=(16,), executions=dict(EXECUTIONS), warmup=10, iters=500, min_time_s=3.0, rounds=1),
 }
 
 # `--protocol seed`: the seed's loop exactly: batch 16, 10 untimed burn-in calls (our first call plus 9
@@ -118,6 +120,9 @@ class RunSettings:
     timeout_s: float  # per cell, worker start to result
     out_dir: str
     protocol: str = "default"
+    rounds: int = 1  # worker processes per cell (runs recorded before rounds existed had one)
+    fp32_math: str = "ieee"  # GPU fp32 convolutions and matmuls: ieee (full fp32) or tf32; a CPU is always ieee
+    autotune: bool = True  # cuDNN / XLA autotuning on a GPU, alike in all three frameworks
     seed: int = 0  # seeds inputs, canonical weights and the bootstrap
     equivalence_rtol: float = EQUIVALENCE_RTOL
 
@@ -128,6 +133,11 @@ class RunSettings:
             for fw in self.frameworks
             for ex, pr, bs, ph in itertools.product(self.executions[fw], self.precisions, self.batch_sizes, self.phases)
         ]
+
+    def placement(self) -> dict[str, Any]:
+        """What every worker of this run is told besides its own cell: the network, where, the seed, the math."""
+        return {"config": self.config.to_dict(), "device": self.device, "device_requested": self.device_requested,
+                "seed": self.seed, "fp32_math": self.fp32_math, "autotune": self.autotune}  # fmt: skip
 
     def loop(self) -> LoopSettings:
         """The timing loop every cell and calibration worker of this run uses."""
@@ -280,6 +290,21 @@ def parse_input_size(text: str) -> tuple[int, int]:
     return (sizes[0], sizes[-1])
 
 
+def _parse_on_off(flag: str, text: str) -> bool:
+    """'on' or 'off' (also true/false, 1/0) -> bool."""
+    value = str(text).strip().lower()
+    if value in ("on", "true", "1", "yes"):
+        return True
+    if value in ("off", "false", "0", "no"):
+        return False
+    raise SettingsError(f"{flag} must be on or off, got {text!r}")
+
+
+def install_hint(framework: str) -> str:
+    """The pip command for `framework` on this machine: its CUDA extra when NVML sees a GPU, else its CPU one."""
+    return install_command(framework, gpu=nvml.gpu_present())
+
+
 def resolve_device(requested: str) -> str:
     """'auto' -> 'gpu' when NVML sees a GPU, else 'cpu'; 'gpu' without one is a user error."""
     if requested not in DEVICES:
@@ -313,9 +338,11 @@ def build_settings(
     iters: str | None = None,
     min_time: str | None = None,
     timeout: str | None = None,
+    rounds: str | None = None,
+    fp32_math: str | None = None,
+    autotune: str | None = None,
     out: str = "results",
     protocol: str = "default",
-    **_ignored: object,
 ) -> RunSettings:
     """RunSettings from the `run` command's option strings (None = not given); raises SettingsError."""
     frameworks = parse_frameworks(framework)
@@ -324,7 +351,7 @@ def build_settings(
         missing = [fw for fw in frameworks if not is_installed(fw)]
         if missing:
             fw = missing[0]
-            raise SettingsError(f"framework {fw!r} is not installed; install it with: {install_command(fw)}")
+            raise SettingsError(f"framework {fw!r} is not installed; install it with: {install_hint(fw)}")
 
     if protocol not in PROTOCOLS:
         raise SettingsError(f"--protocol must be one of {', '.join(PROTOCOLS)}, got {protocol!r}")
@@ -393,6 +420,9 @@ def build_settings(
         iters=iters_n,  # type: ignore[arg-type]
         min_time_s=min_time_s,  # type: ignore[arg-type]
         timeout_s=parse_positive_float("--timeout", timeout) if timeout is not None else 900.0,
+        rounds=parse_positive_int("--rounds", rounds) if rounds is not None else defaults.rounds,
+        fp32_math=parse_choices("--fp32-math", fp32_math, FP32_MATH)[0] if fp32_math is not None else "ieee",
+        autotune=_parse_on_off("--autotune", autotune) if autotune is not None else True,
         out_dir=out,
         protocol=protocol,
     )

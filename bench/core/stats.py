@@ -1,50 +1,120 @@
-"""Summary statistics derived from the kept per-iteration samples (numpy/scipy only)."""
+"""Summary statistics derived from the kept per-iteration samples (numpy only).
+
+A cell is measured in one or more rounds, each a fresh worker process. The process is a level of the
+experiment (Kalibera & Jones, "Rigorous benchmarking in reasonable time", 2013): address-space layout,
+thread placement, allocator state and the machine's neighbours change from one process to the next, and
+that noise is usually larger than the noise between iterations of one process. So every interval here is
+a two-level (hierarchical) bootstrap: rounds are resampled with replacement, then samples within each
+resampled round. With one round only the within-process level is known, and the interval says so
+(`ci_level` = "within-process").
+"""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 from scipy import stats as sps
 
 NOISY_IQR_RATIO = 0.10  # torch.utils.benchmark's threshold: IQR/median above this is worth a warning
+NOISY_ROUND_CV = 0.05  # between-round coefficient of variation of the round medians above this: noisy
 BOOTSTRAP_RESAMPLES = 2000
 BOOTSTRAP_SEED = 0  # fixed, so the same samples always give the same interval
+_CHUNK = 250  # resamples per vectorised block: bounds memory to ~250 x n floats
+
+CI_ROUNDS = "rounds"  # the interval resamples processes and iterations
+CI_WITHIN = "within-process"  # one round: the interval knows only the noise between iterations of one process
+
+Rounds = Sequence[np.ndarray]  # one array of samples per round
+
+
+def as_rounds(samples: Sequence[float] | np.ndarray | Rounds) -> list[np.ndarray]:
+    """A flat sequence of samples is one round; a sequence of arrays is one array per round."""
+    if len(samples) and isinstance(samples[0], (np.ndarray, list, tuple)):
+        return [np.asarray(r, dtype=np.float64) for r in samples if len(r)]
+    return [np.asarray(samples, dtype=np.float64)]
+
+
+def resampled_medians(rounds: Rounds, n_resamples: int, rng: np.random.Generator) -> np.ndarray:
+    """Medians of `n_resamples` two-level bootstrap resamples (rounds, then samples within each round).
+
+    With one round this is the ordinary bootstrap of the samples.
+    """
+    rounds = [np.asarray(r, dtype=np.float64) for r in rounds]
+    out = np.empty(n_resamples)
+    if len(rounds) == 1:
+        values = rounds[0]
+        for start in range(0, n_resamples, _CHUNK):
+            stop = min(start + _CHUNK, n_resamples)
+            idx = rng.integers(0, values.size, size=(stop - start, values.size))  # (chunk, n)
+            out[start:stop] = np.median(values[idx], axis=1)
+        return out
+    sizes = {r.size for r in rounds}
+    if len(sizes) == 1:  # equal rounds (a fixed --iters): one (rounds, n) matrix, fully vectorised
+        matrix, n, r = np.stack(rounds), sizes.pop(), len(rounds)
+        for start in range(0, n_resamples, _CHUNK):
+            stop = min(start + _CHUNK, n_resamples)
+            picks = rng.integers(0, r, size=(stop - start, r, 1))  # which round fills each slot
+            within = rng.integers(0, n, size=(stop - start, r, n))  # which sample of it
+            out[start:stop] = np.median(matrix[picks, within].reshape(stop - start, r * n), axis=1)
+        return out
+    for b in range(n_resamples):  # rounds of different lengths (a time budget): one resample at a time
+        picks = rng.integers(0, len(rounds), size=len(rounds))
+        parts = [rounds[p][rng.integers(0, rounds[p].size, size=rounds[p].size)] for p in picks]
+        out[b] = np.median(np.concatenate(parts))
+    return out
+
+
+def median_ci(samples: Rounds | np.ndarray, seed: int = BOOTSTRAP_SEED) -> tuple[float, float]:
+    """Percentile-bootstrap 95% interval of the median (two-level with several rounds); NaNs with < 2 samples."""
+    rounds = as_rounds(samples)
+    pooled = np.concatenate(rounds) if rounds else np.empty(0)
+    if pooled.size < 2:
+        return (math.nan, math.nan)
+    if np.all(pooled == pooled[0]):
+        return (float(pooled[0]), float(pooled[0]))  # every resample has the same median
+    medians = resampled_medians(rounds, BOOTSTRAP_RESAMPLES, np.random.default_rng(seed))
+    low, high = np.percentile(medians, [2.5, 97.5])
+    return (float(low), float(high))
 
 
 def bootstrap_median_ci(values_ms: np.ndarray, seed: int = BOOTSTRAP_SEED) -> tuple[float, float]:
-    """Percentile-bootstrap 95% confidence interval of the median; NaNs with fewer than 2 samples."""
-    if values_ms.size < 2:
-        return (math.nan, math.nan)
-    if np.all(values_ms == values_ms[0]):
-        return (float(values_ms[0]), float(values_ms[0]))  # every resample has the same median
-    result = sps.bootstrap(
-        (values_ms,),
-        np.median,
-        n_resamples=BOOTSTRAP_RESAMPLES,
-        confidence_level=0.95,
-        method="percentile",  # BCa degenerates on the ties a median produces
-        rng=np.random.default_rng(seed),
-    )
-    return (float(result.confidence_interval.low), float(result.confidence_interval.high))
+    """The within-process interval of one round's samples (median_ci of a single round)."""
+    return median_ci([np.asarray(values_ms, dtype=np.float64)], seed)
 
 
-def summarize(samples_ns: Sequence[int], batch_size: int, flops: int | None) -> dict[str, object]:
-    """Latency statistics in ms, throughput and achieved GFLOP/s, and the `noisy` flag.
+def round_spread(rounds: Rounds) -> dict[str, float]:
+    """Between-round spread: the smallest and largest round median (ms) and their coefficient of variation."""
+    medians = np.array([np.median(r) for r in rounds], dtype=np.float64)
+    if medians.size == 0:
+        return {"round_median_ms_min": math.nan, "round_median_ms_max": math.nan, "round_cv": math.nan}
+    cv = float(medians.std(ddof=1) / medians.mean()) if medians.size > 1 and medians.mean() > 0 else math.nan
+    return {"round_median_ms_min": float(medians.min()), "round_median_ms_max": float(medians.max()), "round_cv": cv}
 
-    Throughput and GFLOP/s use the median latency (robust to the odd slow iteration).
+
+def summarize(samples_ns: Sequence[int] | Sequence[Sequence[int]], batch_size: int, flops: int | None) -> dict[str, object]:
+    """Latency statistics in ms over every round's samples, the between-round spread, throughput and
+    achieved GFLOP/s, and the `noisy` flag.
+
+    `samples_ns` is one flat list (one round) or one list per round. Throughput and GFLOP/s use the median
+    latency (robust to the odd slow iteration); the interval is two-level when there are several rounds.
     """
-    if len(samples_ns) == 0:
+    rounds = [r / 1e6 for r in as_rounds(samples_ns)]  # ms
+    if not rounds or sum(r.size for r in rounds) == 0:
         raise ValueError("summarize needs at least one sample")
-    ms = np.asarray(samples_ns, dtype=np.float64) / 1e6
+    ms = np.concatenate(rounds)
     median = float(np.median(ms))
     q25, q75 = np.percentile(ms, [25, 75])
-    ci_low, ci_high = bootstrap_median_ci(ms)
+    ci_low, ci_high = median_ci(rounds)
     iqr = float(q75 - q25)
     median_s = median / 1e3
+    spread = round_spread(rounds)
+    noisy_rounds = not math.isnan(spread["round_cv"]) and spread["round_cv"] > NOISY_ROUND_CV
     return {
         "n_samples": int(ms.size),
+        "n_rounds": len(rounds),
         "latency_ms_median": median,
         "latency_ms_mean": float(ms.mean()),
         "latency_ms_std": float(ms.std(ddof=1)) if ms.size > 1 else math.nan,  # sample std
@@ -54,7 +124,55 @@ def summarize(samples_ns: Sequence[int], batch_size: int, flops: int | None) -> 
         "latency_ms_iqr": iqr,
         "latency_ms_median_ci95_low": ci_low,
         "latency_ms_median_ci95_high": ci_high,
+        "ci_level": CI_ROUNDS if len(rounds) > 1 else CI_WITHIN,
+        **spread,
         "throughput_img_per_s": batch_size / median_s if median_s > 0 else math.nan,
         "achieved_gflop_per_s": flops / median_s / 1e9 if flops is not None and median_s > 0 else math.nan,
-        "noisy": bool(median > 0 and iqr / median > NOISY_IQR_RATIO),
+        "noisy": bool((median > 0 and iqr / median > NOISY_IQR_RATIO) or noisy_rounds),
     }
+
+
+# ---------------------------------------------------------------- ratios of two cells
+
+
+@dataclass(frozen=True)
+class RatioStats:
+    """Ratio of medians new/base with its bootstrap CI, the rank-test p-value and the rounds behind each side."""
+
+    ratio: float
+    ci95_low: float
+    ci95_high: float
+    p_value: float
+    rounds_base: int = 1
+    rounds_new: int = 1
+
+    @property
+    def ci_level(self) -> str:
+        """"rounds" when both sides have several rounds (the interval knows the process-to-process noise)."""
+        return CI_ROUNDS if min(self.rounds_base, self.rounds_new) > 1 else CI_WITHIN
+
+
+def ratio_of_medians(
+    base: Sequence[float] | np.ndarray | Rounds,
+    new: Sequence[float] | np.ndarray | Rounds,
+    n_resamples: int = BOOTSTRAP_RESAMPLES,
+    seed: int = BOOTSTRAP_SEED,
+) -> RatioStats:
+    """median(new)/median(base) over every round's samples, a percentile-bootstrap 95% CI of it (two-level,
+    rounds then samples, on each side independently) and the Mann-Whitney U p-value of the pooled samples.
+
+    Each side is a flat sequence (one round) or one array per round.
+    """
+    base_rounds, new_rounds = as_rounds(base), as_rounds(new)
+    b, n = np.concatenate(base_rounds), np.concatenate(new_rounds)
+    if b.size < 2 or n.size < 2:
+        raise ValueError(f"ratio_of_medians needs at least 2 samples per side, got {b.size} and {n.size}")
+    ratio = float(np.median(n) / np.median(b))
+    rng = np.random.default_rng(seed)
+    ratios = resampled_medians(new_rounds, n_resamples, rng) / resampled_medians(base_rounds, n_resamples, rng)
+    low, high = np.percentile(ratios, [2.5, 97.5])
+    if np.all(b == b[0]) and np.all(n == n[0]) and b[0] == n[0]:
+        p_value = 1.0  # scipy warns and returns NaN when every value ties
+    else:
+        p_value = float(sps.mannwhitneyu(n, b, alternative="two-sided").pvalue)
+    return RatioStats(ratio, float(low), float(high), p_value, len(base_rounds), len(new_rounds))

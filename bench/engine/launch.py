@@ -2,7 +2,9 @@
 
 The worker runs in its own process group with the allocator knobs set; its stdout and stderr go to a
 log file. A result file means it finished (ok, or an exception it caught); no result file means it
-crashed, and the exit status and the log's tail say how. Past the timeout the whole group is killed.
+crashed, and the exit status and the log's tail say how (a SIGKILL is `oom` only on evidence:
+bench.engine.oom). Past the timeout, and on any exception in the parent (Ctrl-C, SIGTERM, SIGHUP, a full
+disk), the whole group is killed; the worker itself dies with the parent (bench.engine.procs).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from pathlib import Path
 
 from bench.core.files import read_json, write_json_atomic
 from bench.core.paths import REPO_ROOT
+from bench.engine import oom, procs
 from bench.engine.protocol import (
     ERROR_TAIL_LINES,
     OOM_MARKERS,
@@ -41,12 +44,14 @@ class WorkerOutcome:
     error: str
     result: WorkerResult
     wall_s: float = math.nan
+    stage: str = ""  # the last stage the worker announced (where a crash or timeout struck)
 
 
 def worker_env() -> dict[str, str]:
     """The worker's environment: ours, plus the allocator knobs and the repository on the import path."""
     env = dict(os.environ)
     env.update(WORKER_ENV)
+    env[procs.PARENT_PID_ENV] = str(os.getpid())  # the worker exits at once when its parent is already gone
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
     return env
 
@@ -69,27 +74,59 @@ def _kill_group(proc: subprocess.Popen[bytes]) -> None:
     proc.wait()
 
 
-def _ended(spec: WorkerSpec, status: str, error: str, wall_s: float) -> WorkerOutcome:
-    return WorkerOutcome(status, error, empty_result(spec, status, error), wall_s)
+def _ended(spec: WorkerSpec, status: str, error: str, wall_s: float, stage: str = "") -> WorkerOutcome:
+    return WorkerOutcome(status, error, empty_result(spec, status, error), wall_s, stage)
 
 
-def _crash_outcome(spec: WorkerSpec, returncode: int, stage: str, tail: str, wall_s: float) -> WorkerOutcome:
+@dataclass
+class _Watch:
+    """What the parent notes while a worker runs, to judge a SIGKILL afterwards."""
+
+    pid: int
+    oom_kills_before: int | None
+    peak_rss: int | None = None
+
+
+def _crash_outcome(spec: WorkerSpec, returncode: int, stage: str, tail: str, wall_s: float, watch: _Watch) -> WorkerOutcome:
     """Classify a worker that exited without writing a result."""
     if returncode < 0:
         sig = signal.Signals(-returncode).name
-        if sig == "SIGKILL":  # nobody else sends it here: the kernel's out-of-memory killer
-            error = f"worker killed by SIGKILL during {stage} (most likely the out-of-memory killer)\n{tail}"
-            return _ended(spec, "oom", error.rstrip(), wall_s)
-        return _ended(spec, "failed", f"worker died of {sig} during {stage}\n{tail}".rstrip(), wall_s)
+        if sig == "SIGKILL":  # the out-of-memory killer, or a person, a container stop, a CI runner
+            status, why = oom.classify_sigkill(watch.pid, watch.oom_kills_before, watch.peak_rss)
+            error = f"worker killed by SIGKILL during {stage} ({why})\n{tail}"
+            return _ended(spec, status, error.rstrip(), wall_s, stage)
+        return _ended(spec, "failed", f"worker died of {sig} during {stage}\n{tail}".rstrip(), wall_s, stage)
     status = "oom" if any(m in tail.lower() for m in (*OOM_MARKERS, "memoryerror")) else "failed"
-    return _ended(spec, status, f"worker exited with code {returncode} during {stage} without a result\n{tail}".rstrip(), wall_s)
+    error = f"worker exited with code {returncode} during {stage} without a result\n{tail}"
+    return _ended(spec, status, error.rstrip(), wall_s, stage)
 
 
-def run_worker(spec: WorkerSpec, *, workdir: Path, name: str, log_path: Path, timeout_s: float) -> WorkerOutcome:
-    """Run `python -m bench.engine.worker` on `spec` in a fresh process group; never raises for worker faults."""
+RSS_POLL_S = 0.5  # how often the parent reads the worker's peak RSS while waiting for it
+
+
+def _wait(proc: subprocess.Popen[bytes], timeout_s: float, watch: _Watch) -> int:
+    """The worker's exit status, noting its peak RSS on the way; TimeoutExpired past `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise subprocess.TimeoutExpired(proc.args, timeout_s)
+        try:
+            return proc.wait(timeout=min(remaining, RSS_POLL_S))
+        except subprocess.TimeoutExpired:
+            watch.peak_rss = oom.peak_rss_bytes(proc.pid) or watch.peak_rss
+
+
+def run_worker(spec: WorkerSpec, *, workdir: Path, name: str, log_path: Path, timeout_s: float,
+               run_dir: Path | None = None) -> WorkerOutcome:  # fmt: skip
+    """Run `python -m bench.engine.worker` on `spec` in a fresh process group; never raises for worker faults.
+
+    With `run_dir`, the live worker is recorded in RUN/live_worker.json while it runs (bench.engine.procs).
+    """
     spec_path, result_path = workdir / f"{name}.spec.json", workdir / f"{name}.result.json"
     write_json_atomic(spec_path, spec_to_json(spec))
     log_path.parent.mkdir(parents=True, exist_ok=True)
+    watch = _Watch(0, oom.cgroup_oom_kills())
     start = time.perf_counter()
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
@@ -101,24 +138,31 @@ def run_worker(spec: WorkerSpec, *, workdir: Path, name: str, log_path: Path, ti
             stderr=subprocess.STDOUT,
             start_new_session=True,  # its own process group, so a timeout kills its children too
         )
+        watch.pid = proc.pid
         try:
-            returncode = proc.wait(timeout=timeout_s)
+            if run_dir is not None:
+                procs.note_live_worker(run_dir, proc.pid, name, workdir)
+            returncode = _wait(proc, timeout_s, watch)
         except subprocess.TimeoutExpired:
             _kill_group(proc)
             stage, tail = _log_tail(log_path)
             wall_s = time.perf_counter() - start
-            return _ended(spec, "timeout", f"no result after --timeout {timeout_s:g} s, during {stage}\n{tail}".rstrip(), wall_s)
-        except BaseException:  # Ctrl-C: never leave a worker running behind us
+            error = f"no result after --timeout {timeout_s:g} s, during {stage}\n{tail}"
+            return _ended(spec, "timeout", error.rstrip(), wall_s, stage)
+        except BaseException:  # Ctrl-C, SIGTERM, SIGHUP, a full disk: never leave a worker running behind us
             _kill_group(proc)
             raise
+        finally:
+            if run_dir is not None:
+                procs.clear_live_worker(run_dir)
     wall_s = time.perf_counter() - start
     stage, tail = _log_tail(log_path)
     if not result_path.exists():
-        return _crash_outcome(spec, returncode, stage, tail, wall_s)
+        return _crash_outcome(spec, returncode, stage, tail, wall_s, watch)
     try:
         result = result_from_json(spec.MODE, read_json(result_path))
     except ProtocolError as err:  # a worker of another version, or a bug: its result cannot be trusted
-        return _ended(spec, "failed", f"the worker's result does not follow bench.engine.protocol: {err}", wall_s)
+        return _ended(spec, "failed", f"the worker's result does not follow bench.engine.protocol: {err}", wall_s, stage)
     if result.status != "ok" and not result.error:
         result.error = tail
-    return WorkerOutcome(result.status, result.error, result, wall_s)
+    return WorkerOutcome(result.status, result.error, result, wall_s, stage)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -33,11 +34,53 @@ WORKER_ENV: dict[str, str] = {
     "TORCHINDUCTOR_FORCE_DISABLE_CACHES": "1",
     "TF_CPP_MIN_LOG_LEVEL": "2",
 }
+# Set by the worker, before a framework loads, when a cell spec names a compile cache (rounds after the first
+# reuse the first round's compilations): torch inductor's on-disk caches and JAX's persistent compilation
+# cache, every entry kept (JAX otherwise skips programs that compile in under a second). TensorFlow has no
+# persistent cache of its XLA programs, so its later rounds compile again.
+def compile_cache_env(cache_dir: str) -> dict[str, str]:
+    """The environment that points torch inductor and JAX at `cache_dir`."""
+    return {
+        "TORCHINDUCTOR_FORCE_DISABLE_CACHES": "0",
+        "TORCHINDUCTOR_CACHE_DIR": f"{cache_dir}/inductor",
+        "JAX_COMPILATION_CACHE_DIR": f"{cache_dir}/jax",
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+        "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
+    }
+
+
+def gpu_math_env(autotune: bool, xla_flags: str) -> dict[str, str]:
+    """Autotuning switches that TensorFlow and XLA read when the GPU starts, so the worker sets them before a
+    framework loads (torch's cudnn.benchmark is set in the process, by configure_math)."""
+    level = "--xla_gpu_autotune_level=" + ("4" if autotune else "0")
+    kept = " ".join(flag for flag in xla_flags.split() if not flag.startswith("--xla_gpu_autotune_level"))
+    return {"TF_CUDNN_USE_AUTOTUNE": "1" if autotune else "0", "XLA_FLAGS": f"{kept} {level}".strip()}
+
+
 # Test hook: a module whose load(framework) returns a stand-in for an impls module (tests/fake_backend.py).
 BACKEND_OVERRIDE_ENV = "HGBENCH_BACKEND_OVERRIDE"
 # Test switch: lengthen every timed model step by this fraction of its own duration (busy wait), so the
 # regression checks can be shown to catch a known slowdown. Recorded in the result and flagged by the runner.
 SLOWDOWN_ENV = "HGBENCH_TEST_SLOWDOWN"
+MAX_SLOWDOWN = 10.0
+
+
+def injected_slowdown(environ: Mapping[str, str]) -> float:
+    """The test switch's fraction (0 when unset); ValueError for a malformed value, never a silent zero.
+
+    The parent checks it before a run starts (exit 2), the worker reads it for each cell."""
+    text = environ.get(SLOWDOWN_ENV, "").strip()
+    if not text:
+        return 0.0
+    try:
+        fraction = float(text)
+    except ValueError:
+        fraction = -1.0
+    if not 0 <= fraction <= MAX_SLOWDOWN:
+        raise ValueError(f"{SLOWDOWN_ENV}={text!r} is not a fraction between 0 and {MAX_SLOWDOWN:g} "
+                         "(e.g. 0.25 for 25% slower); unset it or fix it")  # fmt: skip
+    return fraction
+
 # Progress markers on the worker's stderr ("hgbench-worker: stage timed"): a timeout or crash row says
 # where the worker was.
 STAGE_PREFIX = "hgbench-worker: stage "
@@ -63,6 +106,8 @@ class WorkerSpec:
     device: str = "cpu"  # resolved: cpu or gpu
     device_requested: str = "cpu"  # what --device said: under "auto" a framework without a GPU falls back
     seed: int = 0  # seeds inputs and the canonical weights
+    fp32_math: str = "ieee"  # on a GPU: full fp32 (ieee) or TF32 (tf32); the equivalence check is always ieee
+    autotune: bool = True  # on a GPU: cuDNN / XLA autotuning on or off, alike in every framework
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -82,15 +127,21 @@ class CellSpec(WorkerSpec):
     batch_size: int
     phase: str
     loop: LoopSettings
+    # A run's own compilation cache, shared by the rounds of its cells: round 1 finds it empty (a cold first
+    # call), later rounds reuse what round 1 compiled. Empty: every compilation cache off (WORKER_ENV).
+    compile_cache_dir: str = ""
 
 
 @dataclass(frozen=True, kw_only=True)
 class EquivalenceSpec(WorkerSpec):
-    """`equivalence`: heatmaps of the canonical weights on the parent's input, saved as .npy."""
+    """`equivalence`: heatmaps of the canonical weights on one input, saved as .npy.
+
+    The worker draws the input itself (impls.spec.random_arrays from `seed`, the same numbers in every
+    framework): an input sized by --input-size is allocated in a worker, never in the parent."""
 
     MODE: ClassVar[str] = "equivalence"
     execution: str
-    input_npy: str  # (1, H, W, 3) float32
+    input_shape: list[int]  # (1, H, W, 3): drawn float32 by the worker
     output_npy: str  # written by the worker: (stacks, 1, H/4, W/4, K) float32
 
 
@@ -158,6 +209,7 @@ class WorkerResult:
     host_peak_rss_bytes: int | None = None
     device: str | None = None  # where it actually built (a fallback under --device auto shows here)
     runtime_info: dict[str, Any] | None = None
+    math: dict[str, Any] | None = None  # the GPU math settings the framework put in force (configure_math)
 
 
 @dataclass(kw_only=True)
@@ -179,8 +231,14 @@ class CellResult(WorkerResult):
     samples_ns: list[int] = field(default_factory=list)
     build_s: float | None = None
     setup_s: float | None = None
-    gpu_allocator_peak_bytes: int | None = None
+    gpu_allocator_peak_bytes: int | None = None  # build to the end of the timed loop
+    gpu_allocator_setup_peak_bytes: int | None = None  # first call and warm-up (compilation, autotuning scratch)
+    gpu_allocator_timed_peak_bytes: int | None = None  # the timed loop alone; None where no reset exists (JAX)
+    compiled_argument_bytes: int | None = None  # XLA's memory plan of the compiled step (JAX)
+    compiled_output_bytes: int | None = None
+    compiled_temp_bytes: int | None = None
     nvml_process_used_bytes: int | None = None
+    nvml_process_lookup: str | None = None  # pid | device_minus_baseline | not_found | no_nvml (bench.core.nvml)
     nvml_device_used_bytes: int | None = None
     model_settings: dict[str, Any] | None = None
     num_params: int | None = None
@@ -207,10 +265,22 @@ class CalibrationMeasurement:
 
 
 @dataclass(kw_only=True)
+class CalibrationFailure:
+    """One calibration workload that raised (an allocation too large for its batch size): the others go on."""
+
+    kind: str
+    precision: str
+    batch_size: int
+    status: str  # failed | oom
+    error: str
+
+
+@dataclass(kw_only=True)
 class CalibrationResult(WorkerResult):
-    """Every workload the backend could time, and the kinds it has no probe for."""
+    """Every workload the backend could time, the ones that failed, and the kinds it has no probe for."""
 
     measurements: list[CalibrationMeasurement] = field(default_factory=list)
+    failures: list[CalibrationFailure] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)
 
 

@@ -4,7 +4,7 @@ The only module of `bench` that loads a framework (through `impls.load`). The pa
 (bench.engine.protocol); this process runs its mode and writes the mode's typed result atomically:
 
 - `cell`: build the model, time the first call alone, warm up, time every iteration; memory figures.
-- `equivalence`: heatmaps of the canonical weights on the parent's input, saved as .npy.
+- `equivalence`: heatmaps of the canonical weights on an input drawn here from the seed, saved as .npy.
 - `calibrate`: the framework's 3x3 conv at the model's dominant shape (needs `conv_benchmark`).
 - `info`: the framework's runtime_info() (for `bench list` and run.json).
 - `overhead`: the harness's loop against a bare loop on the same model (`python -m bench overhead`).
@@ -13,7 +13,8 @@ The only module of `bench` that loads a framework (through `impls.load`). The pa
 
 A Python exception becomes a result with status failed or oom and the traceback's tail; a hard crash
 writes nothing and the parent reads the exit status and stderr instead. Progress markers go to stderr
-("hgbench-worker: stage ..."), so a timeout says where the worker was.
+("hgbench-worker: stage ..."), so a timeout says where the worker was. The first thing a worker does is
+tie its life to its parent's (bench.engine.procs.die_with_parent): no worker outlives the run.
 """
 
 from __future__ import annotations
@@ -37,12 +38,12 @@ from bench.core import nvml
 from bench.core.calibration import ConvShape
 from bench.core.files import write_json_atomic
 from bench.core.settings import LoopSettings
+from bench.engine import procs
 from bench.engine import protocol as proto
 from bench.engine.protocol import (
     BACKEND_OVERRIDE_ENV,
     ERROR_TAIL_LINES,
     OOM_MARKERS,
-    SLOWDOWN_ENV,
     STAGE_PREFIX,
     CalibrationSpec,
     CellSpec,
@@ -116,36 +117,31 @@ def _device(backend: ModuleType, spec: WorkerSpec) -> str:
 
 
 class _MemoryProbe:
-    """NVML readings (process and device used bytes) taken at each stage; keeps the largest."""
+    """NVML readings (process and device used bytes) taken at each stage; keeps the largest, and how the
+    process figure was found (bench.core.nvml.process_memory: by PID, or device-minus-baseline in a container)."""
 
-    def __init__(self, device: str, runtime: dict[str, Any]) -> None:
-        # Match the framework's GPU by UUID: its own report when it gives one, else CUDA's device 0.
-        self.uuid = (runtime.get("gpu_uuid") or nvml.visible_gpu_uuid()) if device == "gpu" else None
+    def __init__(self, device: str) -> None:
+        # CUDA's device 0 as NVML names it; the framework's own UUID replaces it once it reports one.
+        self.uuid = nvml.visible_gpu_uuid() if device == "gpu" else None
+        # Device memory in use before this process built anything on the GPU: the container fallback's zero.
+        self.baseline = nvml.process_memory(self.uuid, os.getpid(), None)[1]
         self.process: int | None = None
         self.device: int | None = None
+        self.lookup = nvml.LOOKUP_NO_NVML
+
+    def match(self, runtime: dict[str, Any]) -> None:
+        """Prefer the GPU the framework says it uses (by UUID) over CUDA's device 0."""
+        if self.uuid is not None and runtime.get("gpu_uuid"):
+            self.uuid = str(runtime["gpu_uuid"])
 
     def read(self) -> None:
-        process, device = nvml.memory_used(self.uuid, os.getpid())
+        process, device, self.lookup = nvml.process_memory(self.uuid, os.getpid(), self.baseline)
         self.process = _max_or_none(self.process, process)
         self.device = _max_or_none(self.device, device)
 
 
 def _max_or_none(a: int | None, b: int | None) -> int | None:
     return b if a is None else a if b is None else max(a, b)
-
-
-def injected_slowdown() -> float:
-    """The test switch's fraction (0 when unset); a malformed value is an error, not a silent zero."""
-    text = os.environ.get(SLOWDOWN_ENV, "").strip()
-    if not text:
-        return 0.0
-    try:
-        fraction = float(text)
-    except ValueError:
-        fraction = -1.0
-    if not 0 <= fraction <= 10:
-        raise ValueError(f"{SLOWDOWN_ENV}={text!r} is not a fraction between 0 and 10 (e.g. 0.25 for 25% slower)")
-    return fraction
 
 
 def slowed(step: Callable[[], None], fraction: float) -> Callable[[], None]:
@@ -175,9 +171,10 @@ def _timed(loop: LoopSettings, step: Callable[[], None], on_stage: Callable[[str
 def run_cell(backend: ModuleType, spec: CellSpec) -> dict[str, Any]:
     """Build, time and measure one cell."""
     config = _config(spec)
+    probe = _MemoryProbe(spec.device)  # before anything of this process is on the GPU
     device = _device(backend, spec)
     runtime = runtime_record(backend)
-    probe = _MemoryProbe(device, runtime)
+    probe.match(runtime)
     stage("build")
     t0 = time.perf_counter()
     model = backend.build(config, device=device, precision=spec.precision, execution=spec.execution)
@@ -189,21 +186,36 @@ def run_cell(backend: ModuleType, spec: CellSpec) -> dict[str, Any]:
     t0 = time.perf_counter()
     step = model.benchmark_step(spec.phase, spec.batch_size, spec.seed)
     setup_s = time.perf_counter() - t0
-    slowdown = injected_slowdown()
+    slowdown = proto.injected_slowdown(os.environ)
     step = slowed(step, slowdown)
+
+    peaks: dict[str, Any] = {"setup": None, "reset": False}
 
     def on_stage(name: str) -> None:
         probe.read()
+        if name == "timed":  # first call and warm-up are over: their peak, then a fresh count for the loop
+            peaks["setup"] = model.peak_memory_bytes()
+            peaks["reset"] = model.reset_peak_memory()
         stage(name)
 
     result = _timed(spec.loop, step, on_stage)
     probe.read()
+    timed_peak = model.peak_memory_bytes()
+    plan = model.memory_analysis(spec.phase, spec.batch_size, spec.seed) or {}  # after timing: it compiles again
     result.update(
         device=device,
         build_s=build_s,
         setup_s=setup_s,
-        gpu_allocator_peak_bytes=model.peak_memory_bytes(),
+        # The whole cell's peak, the first call and warm-up's, and the timed loop's alone: unknown (None), not
+        # the cell's, where the framework cannot reset its counter (JAX).
+        gpu_allocator_peak_bytes=_max_or_none(peaks["setup"], timed_peak),
+        gpu_allocator_setup_peak_bytes=peaks["setup"],
+        gpu_allocator_timed_peak_bytes=timed_peak if peaks["reset"] else None,
+        compiled_argument_bytes=plan.get("argument_bytes"),
+        compiled_output_bytes=plan.get("output_bytes"),
+        compiled_temp_bytes=plan.get("temp_bytes"),
         nvml_process_used_bytes=probe.process,
+        nvml_process_lookup=probe.lookup if device == "gpu" else None,
         nvml_device_used_bytes=probe.device,
         model_settings=model.settings(),
         runtime_info=runtime,
@@ -215,17 +227,20 @@ def run_cell(backend: ModuleType, spec: CellSpec) -> dict[str, Any]:
 
 
 def run_equivalence(backend: ModuleType, spec: EquivalenceSpec) -> dict[str, Any]:
-    """Heatmaps of the canonical weights (seed 0) on the parent's input, saved to spec.output_npy."""
+    """Heatmaps of the canonical weights (seed 0) on an input drawn from spec.seed, saved to spec.output_npy."""
     from impls import init_weights
+    from impls.spec import random_arrays
 
     config = _config(spec)
     device = _device(backend, spec)
+    stage("input")
+    (x,) = random_arrays(spec.seed, tuple(spec.input_shape))  # (1, H, W, 3): the same numbers in every framework
     stage("build")
     model = backend.build(
         config, init_weights(config, seed=0), device=device, precision="fp32", execution=spec.execution
     )
     stage("predict")
-    heatmaps = np.asarray(model.predict(np.load(spec.input_npy)), dtype=np.float32)  # (S, 1, H/4, W/4, K)
+    heatmaps = np.asarray(model.predict(x), dtype=np.float32)  # (S, 1, H/4, W/4, K)
     np.save(spec.output_npy, heatmaps)
     return {"device": device, "output_npy": spec.output_npy, "runtime_info": runtime_record(backend)}
 
@@ -234,29 +249,39 @@ def run_calibration(backend: ModuleType, spec: CalibrationSpec) -> dict[str, Any
     """Time the framework's calibration workloads: each (kind, shape, batch size, precision) in the spec.
 
     Kinds: "conv3x3" and "reference_conv" go through `conv_benchmark`, "gemm" through `gemm_benchmark`.
-    A workload the backend has no probe for is listed in `missing`, not failed.
+    A workload the backend has no probe for is listed in `missing`, not failed. A workload that raises (an
+    allocation too large for its batch size) is listed in `failures` with its error, and the others go on:
+    one batch size's failure must not void the fixed reference conv.
     """
     device = _device(backend, spec)
     probes = {"conv3x3": "conv_benchmark", "reference_conv": "conv_benchmark", "gemm": "gemm_benchmark"}
-    measurements, missing = [], []
+    measurements, failures, missing = [], [], []
     for workload in spec.workloads:
         probe = getattr(backend, probes[workload.kind], None)
         if probe is None:
             missing.append(workload.kind)
             continue
         shape, batch_size, precision = workload.shape, workload.batch_size, workload.precision
-        stage(f"calibrate {workload.kind} {precision} b{batch_size}")
-        if workload.kind == "gemm":
-            step = probe(batch_size * shape["m_per_image"], shape["k"], shape["n"], device=device,
-                         precision=precision, seed=spec.seed)  # fmt: skip
-        else:
-            conv = ConvShape(**shape)
-            step = probe((batch_size, conv.height, conv.width, conv.c_in), conv.c_out, kernel_size=conv.kernel_size,
-                         device=device, precision=precision, seed=spec.seed)  # fmt: skip
-        entry = _timed(spec.loop, step, stage)
+        name = f"calibrate {workload.kind} {precision} b{batch_size}"  # the parent matches a crash's stage to it
+        stage(name)
+        try:
+            if workload.kind == "gemm":
+                step = probe(batch_size * shape["m_per_image"], shape["k"], shape["n"], device=device,
+                             precision=precision, seed=spec.seed)  # fmt: skip
+            else:
+                conv = ConvShape(**shape)
+                step = probe((batch_size, conv.height, conv.width, conv.c_in), conv.c_out, kernel_size=conv.kernel_size,
+                             device=device, precision=precision, seed=spec.seed)  # fmt: skip
+            entry = _timed(spec.loop, step, lambda part, name=name: stage(f"{name}: {part}"))
+        except Exception as err:  # failures are data, per workload
+            failures.append(proto.CalibrationFailure(kind=workload.kind, precision=precision, batch_size=batch_size,
+                                                     status=classify_exception(err), error=error_tail(err)))  # fmt: skip
+            continue
+        finally:
+            step = None  # free this workload's arrays before the next one allocates its own
         measurements.append(proto.CalibrationMeasurement(kind=workload.kind, precision=precision,
                                                          batch_size=batch_size, **entry))  # fmt: skip
-    return {"device": device, "measurements": measurements, "missing": sorted(set(missing)),
+    return {"device": device, "measurements": measurements, "failures": failures, "missing": sorted(set(missing)),
             "runtime_info": runtime_record(backend)}  # fmt: skip
 
 
@@ -333,15 +358,29 @@ MODES: dict[str, Callable[[ModuleType, Any], dict[str, Any]]] = {
 }
 
 
+def _configure_math(backend: ModuleType, spec: WorkerSpec) -> dict[str, Any] | None:
+    """On a GPU, the framework's fp32 math and autotuning pinned as the run asks (the equivalence check always
+    in IEEE fp32, so its tolerance means the same everywhere); None on a CPU, whose fp32 is IEEE anyway."""
+    if spec.device != "gpu" or not hasattr(backend, "configure_math"):
+        return None
+    fp32_math = "ieee" if isinstance(spec, EquivalenceSpec) else spec.fp32_math
+    return dict(backend.configure_math(fp32_math, spec.autotune))
+
+
 def execute(spec: WorkerSpec) -> proto.WorkerResult:
     """Run the spec's mode; every exception becomes a result with a status and the error's tail."""
     envelope: dict[str, Any] = {"mode": spec.MODE, "framework": spec.framework}
     payload: dict[str, Any] = {}
+    if spec.device == "gpu":  # read by TensorFlow and XLA when the GPU starts: before the framework loads
+        os.environ.update(proto.gpu_math_env(spec.autotune, os.environ.get("XLA_FLAGS", "")))
+    if isinstance(spec, CellSpec) and spec.compile_cache_dir:
+        os.environ.update(proto.compile_cache_env(spec.compile_cache_dir))  # before the framework reads it
     try:
         stage("import")
         t0 = time.perf_counter()
         backend = load_backend(spec.framework)
         envelope["import_s"] = time.perf_counter() - t0
+        envelope["math"] = _configure_math(backend, spec)
         payload = MODES[spec.MODE](backend, spec)
     except Exception as err:  # failures are data: the parent turns this into a row
         envelope.update(status=classify_exception(err), error=error_tail(err))
@@ -351,6 +390,7 @@ def execute(spec: WorkerSpec) -> proto.WorkerResult:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: read the spec, run it, write the result; exit 0 whenever a result was written."""
+    procs.die_with_parent()  # first: no worker outlives its parent, whatever kills the parent
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 2:
         print("usage: python -m bench.engine.worker SPEC.json RESULT.json", file=sys.stderr)

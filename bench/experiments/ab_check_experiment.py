@@ -1,13 +1,14 @@
-"""How trustworthy is CI's timing gate (bench/ab_check.py)? Run it again and again, with and without a slowdown.
+"""How trustworthy is CI's timing gate (bench/regress/ab_check.py)? Run it again and again, with and without a slowdown.
 
-    python -m bench.experiments.ab_check_experiment --baseline results/baseline --rounds 10 --slowdown 0.25 --out DIR
+    python -m bench.experiments.ab_check_experiment --baseline results/baseline --gates 10 --slowdowns 0.10,0.05 --out DIR
 
-Round i runs the whole gate twice, one after the other: once on this checkout as it is ("same_code": any
-failure is a false alarm, provided the checkout's code is not really slower than the baseline's commit), and
-once with the test switch HGBENCH_TEST_SLOWDOWN=s, which reaches the gate's new runs only ("slowdown": a
-failure is a detection). Writes DIR/round-i-{same_code,slowdown}/ (the gate's runs and verdict.json) and
-DIR/rounds.csv (one row per gate: kind, pairs measured, cells flagged in pair 1, confirmed, exit code, worst
-ratio of each pair), and prints the counts. Measure nothing else on the machine meanwhile.
+Gate i runs the whole gate once on this checkout as it is ("same_code": any failure is a false alarm,
+provided the checkout's code is not really slower than the baseline's commit), then once per slowdown s with
+the test switch HGBENCH_TEST_SLOWDOWN=s, which reaches the gate's new runs only ("slowdown": a failure is a
+detection). Writes DIR/gate-i-<kind>/ (the gate's runs and verdict.json) and DIR/gates.csv (one row per
+gate: kind, slowdown, pairs, exit, what was judged slower, the all-cells ratio with its interval and p, the
+worst cell's ratio), and prints the counts. `--more` adds gates to a DIR that holds some (numbering
+continues), so the evidence can grow over several sessions. Measure nothing else on the machine meanwhile.
 """
 
 from __future__ import annotations
@@ -23,61 +24,78 @@ import pandas as pd
 from bench.core.paths import REPO_ROOT
 from bench.core.rundir import write_csv_atomic
 from bench.engine.protocol import SLOWDOWN_ENV
-from bench.regress.ab_check import DEFAULT_THRESHOLD, ABCheckError, check
+from bench.regress.ab_check import DEFAULT_CELL_THRESHOLD, DEFAULT_PAIRS, DEFAULT_THRESHOLD, ABCheckError, GateLimits, check
 from bench.regress.compare import CompareError, parse_threshold
+from bench.regress.paired import ALL_CELLS, MIN_PAIRS
 
 
-def _row(kind: str, round_number: int, verdict: dict[str, Any]) -> dict[str, Any]:
-    pairs = verdict["pairs"]
-    worst = [max(p["ratios"].values(), default=float("nan")) for p in pairs]
+def _row(kind: str, slowdown: float, gate: int, verdict: dict[str, Any]) -> dict[str, Any]:
+    judged = {j["name"]: j for j in verdict.get("paired") or []}
+    overall = judged.pop(ALL_CELLS, {})
+    worst = max(judged.values(), key=lambda j: j["ratio"], default={})
     return {
-        "kind": kind, "round": round_number, "pairs_measured": len(pairs),
-        "pair1_flagged": len(pairs[0]["regressions"]) if pairs else 0,
-        "confirmed": len(verdict["confirmed_regressions"]), "failed": verdict["exit_code"] == 1,
-        "pair1_worst_ratio": worst[0] if worst else float("nan"),
-        "pair2_worst_ratio": worst[1] if len(worst) > 1 else float("nan"),
+        "kind": kind, "slowdown": slowdown, "gate": gate, "pairs": len(verdict["pairs"]),
+        "failed": verdict["exit_code"] == 1, "slower": ";".join(verdict.get("slower") or []),
+        "failures": " | ".join(verdict.get("failures") or []),
+        "all_cells_ratio": overall.get("ratio"), "all_cells_ci95_low": overall.get("ci95_low"),
+        "all_cells_ci95_high": overall.get("ci95_high"), "all_cells_p_slower": overall.get("p_slower"),
+        "all_cells_log_ratio_sd": overall.get("log_ratio_sd"),
+        "worst_cell": worst.get("name"), "worst_cell_ratio": worst.get("ratio"),
     }  # fmt: skip
 
 
 def main(argv: list[str] | None = None, *, repo: Path | None = None) -> int:
-    """Run the rounds; exit 0 when they completed (the findings are in rounds.csv), 2 on bad input.
+    """Run the gates; exit 0 when they completed (the findings are in gates.csv), 2 on bad input.
 
     repo: where the baseline's commit is looked up (default: this checkout's repository; tests pass another)."""
     parser = argparse.ArgumentParser(prog="python -m bench.experiments.ab_check_experiment", description=__doc__.split("\n\n")[0])
     parser.add_argument("--baseline", default="results/baseline", help="as for bench.regress.ab_check")
-    parser.add_argument("--rounds", type=int, default=10, help="gates of each kind (default 10)")
-    parser.add_argument("--slowdown", type=float, default=0.25, help="injected slowdown fraction (default 0.25)")
-    parser.add_argument(
-        "--threshold", default=DEFAULT_THRESHOLD, help="the gate's threshold (default %(default)s)"
-    )
-    parser.add_argument("--out", required=True, help="new folder for the gates' runs and rounds.csv")
+    parser.add_argument("--gates", type=int, default=10, help="gates of each kind (default 10)")
+    parser.add_argument("--slowdowns", default="0.10,0.05",
+                        help="injected slowdown fractions, comma list (default %(default)s)")  # fmt: skip
+    parser.add_argument("--pairs", type=int, default=DEFAULT_PAIRS, help="the gate's --pairs (default %(default)s)")
+    parser.add_argument("--threshold", default=DEFAULT_THRESHOLD, help="the gate's --threshold (default %(default)s)")
+    parser.add_argument("--cell-threshold", default=DEFAULT_CELL_THRESHOLD,
+                        help="the gate's --cell-threshold (default %(default)s)")  # fmt: skip
+    parser.add_argument("--out", required=True, help="new folder for the gates' runs and gates.csv")
+    parser.add_argument("--more", action="store_true", help="add gates to an --out that holds some")
     args = parser.parse_args(argv)
     out = Path(args.out)
-    if args.rounds < 1 or not 0 < args.slowdown <= 10:
-        print("error: --rounds must be >= 1 and --slowdown in (0, 10]", file=sys.stderr)
-        return 2
-    if out.exists() and any(out.iterdir()):
-        print(f"error: --out {out} is not empty; give a new folder", file=sys.stderr)
-        return 2
-    rows = []
     try:
-        threshold = parse_threshold(args.threshold)
-        for i in range(args.rounds):
-            for kind in ("same_code", "slowdown"):
+        slowdowns = [float(x) for x in args.slowdowns.split(",") if x.strip()]
+    except ValueError:
+        slowdowns = []
+    if args.gates < 1 or args.pairs < MIN_PAIRS or not slowdowns or not all(0 < s <= 10 for s in slowdowns):
+        print(f"error: --gates must be >= 1, --pairs >= {MIN_PAIRS} and --slowdowns a comma list of fractions in "
+              f"(0, 10], got {args.gates}, {args.pairs}, {args.slowdowns!r}", file=sys.stderr)  # fmt: skip
+        return 2
+    table_path = out / "gates.csv"
+    if out.exists() and any(out.iterdir()) and not (args.more and table_path.is_file()):
+        print(f"error: --out {out} is not empty; give a new folder, or --more to add gates to one that holds gates.csv",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    rows = pd.read_csv(table_path).to_dict("records") if table_path.is_file() else []
+    first = 1 + max((int(r["gate"]) for r in rows), default=0)
+    try:
+        limits = GateLimits(parse_threshold(args.threshold), parse_threshold(args.cell_threshold, "--cell-threshold"),
+                            args.pairs)  # fmt: skip
+        for gate in range(first, first + args.gates):
+            for kind, slowdown in (("same_code", 0.0), *(("slowdown", s) for s in slowdowns)):
                 os.environ.pop(SLOWDOWN_ENV, None)
-                if kind == "slowdown":
-                    os.environ[SLOWDOWN_ENV] = repr(args.slowdown)
-                _, verdict = check(Path(args.baseline), out / f"round-{i}-{kind}", threshold, repo=repo or REPO_ROOT)
-                rows.append(_row(kind, i, verdict))
-                write_csv_atomic(out / "rounds.csv", pd.DataFrame(rows))  # after every gate: a stop loses nothing
+                if slowdown:
+                    os.environ[SLOWDOWN_ENV] = repr(slowdown)
+                name = f"gate-{gate}-{kind}" + (f"-{slowdown:g}" if slowdown else "")
+                _, verdict = check(Path(args.baseline), out / name, limits, repo=repo or REPO_ROOT)
+                rows.append(_row(kind, slowdown, gate, verdict))
+                write_csv_atomic(table_path, pd.DataFrame(rows))  # after every gate: a stop loses nothing
     except (ABCheckError, CompareError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     finally:
         os.environ.pop(SLOWDOWN_ENV, None)
-    table = pd.DataFrame(rows).groupby("kind").agg(
-        gates=("round", "count"), failed=("failed", "sum"), second_pair_needed=("pairs_measured", lambda s: int((s == 2).sum())),
-        worst_ratio_pair1=("pair1_worst_ratio", "max"), least_worst_ratio_pair1=("pair1_worst_ratio", "min"),
+    table = pd.DataFrame(rows).groupby(["kind", "slowdown"]).agg(
+        gates=("gate", "count"), failed=("failed", "sum"), all_cells_ratio_min=("all_cells_ratio", "min"),
+        all_cells_ratio_max=("all_cells_ratio", "max"), worst_cell_ratio_max=("worst_cell_ratio", "max"),
     )  # fmt: skip
     print(table.to_string())
     return 0

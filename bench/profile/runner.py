@@ -24,6 +24,7 @@ from rich.table import Table
 from bench.core import console as out
 from bench.core import envinfo
 from bench.core.columns import FAILED_STATUSES
+from bench.core.files import check_output_dir
 from bench.core.rundir import ProfileStore, new_run_dir
 from bench.core.settings import (
     Cell,
@@ -34,6 +35,7 @@ from bench.core.settings import (
     parse_int_list,
     parse_positive_int,
 )
+from bench.engine import procs
 from bench.engine.protocol import WORKER_ENV, ProfileResult, ProfileSpec
 from bench.engine.session import WorkerSession, run_guarded
 from bench.profile import tables
@@ -45,6 +47,7 @@ DEFAULT_TOP_K = 15  # ops per cell in the op table
 # Self times of distinct ops add up to at most the step unless ops overlap; 5% allows for timer granularity.
 OP_SUM_TOLERANCE = 1.05
 RUN_DIR_SUFFIX = "profile"  # results/<UTC time>-<device>-profile, beside `run`'s folders
+MIN_BYTES_PER_CELL = 1 << 20  # free space a profile run needs at least per cell (tables, a small trace)
 
 
 @dataclass(frozen=True)
@@ -147,8 +150,7 @@ class ProfileRunner:
         s, b = self.settings, self.settings.base
         return ProfileSpec(
             framework=cell.framework, execution=cell.execution, precision=cell.precision, batch_size=cell.batch_size,
-            phase=cell.phase, config=b.config.to_dict(), device=b.device, device_requested=b.device_requested,
-            seed=b.seed, warmup=b.warmup, steps=s.steps, top_k=s.top_k, trace_dir=str(trace_dir),
+            phase=cell.phase, **b.placement(), warmup=b.warmup, steps=s.steps, top_k=s.top_k, trace_dir=str(trace_dir),
         )  # fmt: skip
 
     def profile_cell(self, cell: Cell) -> str:
@@ -249,6 +251,7 @@ def new_record(settings: ProfileSettings, run_dir: Path, args: list[str]) -> dic
         "run_id": run_dir.name,
         "kind": "profile",
         "status": "running",
+        "process": procs.this_process().to_dict(),
         "started_utc": envinfo.utc_now(),
         "command_line": envinfo.command_line(args),
         "settings": settings.to_dict(),
@@ -266,11 +269,17 @@ def new_record(settings: ProfileSettings, run_dir: Path, args: list[str]) -> dic
 
 def start(settings: ProfileSettings, args: list[str]) -> int:
     """A new profile run of `settings` in results/<UTC time>-<device>-profile/; returns the exit code."""
+    # Trace sizes are not known in advance: the floor is the tables and a small trace per cell.
+    check_output_dir(settings.base.out_dir, "--out", MIN_BYTES_PER_CELL * len(settings.cells()))
     run_dir = new_run_dir(settings.base.out_dir, f"{settings.base.device}-{RUN_DIR_SUFFIX}")
     runner = ProfileRunner(settings, run_dir, new_record(settings, run_dir, args))
-    runner.save_record()
     hint = f"the cells profiled so far are in {run_dir}"
-    return run_guarded(runner.execute, runner.record, runner.save_record, runner.console, hint)
+
+    def body() -> int:
+        runner.save_record()
+        return runner.execute()
+
+    return run_guarded(body, runner.record, runner.save_record, runner.console, hint)
 
 
 # ---------------------------------------------------------------- terminal output

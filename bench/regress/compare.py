@@ -15,12 +15,22 @@ per side such a drift is already "significant". Demanding the whole CI lie above
 would miss slowdowns a little above the threshold about half the time. `faster` mirrors the rule with
 1 / (1 + threshold). Exit code 1 when any model cell is `slower` or an invariant differs; 2 for bad input.
 
+Rounds: when both runs measured the cell in several rounds (worker processes; `bench run --rounds`), each
+side is resampled at two levels (rounds, then samples within them), so the interval already carries the
+process-to-process drift that the rank test cannot see; the verdict is then rule 1 and rule 3 at that level.
+With one round on a side the one-process rule above applies and the cell is labelled within-process.
+
+A comparison is only as good as the new run is whole: a model cell that is ok in the base but failed,
+missing or not ok in the new run, or a new run whose run.json is not "complete" (interrupted, or still
+running), also exits 1, and says which: nothing shows such a cell is not slower. `--allow-partial` turns
+these into warnings, for a deliberate comparison of part of a run.
+
 `--normalize` divides every sample of the new run by the machine ratio: the median over frameworks of
 new/base calibration time, each framework timing the fixed reference conv (64x64, 64 -> 64, batch 1; the
 same workload whatever the config; runs that lack it use the model's dominant 3x3 conv). A rough guide for
 runs from two machines: frameworks do not speed up alike from one CPU to another, so CI does not gate on it
-(bench/ab_check.py measures the reference code beside the new code instead). A median over frameworks, not each framework's own ratio: one framework's
-yardstick can be bimodal from run to run (XLA:CPU's conv took 2.2-2.5 ms in some runs of identical code
+(bench/regress/ab_check.py measures the reference code beside the new code instead). A median over
+frameworks, not each framework's own ratio: one framework's yardstick can be bimodal from run to run (XLA:CPU's conv took 2.2-2.5 ms in some runs of identical code
 and 3.3-4.0 ms in others), and dividing by it would invent a 1.7x change.
 """
 
@@ -28,42 +38,30 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
-from scipy import stats as sps
 
+from bench.core.files import atomic_write, check_output_file
 from bench.core.numbers import num
 from bench.core.rundir import RunData, read_run
+from bench.core.stats import CI_ROUNDS, CI_WITHIN, RatioStats, ratio_of_medians
 
-BOOTSTRAP_RESAMPLES = 2000
-BOOTSTRAP_SEED = 0  # fixed: the same two runs always give the same interval and verdict
 ALPHA = 0.01  # Mann-Whitney significance level; strict, because CI runs are many and false alarms are costly
 DEFAULT_THRESHOLD = 0.10
 # Equivalence errors are deterministic on one machine (bit-identical between runs of the same code) but
 # differ at the ~1e-7 level across BLAS builds; 1e-5 absolute is 100x below the run's own 1e-3 tolerance.
 EQUIVALENCE_ERR_ATOL = 1e-5
 METRICS = ("latency_ms", "first_call_ms")
-_BOOTSTRAP_CHUNK = 250  # resamples per vectorised block: bounds memory to ~250 x n floats per side
 
 
 
 class CompareError(ValueError):
     """Bad input to `bench compare`; the message names the path or value, what was expected and the fix."""
-
-
-@dataclass(frozen=True)
-class RatioStats:
-    """Ratio of medians new/base with its bootstrap CI and the rank-test p-value."""
-
-    ratio: float
-    ci95_low: float
-    ci95_high: float
-    p_value: float
 
 
 @dataclass
@@ -81,6 +79,9 @@ class CellComparison:
     p_value: float = math.nan
     n_base: int = 0
     n_new: int = 0
+    rounds_base: int = 0
+    rounds_new: int = 0
+    ci_level: str = ""  # rounds | within-process (one round on a side: the interval misses the process level)
     verdict: str = ""  # slower | faster | unchanged, empty when not compared
     note: str = ""
 
@@ -100,6 +101,11 @@ class Comparison:
     calibration_ratios: dict[str, float] = field(default_factory=dict)  # framework -> new/base yardstick median
     machine_ratio: float = math.nan  # median of calibration_ratios: how much slower the new run's machine was
     warnings: list[str] = field(default_factory=list)  # each run's own warnings (a busy machine above all)
+    base_status: str = "complete"  # each run.json's status: running, complete or interrupted
+    new_status: str = "complete"
+    missing_in_new: list[str] = field(default_factory=list)  # model cells ok in the base, absent from the new run
+    not_ok_in_new: list[str] = field(default_factory=list)  # model cells ok in the base, not ok in the new run
+    allow_partial: bool = False  # --allow-partial: an incomplete new run is a warning, not a failure
 
     @property
     def regressions(self) -> list[CellComparison]:
@@ -107,16 +113,34 @@ class Comparison:
         return [c for c in self.cells if c.verdict == "slower" and c.kind == "model"]
 
     @property
+    def incomplete(self) -> list[str]:
+        """Why the new run cannot vouch for every cell the base measured (empty when it can)."""
+        reasons = []
+        if self.new_status != "complete":
+            reasons.append(f"the new run is {self.new_status} (run.json status), not complete")
+        reasons += [f"{cell}: ok in the base, missing from the new run" for cell in self.missing_in_new]
+        reasons += [f"{cell}: ok in the base, {why} in the new run" for cell, why in map(_split_note, self.not_ok_in_new)]
+        return reasons
+
+    @property
     def exit_code(self) -> int:
-        """1 on a regression or an invariant mismatch, else 0."""
-        return 1 if self.regressions or self.invariant_mismatches else 0
+        """1 on a regression, an invariant mismatch or (without allow_partial) an incomplete new run, else 0."""
+        partial = bool(self.incomplete) and not self.allow_partial
+        return 1 if self.regressions or self.invariant_mismatches or partial else 0
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready record (NaN becomes null)."""
         d = asdict(self)
         d["regressions"] = [c.cell_id for c in self.regressions]
+        d["incomplete"] = self.incomplete
         d["exit_code"] = self.exit_code
         return _nan_to_none(d)
+
+
+def _split_note(entry: str) -> tuple[str, str]:
+    """'cell_id: why' -> (cell_id, why)."""
+    cell, _, why = entry.partition(": ")
+    return cell, why
 
 
 def _nan_to_none(value: Any) -> Any:
@@ -132,40 +156,14 @@ def _nan_to_none(value: Any) -> Any:
 # ---------------------------------------------------------------- statistics
 
 
-def _bootstrap_medians(values: np.ndarray, n_resamples: int, rng: np.random.Generator) -> np.ndarray:
-    """Medians of `n_resamples` resamples with replacement, computed in vectorised blocks."""
-    out = np.empty(n_resamples)
-    for start in range(0, n_resamples, _BOOTSTRAP_CHUNK):
-        stop = min(start + _BOOTSTRAP_CHUNK, n_resamples)
-        idx = rng.integers(0, values.size, size=(stop - start, values.size))  # (chunk, n)
-        out[start:stop] = np.median(values[idx], axis=1)
-    return out
-
-
-def ratio_of_medians(
-    base: Sequence[float] | np.ndarray,
-    new: Sequence[float] | np.ndarray,
-    n_resamples: int = BOOTSTRAP_RESAMPLES,
-    seed: int = BOOTSTRAP_SEED,
-) -> RatioStats:
-    """median(new)/median(base), a percentile-bootstrap 95% CI of it, and the Mann-Whitney U p-value."""
-    b, n = np.asarray(base, dtype=np.float64), np.asarray(new, dtype=np.float64)
-    if b.size < 2 or n.size < 2:
-        raise ValueError(f"ratio_of_medians needs at least 2 samples per side, got {b.size} and {n.size}")
-    ratio = float(np.median(n) / np.median(b))
-    rng = np.random.default_rng(seed)
-    ratios = _bootstrap_medians(n, n_resamples, rng) / _bootstrap_medians(b, n_resamples, rng)
-    low, high = np.percentile(ratios, [2.5, 97.5])
-    if np.all(b == b[0]) and np.all(n == n[0]) and b[0] == n[0]:
-        p_value = 1.0  # scipy warns and returns NaN when every value ties
-    else:
-        p_value = float(sps.mannwhitneyu(n, b, alternative="two-sided").pvalue)
-    return RatioStats(ratio, float(low), float(high), p_value)
-
-
 def verdict(stats: RatioStats, threshold: float, alpha: float = ALPHA) -> str:
-    """slower / faster / unchanged under the rule in this module's docstring."""
-    significant = stats.p_value < alpha
+    """slower / faster / unchanged under the rule in this module's docstring.
+
+    With several rounds on both sides the interval already carries the process-to-process noise, so the
+    interval beyond 1 and the ratio beyond the threshold decide. With one round on a side the interval knows
+    only one process, and the rank test must agree as well (the rule of one-process runs).
+    """
+    significant = stats.ci_level == CI_ROUNDS or stats.p_value < alpha
     if significant and stats.ci95_low > 1.0 and stats.ratio > 1.0 + threshold:
         return "slower"
     if significant and stats.ci95_high < 1.0 and stats.ratio < 1.0 / (1.0 + threshold):
@@ -173,15 +171,15 @@ def verdict(stats: RatioStats, threshold: float, alpha: float = ALPHA) -> str:
     return "unchanged"
 
 
-def parse_threshold(text: str) -> float:
-    """'10%' or '0.1' -> 0.1; must be >= 0 and below 10 (1000%)."""
+def parse_threshold(text: str, source: str = "--threshold") -> float:
+    """'10%' or '0.1' -> 0.1; must be >= 0 and below 10 (1000%). `source` names where the text came from."""
     raw = str(text).strip()
     try:
         value = float(raw[:-1]) / 100 if raw.endswith("%") else float(raw)
     except ValueError:
         value = math.nan
     if not 0 <= value < 10:
-        raise CompareError(f"--threshold must be a fraction or a percentage such as 0.1 or 10%, got {text!r}")
+        raise CompareError(f"{source} must be a fraction or a percentage such as 0.1 or 10%, got {text!r}")
     return value
 
 
@@ -203,6 +201,17 @@ def _check_same_config(base: RunData, new: RunData) -> None:
             f"the runs are on different devices: {base_dev!r} in {str(base.path)!r} but {new_dev!r} in "
             f"{str(new.path)!r}; compare runs on the same kind of device"
         )
+    if base_dev == "gpu":
+        base_gpus, new_gpus = _gpu_names(base), _gpu_names(new)
+        if base_gpus and new_gpus and base_gpus != new_gpus:
+            raise CompareError(f"the runs are on different GPUs: {', '.join(base_gpus)} in {str(base.path)!r} but "
+                               f"{', '.join(new_gpus)} in {str(new.path)!r}; compare runs on the same GPU model")  # fmt: skip
+
+
+def _gpu_names(run: RunData) -> list[str]:
+    """The GPU models NVML saw when the run started (run.json's environment)."""
+    gpus = (run.record.get("environment") or {}).get("gpus") or []
+    return sorted({str(g.get("name")) for g in gpus if isinstance(g, dict) and g.get("name")})
 
 
 # ---------------------------------------------------------------- invariants
@@ -226,8 +235,16 @@ def _params(run: RunData, row: Mapping[str, Any]) -> float:
 def _invariant_mismatches(
     cell_id: str, base: RunData, new: RunData, b: Mapping[str, Any], n: Mapping[str, Any]
 ) -> list[str]:
-    """Quantities that need no timing and must agree: parameters, FLOPs, equivalence."""
+    """Quantities that need no timing and must agree: where the cell ran, parameters, FLOPs, equivalence."""
     problems = []
+    base_math, new_math = str(b.get("fp32_math") or "ieee"), str(n.get("fp32_math") or "ieee")
+    if base_math != new_math:
+        problems.append(f"{cell_id}: fp32 math {base_math} (base) but {new_math} (new); compare runs made with "
+                        "the same --fp32-math")  # fmt: skip
+    base_device, new_device = str(b.get("device") or ""), str(n.get("device") or "")
+    if base_device and new_device and base_device != new_device:  # a GPU run whose framework fell back to the CPU
+        problems.append(f"{cell_id}: ran on {base_device} (base) but on {new_device} (new); a framework that cannot "
+                        "see the GPU falls back to the CPU (see run.json device_fallback)")  # fmt: skip
     if not _same(_params(base, b), _params(new, n)):
         problems.append(f"{cell_id}: parameter count {_params(base, b):.0f} (base) != {_params(new, n):.0f} (new)")
     if not _same(num(b.get("gflop_per_step")), num(n.get("gflop_per_step"))):
@@ -278,6 +295,7 @@ def compare_runs(
     threshold: float = DEFAULT_THRESHOLD,
     normalize: bool = False,
     alpha: float = ALPHA,
+    allow_partial: bool = False,
 ) -> Comparison:
     """Load, validate and compare two runs; raises CompareError on bad input."""
     if metric not in METRICS:
@@ -286,7 +304,10 @@ def compare_runs(
         raise CompareError(f"--normalize applies to latency_ms only, got --metric {metric}; drop one of them")
     base, new = read_run(base_dir), read_run(new_dir)
     _check_same_config(base, new)
-    result = Comparison(str(base.path), str(new.path), metric, threshold, alpha, normalize)
+    result = Comparison(str(base.path), str(new.path), metric, threshold, alpha, normalize,
+                        base_status=base.status, new_status=new.status, allow_partial=allow_partial)  # fmt: skip
+    if base.status != "complete":
+        result.warnings.append(f"base run: run.json status is {base.status}, not complete: cells it lacks are not compared")
     for side, run in (("base", base), ("new", new)):
         # A busy machine (the runner's warning) makes timings slow and bimodal: a verdict then says more
         # about the machine than the code, so the reader must see it next to the table.
@@ -309,15 +330,26 @@ def compare_runs(
         b, n = base_rows.get(cell_id), new_rows.get(cell_id)
         if b is None or n is None:
             result.cells.append(CellComparison(cell_id, "model", "new_only" if b is None else "base_only"))
+            if b is not None and b["status"] == "ok":
+                result.missing_in_new.append(cell_id)
             continue
         if b["status"] != "ok" or n["status"] != "ok":
             note = f"status {b['status']} (base), {n['status']} (new)"
             result.cells.append(CellComparison(cell_id, "model", "not_ok", note=note))
+            if b["status"] == "ok":
+                result.not_ok_in_new.append(f"{cell_id}: {n['status']} ({_last_line(n.get('error'))})")
             continue
         result.invariant_mismatches.extend(_invariant_mismatches(cell_id, base, new, b, n))
-        result.cells.append(_compare_cell(cell_id, base, new, b, n, metric, threshold,
-                                          result.machine_ratio if normalize else None, alpha))  # fmt: skip
+        cell = _compare_cell(cell_id, base, new, b, n, metric, threshold, result.machine_ratio if normalize else None, alpha)
+        if cell.status == "not_ok" and cell.n_base >= 2 and cell.n_new < 2:
+            result.not_ok_in_new.append(f"{cell_id}: ok but with {cell.n_new} sample(s) in samples.csv")
+        result.cells.append(cell)
     return result
+
+
+def _last_line(text: Any) -> str:
+    lines = [line for line in str(text or "").splitlines() if line.strip()]
+    return lines[-1].strip() if lines else "no error recorded"
 
 
 def _compare_cell(
@@ -332,7 +364,8 @@ def _compare_cell(
         word = "slower" if ratio > 1 + threshold else "faster" if ratio < 1 / (1 + threshold) else "unchanged"
         return CellComparison(cell_id, "model", "compared", base_v, new_v, ratio, n_base=1, n_new=1,
                               verdict=word, note="one value per run: threshold only, no CI")  # fmt: skip
-    base_s, new_s = base.samples_ms(cell_id), new.samples_ms(cell_id)
+    base_r, new_r = base.samples_by_round(cell_id), new.samples_by_round(cell_id)
+    base_s, new_s = np.concatenate([np.empty(0), *base_r]), np.concatenate([np.empty(0), *new_r])
     if base_s.size < 2 or new_s.size < 2:
         return CellComparison(cell_id, "model", "not_ok", n_base=base_s.size, n_new=new_s.size,
                               note="fewer than 2 samples on a side")  # fmt: skip
@@ -340,11 +373,14 @@ def _compare_cell(
         if math.isnan(machine_ratio):
             return CellComparison(cell_id, "model", "no_calibration",
                                   note="no framework has an ok calibration row in both runs")  # fmt: skip
+        new_r = [r / machine_ratio for r in new_r]
         new_s = new_s / machine_ratio
-    stats = ratio_of_medians(base_s, new_s)
+    stats = ratio_of_medians(base_r, new_r)
+    note = "" if stats.ci_level == CI_ROUNDS else "one round on a side: within-process interval only"
     return CellComparison(
         cell_id, "model", "compared", float(np.median(base_s)), float(np.median(new_s)), stats.ratio,
-        stats.ci95_low, stats.ci95_high, stats.p_value, int(base_s.size), int(new_s.size), verdict(stats, threshold, alpha),
+        stats.ci95_low, stats.ci95_high, stats.p_value, int(base_s.size), int(new_s.size),
+        stats.rounds_base, stats.rounds_new, stats.ci_level, verdict(stats, threshold, alpha), note,
     )  # fmt: skip
 
 
@@ -352,17 +388,18 @@ def _compare_cell(
 
 
 def write_json(comparison: Comparison, path: str | Path) -> None:
-    """The whole comparison as JSON."""
-    Path(path).write_text(json.dumps(comparison.to_dict(), indent=2) + "\n")
+    """The whole comparison as JSON, atomically."""
+    text = json.dumps(comparison.to_dict(), indent=2) + "\n"
+    atomic_write(Path(path), lambda handle: handle.write(text))
 
 
 def write_csv(comparison: Comparison, path: str | Path) -> None:
-    """One row per cell (one-sided and not-ok cells included), with the run-level settings repeated."""
+    """One row per cell (one-sided and not-ok cells included), with the run-level settings repeated; atomically."""
     frame = pd.DataFrame([asdict(c) for c in comparison.cells])
     for column, value in (("metric", comparison.metric), ("normalized", comparison.normalized),
                           ("threshold", comparison.threshold)):  # fmt: skip
         frame[column] = value
-    frame.to_csv(path, index=False)
+    atomic_write(Path(path), lambda handle: frame.to_csv(handle, index=False))
 
 
 _VERDICT_STYLE = {"slower": "bold red", "faster": "green", "unchanged": "default"}
@@ -379,7 +416,7 @@ def print_comparison(comparison: Comparison) -> None:
     unit = "ms (new normalised)" if comparison.normalized else "ms"
     title = f"bench compare ({comparison.metric}, threshold {comparison.threshold:.0%}, p < {comparison.alpha:g})"
     table = Table(title=title, header_style="bold", pad_edge=False, box=None)
-    for name in ("cell", f"base {unit}", f"new {unit}", "new/base", "95% CI", "p", "n", "verdict"):
+    for name in ("cell", f"base {unit}", f"new {unit}", "new/base", "95% CI", "p", "n", "rounds", "verdict"):
         table.add_column(name, justify="left" if name in ("cell", "verdict") else "right", no_wrap=True)
     for c in comparison.cells:
         if c.status != "compared":
@@ -388,9 +425,14 @@ def print_comparison(comparison: Comparison) -> None:
         p = "" if math.isnan(c.p_value) else f"{c.p_value:.2g}"
         table.add_row(
             c.cell_id, f"{c.base_value:.4g}", f"{c.new_value:.4g}", f"{c.ratio:.3f}", ci, p,
-            f"{c.n_base}/{c.n_new}", f"[{_VERDICT_STYLE[c.verdict]}]{c.verdict}[/]",
+            f"{c.n_base}/{c.n_new}", f"{c.rounds_base}/{c.rounds_new}", f"[{_VERDICT_STYLE[c.verdict]}]{c.verdict}[/]",
         )  # fmt: skip
     console.print(table)
+    within = [c.cell_id for c in comparison.cells if c.status == "compared" and c.ci_level == CI_WITHIN]
+    if within:
+        console.print(f"[yellow]one round on a side[/yellow] ({len(within)} cell(s)): their intervals know only the "
+                      "noise within one process, not between processes; measure with --rounds 3 or more to trust "
+                      "a verdict near the threshold")  # fmt: skip
     if comparison.normalized:
         console.print(f"normalised: the new run's samples divided by the machine ratio {comparison.machine_ratio:.3f} "
                       "(median over frameworks of new/base reference conv time)")  # fmt: skip
@@ -406,24 +448,33 @@ def print_comparison(comparison: Comparison) -> None:
         console.print(f"[yellow]warning:[/yellow] {escape(text)}", soft_wrap=True)
     for problem in comparison.invariant_mismatches:
         console.print(f"[bold red]invariant mismatch[/bold red]: {escape(problem)}")
+    label = "[yellow]partial (allowed)[/yellow]" if comparison.allow_partial else "[bold red]incomplete new run[/bold red]"
+    for reason in comparison.incomplete:
+        console.print(f"{label}: {escape(reason)}", soft_wrap=True)
     if comparison.regressions:
         console.print(f"[bold red]{len(comparison.regressions)} cell(s) significantly slower by more than "
                       f"{comparison.threshold:.0%}[/bold red]")  # fmt: skip
-    elif not comparison.invariant_mismatches:
-        console.print("no significant regression")
+    if comparison.incomplete and not comparison.allow_partial:
+        console.print("[bold red]the new run cannot vouch for every cell of the base[/bold red] (above): nothing shows "
+                      "those cells are not slower; finish it (bench run --resume) or pass --allow-partial to compare "
+                      "only what both runs measured", soft_wrap=True)  # fmt: skip
+    elif not comparison.regressions and not comparison.invariant_mismatches:
+        partial = " among the cells both runs measured" if comparison.incomplete else ""
+        console.print(f"no significant regression{partial}")
 
 
 def run_compare(
     base_dir: str, new_dir: str, metric: str = "latency_ms", threshold: str = "10%", normalize: bool = False,
-    json_path: str | None = None, csv_path: str | None = None,
+    json_path: str | None = None, csv_path: str | None = None, allow_partial: bool = False,
 ) -> int:  # fmt: skip
-    """The `compare` command: compare, print, write the requested files; returns the exit code (0 or 1)."""
+    """The `compare` command: compare, print, write the requested files; returns the exit code (0 or 1).
+
+    The output files are checked before anything is read (OutputPathError)."""
     for flag, path in (("--json", json_path), ("--csv", csv_path)):
-        if path and not Path(path).resolve().parent.is_dir():
-            raise CompareError(
-                f"{flag} {path!r}: its folder does not exist; create it or give a path in an existing one"
-            )
-    comparison = compare_runs(base_dir, new_dir, metric, parse_threshold(threshold), normalize)
+        if path is not None:
+            check_output_file(path, flag)
+    comparison = compare_runs(base_dir, new_dir, metric, parse_threshold(threshold), normalize,
+                              allow_partial=allow_partial)  # fmt: skip
     print_comparison(comparison)
     if json_path:
         write_json(comparison, json_path)

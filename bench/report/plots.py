@@ -42,6 +42,7 @@ FIGURE_PX: dict[str, tuple[int, int]] = {
     "compile_cost": (1400, 700),
     "efficiency": (1400, 700),
     "stage_shares": (1400, 700),
+    "maxbatch": (1400, 900),
 }
 _FAILED_COLOR = "#B00020"
 
@@ -444,3 +445,37 @@ def stage_shares(stages: pd.DataFrame, path: Path, title: str, order: Sequence[s
         fig.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), 10), fontsize=8)
     fig.suptitle(f"Where the step goes, per stage - {title}")
     return _save(fig, path)
+
+
+def maxbatch(probes: pd.DataFrame, path: Path, title: str) -> Path:
+    """Throughput (top) and peak memory (bottom) against batch per searched target, one column per phase,
+    with the memory budget as a line; probes that did not fit are crosses at their batch."""
+    phases = _phases(probes)
+    fig, axes = _figure("maxbatch", ncols=len(phases), nrows=2)
+    for column, phase in enumerate(phases):
+        top, bottom = axes[column], axes[len(phases) + column]
+        panel = probes[probes["phase"] == phase]
+        for (fw, execution, precision), group in panel.groupby(["framework", "execution", "precision"], sort=False):
+            line = group.sort_values("batch_size")
+            fits = line[line["fits"].astype(str).str.lower() == "true"]
+            style = {"color": framework_color(str(fw)), "linestyle": EXECUTION_LINESTYLE.get(str(execution), "-"), "marker": "o"}
+            label = f"{fw} {execution}" + (f" {precision}" if probes["precision"].nunique() > 1 else "")
+            top.plot(fits["batch_size"], fits["throughput_img_per_s"], label=label, **style)
+            bottom.plot(fits["batch_size"], fits["peak_bytes"] / 2**30, label=label, **style)
+            misses = line[~line.index.isin(fits.index)]
+            bottom.plot(misses["batch_size"], misses["peak_bytes"].fillna(0) / 2**30, linestyle="none", marker="x",
+                        color=_FAILED_COLOR, markersize=9)  # fmt: skip
+        budget = pd.to_numeric(panel["memory_budget_bytes"], errors="coerce").dropna()
+        if not budget.empty:
+            bottom.axhline(budget.iloc[0] / 2**30, color=_FAILED_COLOR, linestyle="--", label="memory budget")
+        for ax, ylabel in ((top, "images/s"), (bottom, f"peak memory (GiB, {panel['memory_source'].iloc[0]})")):
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("batch size (images)")
+            ax.set_ylabel(ylabel)
+            ax.set_ylim(bottom=0)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+        top.set_title(PHASE_TITLE.get(phase, phase))
+    fig.suptitle(title)
+    return _save(fig, path)
+

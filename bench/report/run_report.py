@@ -16,14 +16,17 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 from rich.markup import escape
 
 from bench.core.columns import SAMPLE_COLUMNS, SUMMARY_COLUMNS
 from bench.core.console import make_console, warn
+from bench.core.files import check_output_dir
 from bench.core.numbers import fmt
 from bench.core.rundir import RunData, is_profile_dir, read_profile, read_run
 from bench.core.settings import EXECUTIONS, execution_rank
+from bench.core.stats import CI_WITHIN, ratio_of_medians
 from bench.report import plots, profile_section, render
 from impls import FRAMEWORKS
 
@@ -97,16 +100,19 @@ def model_table(runs: Sequence[RunData]) -> pd.DataFrame:
     return table
 
 
-def best_per_framework(table: pd.DataFrame, baseline: str) -> pd.DataFrame:
+def best_per_framework(table: pd.DataFrame, baseline: str, samples: pd.DataFrame | None = None) -> pd.DataFrame:
     """Per run and phase, each framework's fastest ok cell (highest images/s) and its speedup vs `baseline`.
 
-    A framework with no ok cell keeps a row that says why, so nothing is silently dropped.
+    With the runs' samples, the speedup gets a 95% interval (bootstrap of the ratio of medians, two-level when
+    the cells have several rounds). A framework with no ok cell keeps a row that says why, so nothing is
+    silently dropped.
     """
     rows = []
     for (run_index, run, phase), group in table.groupby(["run_index", "run", "phase"], sort=True):
         ok = group[(group["status"] == "ok") & group["throughput_img_per_s"].notna()]
         base = ok[ok["framework"] == baseline]
         base_rate = base["throughput_img_per_s"].max() if not base.empty else math.nan
+        base_best = base.sort_values("throughput_img_per_s", ascending=False).iloc[0] if not base.empty else None
         frameworks = [fw for fw in plots.FRAMEWORK_ORDER if fw in set(group["framework"])]
         frameworks += sorted(set(group["framework"]) - set(frameworks))
         for fw in frameworks:
@@ -125,8 +131,36 @@ def best_per_framework(table: pd.DataFrame, baseline: str) -> pd.DataFrame:
                 "throughput_img_per_s": best["throughput_img_per_s"], "achieved_gflop_per_s": best["achieved_gflop_per_s"],
                 "ceiling_fraction": best["ceiling_fraction"], "framework_ceiling_fraction": best["framework_ceiling_fraction"],
                 "speedup_vs_baseline": best["throughput_img_per_s"] / base_rate if base_rate > 0 else math.nan,
+                **_speedup_interval(samples, run, best, base_best),
             })  # fmt: skip
     return pd.DataFrame(rows)
+
+
+def _speedup_interval(samples: pd.DataFrame | None, run: str, cell: pd.Series, base: pd.Series | None) -> dict[str, Any]:
+    """The speedup's 95% interval and the level it knows (rounds or within-process); empty without samples.
+
+    speedup = (batch / median latency) over the baseline's, so its interval is the inverted interval of
+    median(cell) / median(baseline), scaled by the batch ratio.
+    """
+    if samples is None or base is None or samples.empty:
+        return {}
+    mine = samples[samples["run"] == run]
+
+    def rounds(cell_id: str) -> list[np.ndarray]:
+        rows = mine[mine["cell_id"] == cell_id]
+        if "round" not in rows or rows["round"].isna().all():
+            return [rows["latency_ns"].to_numpy(dtype=np.float64)]
+        return [g["latency_ns"].to_numpy(dtype=np.float64) for _, g in rows.groupby("round", sort=True)]
+
+    fw_rounds, base_rounds = rounds(str(cell["cell_id"])), rounds(str(base["cell_id"]))
+    if sum(r.size for r in fw_rounds) < 2 or sum(r.size for r in base_rounds) < 2:
+        return {}
+    if cell["cell_id"] == base["cell_id"]:
+        return {"speedup_ci95_low": 1.0, "speedup_ci95_high": 1.0, "speedup_ci_level": ""}
+    stats = ratio_of_medians(base_rounds, fw_rounds)  # median(cell) / median(baseline)
+    scale = float(cell["batch_size"]) / float(base["batch_size"])
+    return {"speedup_ci95_low": scale / stats.ci95_high, "speedup_ci95_high": scale / stats.ci95_low,
+            "speedup_ci_level": stats.ci_level}  # fmt: skip
 
 
 def collect_warnings(runs: Sequence[RunData], table: pd.DataFrame, best: pd.DataFrame, baseline: str) -> list[str]:
@@ -239,9 +273,20 @@ def _summary_display(best: pd.DataFrame, baseline: str, multi: bool) -> pd.DataF
             "GFLOP/s": fmt(r.get("achieved_gflop_per_s"), ".1f") if ok else "",
             "% ceiling": fmt(_share(r.get("ceiling_fraction")), ".0f") if ok else "",
             "% own fw ceiling": fmt(_share(r.get("framework_ceiling_fraction")), ".0f") if ok else "",
-            f"speedup vs {baseline}": f"{r['speedup_vs_baseline']:.2f}x" if ok and pd.notna(r.get("speedup_vs_baseline")) else "n/a",
+            f"speedup vs {baseline}": _speedup_text(r, baseline) if ok and pd.notna(r.get("speedup_vs_baseline")) else "n/a",
         })  # fmt: skip
     return pd.DataFrame(rows)
+
+
+def _speedup_text(r: dict[str, Any], baseline: str) -> str:
+    """'0.78x (0.74-0.82)'; when the interval holds 1, the two are not ranked: 'not distinguishable'."""
+    text = f"{r['speedup_vs_baseline']:.2f}x"
+    low, high = r.get("speedup_ci95_low"), r.get("speedup_ci95_high")
+    if low is None or high is None or pd.isna(low) or pd.isna(high) or r["framework"] == baseline:
+        return text
+    text += f" ({low:.2f}-{high:.2f}"
+    text += ", one round: within-process interval)" if r.get("speedup_ci_level") == CI_WITHIN else ")"
+    return f"{text}, not distinguishable from {baseline}" if low <= 1.0 <= high else text
 
 
 def _cells_display(table: pd.DataFrame, multi: bool) -> pd.DataFrame:
@@ -332,7 +377,7 @@ def build_report(run_dirs: Sequence[str | Path], out_dir: str | Path, baseline: 
     figures["compile_cost"] = plots.compile_cost(table, out / "compile_cost.png", title)
     figures["efficiency"] = plots.efficiency(table, out / "efficiency.png", title, _ceilings(runs))
 
-    best = best_per_framework(table, baseline) if not table.empty else pd.DataFrame()
+    best = best_per_framework(table, baseline, samples) if not table.empty else pd.DataFrame()
     multi = len(runs) > 1
     sections = {
         "summary": _summary_display(best, baseline, multi),
@@ -355,8 +400,10 @@ def build_report(run_dirs: Sequence[str | Path], out_dir: str | Path, baseline: 
 
 
 _SUMMARY_NOTE = ("Best configuration = the framework's cell with the highest images/s in that phase; speedup = its "
-                 "images/s over the baseline framework's best. Every cell, including failed and skipped ones, is "
-                 "listed under Cells.")  # fmt: skip
+                 "images/s over the baseline framework's best, with a 95% interval (bootstrap of the ratio of "
+                 "medians; it includes the process-to-process noise only when the cells ran in several rounds). "
+                 "Where the interval holds 1 the two are not distinguishable and are not ranked. Every cell, "
+                 "including failed and skipped ones, is listed under Cells.")  # fmt: skip
 
 
 def _markdown(heading: str, title: str, baseline: str, banners: list[str], figures: dict[str, Path],
@@ -411,7 +458,11 @@ def write_after_run(run_dir: Path) -> None:
 
 def run(run_dirs: Sequence[str], out: str | None = None, baseline: str = "torch") -> int:
     """The `report` command: writes the report and prints where; ReportError propagates to the CLI."""
-    target = Path(out) if out else Path("reports") / "-vs-".join(Path(d).resolve().name for d in run_dirs[:3])
+    if out is None:
+        target = check_output_dir(Path("reports") / "-vs-".join(Path(d).resolve().name for d in run_dirs[:3]),
+                                  "the report folder (default reports/<RUN_DIR name>; choose one with --out)")  # fmt: skip
+    else:
+        target = check_output_dir(out, "--out")
     html_path = build_report(run_dirs, target, baseline)
     print(f"report: {html_path} (and report.md, figures, in {html_path.parent})")
     return 0

@@ -16,7 +16,7 @@ from bench.core import envinfo, nvml
 from bench.core import settings as settings_mod
 from bench.engine.launch import run_worker
 from bench.engine.protocol import WORKER_ENV, InfoSpec
-from impls import FRAMEWORKS, install_command
+from impls import FRAMEWORKS
 
 _DISTRIBUTIONS: dict[str, tuple[str, ...]] = {
     "torch": ("torch",),
@@ -58,7 +58,7 @@ def list_frameworks(probe_workers: bool = True) -> int:
         installed = settings_mod.is_installed(fw)
         executions = ", ".join(settings_mod.EXECUTIONS[fw])
         if not installed:
-            table.add_row(fw, "[red]no[/]", escape(f"install with: {install_command(fw)}"), executions, "", "")
+            table.add_row(fw, "[red]no[/]", escape(f"install with: {settings_mod.install_hint(fw)}"), executions, "", "")
             continue
         devices, threads = "", ""
         if probe_workers:

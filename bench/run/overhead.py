@@ -24,8 +24,7 @@ def measure_overhead(settings: RunSettings, rounds: int = 20) -> int:
     console = out.make_console()
     cell = settings.cells()[0]
     common = {"framework": cell.framework, "execution": cell.execution, "precision": cell.precision,
-              "batch_size": cell.batch_size, "phase": cell.phase, "config": settings.config.to_dict(),
-              "device": settings.device, "device_requested": settings.device_requested, "seed": settings.seed}  # fmt: skip
+              "batch_size": cell.batch_size, "phase": cell.phase, **settings.placement()}  # fmt: skip
     chunk = settings.iters or 5
     with tempfile.TemporaryDirectory(prefix="hgbench-overhead-") as workdir:
 

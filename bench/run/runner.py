@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import psutil
 from rich.markup import escape
 
 from bench.core import console as out
@@ -24,10 +26,12 @@ from bench.core import envinfo
 from bench.core import settings as settings_mod
 from bench.core.calibration import calibration_workloads, dominant_conv3x3, dominant_gemm
 from bench.core.columns import FAILED_STATUSES
+from bench.core.files import DISK_FULL_EXIT_CODE, check_output_dir
 from bench.core.numbers import num
 from bench.core.rundir import RunDirError, RunStore, new_run_dir
-from bench.core.settings import Cell, RunSettings
+from bench.core.settings import MAX_ITERS, Cell, RunSettings, SettingsError
 from bench.core.stats import summarize
+from bench.engine import procs
 from bench.engine.protocol import (
     SLOWDOWN_ENV,
     WORKER_ENV,
@@ -40,14 +44,20 @@ from bench.engine.protocol import (
     GradientCheckResult,
     GradientCheckSpec,
     WorkerResult,
+    injected_slowdown,
 )
-from bench.engine.session import INTERRUPTED_EXIT_CODE, WorkerSession, run_guarded
+from bench.engine.session import INTERRUPTED_EXIT_CODES, WorkerSession, run_guarded
 from bench.run import gradients
+from bench.run.devices import gpu_fallbacks
 from bench.run.equivalence import compare
+from bench.run.plan import round_order
 from impls import count_flops
 from impls.base import smallest_train_batch
 
 BUSY_LOAD_PER_CORE = 0.5  # a 1-minute load above this share of the usable cores triggers a warning
+# The parent holds every framework's heatmaps and float64 copies while comparing them (equivalence.compare):
+# about this many times their size in all. Loaded only when that fits in half the available memory.
+HEATMAP_COMPARE_FACTOR = 6
 
 
 # ---------------------------------------------------------------- rows
@@ -60,6 +70,7 @@ def _base_row(cell: Cell, kind: str, settings: RunSettings) -> dict[str, Any]:
         "kind": kind,
         **cell.to_dict(),
         "device": settings.device,
+        "fp32_math": settings.fp32_math if settings.device == "gpu" else "ieee",
         "preset": settings.preset,
         "num_stacks": cfg.num_stacks,
         "depth": cfg.depth,
@@ -80,10 +91,13 @@ def _measured_row(
 ) -> dict[str, Any]:
     """A row from a worker result: status, error, statistics of its samples, memory and timings."""
     row = {**base, "status": status, "error": error, "worker_wall_s": wall_s}
-    for key in ("device", "first_call_ms", "warmup_calls", "import_s", "build_s", "setup_s", "num_params", "injected_slowdown", "gpu_allocator_peak_bytes",
-                "nvml_process_used_bytes", "nvml_device_used_bytes", "host_peak_rss_bytes"):  # fmt: skip
+    for key in ("device", "first_call_ms", "warmup_calls", "import_s", "build_s", "setup_s", "num_params", "injected_slowdown", "gpu_allocator_peak_bytes", "gpu_allocator_setup_peak_bytes",
+                "gpu_allocator_timed_peak_bytes", "compiled_argument_bytes", "compiled_output_bytes", "compiled_temp_bytes",
+                "nvml_process_used_bytes", "nvml_process_lookup", "nvml_device_used_bytes", "host_peak_rss_bytes"):  # fmt: skip
         if result.get(key) is not None:
             row[key] = result[key]
+    if row.get("device") == "cpu":  # a framework that fell back to the CPU computed in IEEE fp32 whatever was asked
+        row["fp32_math"] = "ieee"
     samples = result.get("samples_ns") or []
     if status == "ok" and samples:
         row["gflop_per_step"] = flops / 1e9
@@ -94,18 +108,19 @@ def _measured_row(
 CEILING_KINDS = ("conv3x3", "gemm")  # calibration phases on the model's own shapes
 
 
-def ceilings(rows: Iterable[Mapping[str, Any]]) -> dict[tuple[str, str, int], float]:
-    """(framework, precision, batch size) -> that framework's best GFLOP/s on the model's conv and GEMM
-    shapes, and ("*", precision, batch size) -> the fastest framework's: the machine's ceiling."""
-    best: dict[tuple[str, str, int], float] = {}
+def ceilings(rows: Iterable[Mapping[str, Any]]) -> dict[tuple[str, str, str, int], float]:
+    """(device, framework, precision, batch size) -> that framework's best GFLOP/s on the model's conv and GEMM
+    shapes on that device, and (device, "*", precision, batch size) -> the fastest framework's: the machine's
+    ceiling. Keyed by the row's device, so a framework that fell back to the CPU never sets a GPU ceiling."""
+    best: dict[tuple[str, str, str, int], float] = {}
     for row in rows:
         rate = num(row.get("achieved_gflop_per_s"))
         if row.get("kind") != "calibration" or row.get("status") != "ok" or row.get("phase") not in CEILING_KINDS:
             continue
         if math.isnan(rate):
             continue
-        precision, batch = str(row["precision"]), int(num(row["batch_size"]))
-        for key in ((str(row["framework"]), precision, batch), ("*", precision, batch)):
+        device, precision, batch = str(row.get("device")), str(row["precision"]), int(num(row["batch_size"]))
+        for key in ((device, str(row["framework"]), precision, batch), (device, "*", precision, batch)):
             best[key] = max(best.get(key, 0.0), rate)
     return best
 
@@ -114,6 +129,13 @@ def _calibration_cell(framework: str, workload: CalibrationWorkload) -> Cell:
     """The summary cell of one calibration workload: execution names the probe, phase the workload kind."""
     probe = "gemm_benchmark" if workload.kind == "gemm" else "conv_benchmark"
     return Cell(framework, probe, workload.precision, workload.batch_size, workload.kind)
+
+
+def _struck(stage: str, workload: CalibrationWorkload) -> bool:
+    """Whether a calibration worker that ended during `stage` ended on `workload` (or before any workload)."""
+    if not stage.startswith("calibrate "):
+        return True
+    return stage.partition(":")[0] == f"calibrate {workload.kind} {workload.precision} b{workload.batch_size}"
 
 
 def exit_code(rows: Iterable[Mapping[str, Any]], equivalence: Mapping[str, Mapping[str, Any]]) -> int:
@@ -147,8 +169,7 @@ class Runner:
 
     def _placement(self) -> dict[str, Any]:
         """The spec fields every worker of this run shares: the network, the device and the seed."""
-        s = self.settings
-        return {"config": s.config.to_dict(), "device": s.device, "device_requested": s.device_requested, "seed": s.seed}
+        return self.settings.placement()
 
     def _save_record(self) -> None:
         self.store.write_run_json(self.record)
@@ -156,19 +177,19 @@ class Runner:
     # -- stages
 
     def check_equivalence(self, progress: Any, task: Any) -> None:
-        """Heatmaps of every installed framework on one input, compared; disagreement is shouted."""
+        """Heatmaps of every installed framework on one input, compared; disagreement is shouted.
+
+        Each worker draws the input from the run's seed (the parent allocates nothing sized by --input-size)
+        and saves its heatmaps; the parent loads them only when comparing them fits in memory."""
         s = self.settings
-        rng = np.random.default_rng(s.seed)
-        x = rng.standard_normal((1, *s.config.input_hw, 3)).astype(np.float32)  # (1, H, W, 3)
-        input_path = self.session.workdir / "equivalence_input.npy"
-        np.save(input_path, x)
-        heatmaps: dict[str, np.ndarray] = {}
+        input_shape = [1, *s.config.input_hw, 3]  # (1, H, W, 3)
+        outputs: dict[str, Path] = {}
         entries: dict[str, dict[str, Any]] = {}
         for fw in self.active:
             progress.update(task, description=f"{fw}: equivalence check")
             execution = settings_mod.EXECUTIONS[fw][0]
             output = self.session.workdir / f"equivalence_{fw}.npy"
-            spec = EquivalenceSpec(framework=fw, execution=execution, input_npy=str(input_path),
+            spec = EquivalenceSpec(framework=fw, execution=execution, input_shape=input_shape,
                                    output_npy=str(output), **self._placement())  # fmt: skip
             outcome = self.session.call(spec, f"{fw}-equivalence")
             entries[fw] = {
@@ -178,18 +199,33 @@ class Runner:
                 "precision": "fp32",
             }
             if outcome.status == "ok":
-                heatmaps[fw] = np.load(output)
+                outputs[fw] = output
             progress.advance(task)
+        heatmaps = self._load_heatmaps(outputs, entries)
         for fw, verdict in compare(heatmaps, s.equivalence_rtol).items():
             entries[fw].update(verdict)
         self.record["equivalence"] = {
             "rtol": s.equivalence_rtol,
-            "input_shape": list(x.shape),
+            "input_shape": input_shape,
             "weights": "impls.init_weights(config, seed=0)",
             "frameworks": entries,
         }
         self._save_record()
         self._report_equivalence(entries)
+
+    @staticmethod
+    def _load_heatmaps(outputs: Mapping[str, Path], entries: dict[str, dict[str, Any]]) -> dict[str, np.ndarray]:
+        """The saved heatmaps, when comparing them fits in half the available memory; else each entry fails."""
+        sizes = {fw: int(np.load(path, mmap_mode="r").nbytes) for fw, path in outputs.items()}  # mapped, not read
+        need, available = HEATMAP_COMPARE_FACTOR * sum(sizes.values()), psutil.virtual_memory().available
+        if need > available / 2:
+            error = (f"the heatmaps are too large to compare in this process ({sum(sizes.values()) / 2**30:.1f} GiB "
+                     f"in all, about {need / 2**30:.1f} GiB to compare, {available / 2**30:.1f} GiB available); "
+                     "give a smaller --input-size")  # fmt: skip
+            for fw in outputs:
+                entries[fw].update(status="failed", error=error)
+            return {}
+        return {fw: np.load(path) for fw, path in outputs.items()}
 
     def _report_equivalence(self, entries: Mapping[str, Mapping[str, Any]]) -> None:
         for fw, entry in entries.items():
@@ -296,25 +332,46 @@ class Runner:
         result = outcome.result
         assert isinstance(result, CalibrationResult)
         measured = {(m.kind, m.precision, m.batch_size): m for m in result.measurements}
+        failed = {(f.kind, f.precision, f.batch_size): f for f in result.failures}
         missing = set(result.missing)
         rows = []
         for workload in workloads:
             cell = _calibration_cell(framework, workload)
             base = _base_row(cell, "calibration", s)
-            found = measured.get((workload.kind, workload.precision, workload.batch_size))
+            key = (workload.kind, workload.precision, workload.batch_size)
+            found = measured.get(key)
             status, error = outcome.status, outcome.error
             if status == "ok" and workload.kind in missing:
                 status, error = "skipped", f"{framework}'s impls module has no {cell.execution} probe"
+            elif status == "ok" and key in failed:
+                status, error = failed[key].status, failed[key].error
             elif status == "ok" and found is None:
                 status, error = "failed", "the worker returned no measurement for this cell"
+            elif status != "ok" and not _struck(outcome.stage, workload):
+                # The worker died on another workload (the stage it announced last): this one was not the cause.
+                status, error = "failed", f"not measured: the calibration worker died during {outcome.stage} ({status})"
             values = {**_result_values(result), **(dataclasses.asdict(found) if found else {})}
             row = _measured_row(base, status, error, outcome.wall_s, values, workload.flops)
+            row["device_fallback"] = framework in self.record.get("device_fallback", {})
             self.store.add(row, found.samples_ns if found and status == "ok" else [])
             rows.append(row)
         return rows
 
-    def run_cell(self, cell: Cell) -> dict[str, Any]:
-        """Measure one cell (or record why it is skipped) and store its row and samples."""
+    def _rounds_done(self, cell: Cell) -> int | None:
+        """Rounds of `cell` already measured; None when its row is final (skipped or failed: no more rounds)."""
+        row = next((r for r in self.store.rows() if r["cell_id"] == cell.cell_id), None)
+        if row is None:
+            return 0
+        if str(row["status"]) != "ok":
+            return None
+        return len(self.store.rounds_of(cell.cell_id))
+
+    def run_cell(self, cell: Cell, round_number: int = 1) -> dict[str, Any]:
+        """Measure one round of one cell (or record why it is skipped) and store its row and samples.
+
+        The row is recomputed from every round so far; first_call_ms, import and build times are round 1's
+        (the cold start). A failed round ends the cell: its row says which round failed and why.
+        """
         s = self.settings
         base = _base_row(cell, "model", s)
         skip = self.session.skip_reason(cell.framework)
@@ -322,19 +379,31 @@ class Runner:
             row = {**base, "status": "skipped", "error": skip}
             self.store.add(row)
             return row
+        cache = str(self.session.workdir / "compile-cache") if s.rounds > 1 else ""
         spec = CellSpec(framework=cell.framework, execution=cell.execution, precision=cell.precision,
-                        batch_size=cell.batch_size, phase=cell.phase, loop=s.loop(), **self._placement())  # fmt: skip
-        outcome = self.session.call(spec, cell.cell_id)
+                        batch_size=cell.batch_size, phase=cell.phase, loop=s.loop(), compile_cache_dir=cache,
+                        **self._placement())  # fmt: skip
+        name = cell.cell_id if s.rounds == 1 else f"{cell.cell_id}-round{round_number}"
+        outcome = self.session.call(spec, name)
         result = outcome.result
         assert isinstance(result, CellResult)
-        if result.model_settings:
+        if result.math:
+            self.record.setdefault("gpu_math", {})[cell.framework] = result.math
+        if result.model_settings and round_number == 1:
             self.record.setdefault("cell_settings", {})[cell.cell_id] = result.model_settings
             self._save_record()
-        if result.injected_slowdown:
+        if result.injected_slowdown and round_number == 1:
             self.session.warn(f"{cell.cell_id}: the test switch {SLOWDOWN_ENV} lengthened every timed step by "
                               f"{result.injected_slowdown:.0%}; these timings are not the model's")  # fmt: skip
+        earlier = self.store.rounds_of(cell.cell_id) if round_number > 1 else []
+        rounds = [*earlier, result.samples_ns] if outcome.status == "ok" else []
+        values = _result_values(result)
+        if round_number > 1:  # keep round 1's cold-start figures; the statistics below cover every round
+            previous = next(r for r in self.store.rows() if r["cell_id"] == cell.cell_id)
+            values.update({k: previous.get(k) for k in ("first_call_ms", "import_s", "build_s", "setup_s")})
+        error = outcome.error if s.rounds == 1 or outcome.status == "ok" else f"round {round_number} of {s.rounds}: {outcome.error}"
         flops = count_flops(s.config, cell.batch_size, cell.phase)
-        row = _measured_row(base, outcome.status, outcome.error, outcome.wall_s, _result_values(result), flops)
+        row = _measured_row(base, outcome.status, error, outcome.wall_s, {**values, "samples_ns": rounds}, flops)
         equivalence = self.record.get("equivalence", {}).get("frameworks", {}).get(cell.framework, {})
         row["equivalence_max_rel_err"] = equivalence.get("max_rel_err")
         row["equivalent"] = equivalence.get("equivalent")
@@ -345,26 +414,37 @@ class Runner:
         if row.get("achieved_gflop_per_s") is not None:
             for who, rate_column, share_column in (("*", "conv_ceiling_gflop_per_s", "ceiling_fraction"),
                                                    (cell.framework, "framework_ceiling_gflop_per_s", "framework_ceiling_fraction")):  # fmt: skip
-                ceiling = best.get((who, cell.precision, cell.batch_size))
+                ceiling = best.get((str(row.get("device")), who, cell.precision, cell.batch_size))
                 if ceiling:
                     row[rate_column] = ceiling
                     row[share_column] = row["achieved_gflop_per_s"] / ceiling
-        self.store.add(row, result.samples_ns if outcome.status == "ok" else [])
+        row["device_fallback"] = cell.framework in self.record.get("device_fallback", {})
+        self.store.add(row, rounds)
         return row
 
     def execute(self) -> int:
-        """Run everything not yet done; print the table; return the exit code."""
+        """Run everything not yet done, round by round (bench.run.plan); print the table; return the exit code."""
         s, done = self.settings, self.store.done_cell_ids()
-        cells = [cell for cell in s.cells() if cell.cell_id not in done]
+        todo = self._todo()
         need_equivalence = not self.record.get("equivalence") and bool(self.active)
         workloads = [CalibrationWorkload(**w) for w in calibration_workloads(s.config, s.batch_sizes, s.precisions)]
         calibrations = [fw for fw in self.active if any(_calibration_cell(fw, w).cell_id not in done for w in workloads)]
-        total = len(cells) + len(calibrations) + (len(self.active) if need_equivalence else 0)
+        total = len(todo) + len(calibrations) + (len(self.active) if need_equivalence else 0)
+        cells = len({cell.cell_id for _, cell in todo})
+        self.record["rounds"] = {
+            "rounds": s.rounds, "order_seed": s.seed, "order": "bench.run.plan.round_order(cells, rounds, seed)",
+            "compile_caches": "off (one round)" if s.rounds == 1 else (
+                "round 1 of each cell starts from an empty cache of this run (cold first_call_ms); later rounds reuse "
+                "torch inductor's and JAX's compilations (TensorFlow compiles again); a resumed run starts empty"),
+        }  # fmt: skip
         self.console.print(
-            f"hgbench run [bold]{self.record['run_id']}[/]: {len(cells)} cells to measure on {s.device} "
+            f"hgbench run [bold]{self.record['run_id']}[/]: {cells} cells to measure on {s.device}"
+            f"{f' in {s.rounds} interleaved rounds' if s.rounds > 1 else ''} "
             f"(preset {s.preset}, input {s.config.input_hw[0]}x{s.config.input_hw[1]}), results in {escape(str(self.store.run_dir))}"
         )
         self._warn_busy()
+        for fw, why in self.record.get("device_fallback", {}).items():
+            out.warn(self.console, f"{fw} runs on the CPU although the run is on the GPU: {why}")
         started = time.perf_counter()
         with self.session.workers(total) as (progress, task):
             if need_equivalence:
@@ -376,11 +456,15 @@ class Runner:
                 self.calibrate(fw)
                 progress.advance(task)
             self._save_record()
-            for cell in cells:
-                progress.update(task, description=cell.cell_id)
-                row = self.run_cell(cell)
+            for round_number, cell in todo:
+                if self._rounds_done(cell) is None:  # an earlier round of this run failed: the cell is over
+                    progress.advance(task)
+                    continue
+                label = cell.cell_id if s.rounds == 1 else f"{cell.cell_id} (round {round_number}/{s.rounds})"
+                progress.update(task, description=label)
+                row = self.run_cell(cell, round_number)
                 if row["status"] != "ok":
-                    progress.console.print(f"[red]{row['status']}[/] {cell.cell_id}")
+                    progress.console.print(f"[red]{row['status']}[/] {label}")
                 progress.advance(task)
         self.record["bench_wall_s"] = self.record.get("bench_wall_s", 0.0) + time.perf_counter() - started
         self.record["status"] = "complete"
@@ -390,29 +474,62 @@ class Runner:
         rows = self.store.rows()
         self.console.print(out.summary_table(rows, f"hgbench {self.record['run_id']} ({s.device}, {s.preset})"))
         out.print_problems(self.console, rows)
+        if s.rounds == 1:
+            self.console.print("one round per cell: intervals know the noise within one worker process only "
+                               "(use --rounds 3 or more for intervals that include the process-to-process noise)")  # fmt: skip
         self.console.print(f"wall time {self.record['bench_wall_s']:.0f} s; results: {escape(str(self.store.run_dir))}")
         return exit_code(rows, {**self.record.get("equivalence", {}).get("frameworks", {}), **self._gradient_entries()})
+
+    def _todo(self) -> list[tuple[int, Cell]]:
+        """(round, cell) still to measure, in the run's interleaved order (a resumed run skips what is done)."""
+        done = {cell.cell_id: self._rounds_done(cell) for cell in self.settings.cells()}
+        return [(r, cell) for r, cell in round_order(self.settings.cells(), self.settings.rounds, self.settings.seed)
+                if done[cell.cell_id] is not None and r > done[cell.cell_id]]  # fmt: skip
 
 
 @dataclass(frozen=True)
 class RunResult:
     """How a run ended and where its results are."""
 
-    exit_code: int  # 0 ok, 1 a cell failed or a framework disagreed, 130 interrupted
+    exit_code: int  # 0 ok, 1 a cell failed or a framework disagreed, 129/130/143 a signal, 75 disk full
     run_dir: Path
 
     @property
     def interrupted(self) -> bool:
         """True when the run stopped before its last cell."""
-        return self.exit_code == INTERRUPTED_EXIT_CODE
+        return self.exit_code in INTERRUPTED_EXIT_CODES or self.exit_code == DISK_FULL_EXIT_CODE
+
+
+def expected_bytes(settings: RunSettings) -> int:
+    """About how much disk a run of `settings` needs at most: its rows and samples twice over (each CSV is
+    rewritten through a temp copy), plus run.json and the logs."""
+    workloads = len(calibration_workloads(settings.config, settings.batch_sizes, settings.precisions))
+    rows = len(settings.cells()) + len(settings.frameworks) * workloads
+    samples_per_row = settings.iters or MAX_ITERS
+    return 2 * rows * (2048 + 120 * samples_per_row) + 512 * 1024
+
+
+def check_before_measuring(settings: RunSettings, out_dir: str | Path, flag: str) -> None:
+    """Before any worker starts: the test switch is well formed and the results folder writable with room."""
+    try:
+        injected_slowdown(os.environ)
+    except ValueError as err:
+        raise SettingsError(str(err)) from None
+    check_output_dir(out_dir, flag, expected_bytes(settings))
 
 
 def start(settings: RunSettings, args: list[str], run_id: str | None = None) -> RunResult:
-    """A new run of `settings` in a fresh results directory (results/<run_id> when given)."""
+    """A new run of `settings` in a fresh results directory (results/<run_id> when given).
+
+    On a GPU each framework is first asked whether it sees the GPU (bench.run.devices): SettingsError under
+    --device gpu when one cannot, a recorded fallback under --device auto."""
+    check_before_measuring(settings, settings.out_dir, "--out")
+    fallbacks = gpu_fallbacks(settings)
     run_dir = new_run_dir(settings.out_dir, settings.device, run_id)
     record: dict[str, Any] = {
         "run_id": run_dir.name,
         "status": "running",
+        "process": procs.this_process().to_dict(),  # who measures it: --resume tells a live run from a dead one
         "started_utc": envinfo.utc_now(),
         "command_line": envinfo.command_line(args),
         "settings": settings.to_dict(),
@@ -432,7 +549,8 @@ def start(settings: RunSettings, args: list[str], run_id: str | None = None) -> 
             "bench compare --normalize. Ceilings: per framework the faster of conv3x3 and gemm; the machine's "
             "is the fastest framework's.",
         },
-        "warnings": [],
+        "warnings": [f"{fw} runs on the CPU although the run is on the GPU: {why}" for fw, why in fallbacks.items()],
+        "device_fallback": fallbacks,
         "resumes": [],
     }
     return _execute(Runner(settings, RunStore(run_dir), record))
@@ -443,9 +561,15 @@ def resume(run_dir: Path, args: list[str]) -> RunResult:
     store = RunStore.reopen(run_dir)
     record = store.read_run_json()
     settings = settings_from_record(record["settings"], f"--resume: {run_dir / 'run.json'}")
+    check_before_measuring(settings, run_dir, "--resume")
+    # A run left "running" by a parent that died, and any worker of it still alive: said, and killed.
+    notes = procs.check_stale_run(record, run_dir) + procs.reap_orphans(run_dir)
     record.setdefault("resumes", []).append({"utc_time": envinfo.utc_now(), "command_line": envinfo.command_line(args)})
-    record["status"] = "running"
-    return _execute(Runner(settings, store, record))
+    record.update(status="running", process=procs.this_process().to_dict())
+    runner = Runner(settings, store, record)
+    for note in notes:
+        runner.session.warn(note)
+    return _execute(runner)
 
 
 def settings_from_record(recorded: Mapping[str, Any], where: str) -> RunSettings:
@@ -459,7 +583,11 @@ def settings_from_record(recorded: Mapping[str, Any], where: str) -> RunSettings
 
 def _execute(runner: Runner) -> RunResult:
     run_dir = runner.store.run_dir
-    runner.store.write_run_json(runner.record)
     hint = f"finished cells are in {run_dir}; complete the run with: python -m bench run --resume {run_dir}"
-    code = run_guarded(runner.execute, runner.record, runner._save_record, runner.console, hint)
+
+    def body() -> int:
+        runner._save_record()
+        return runner.execute()
+
+    code = run_guarded(body, runner.record, runner._save_record, runner.console, hint)
     return RunResult(code, run_dir)

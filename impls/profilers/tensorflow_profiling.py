@@ -261,7 +261,7 @@ def _time_staged_stages(model: TensorFlowHourglass, request: ProfileRequest) -> 
         logger.setLevel(level)
 
 
-def _stage_bodies(net: StackedHourglass, plan: tuple[Stage, ...], training: bool,
+def _stage_bodies(net: StackedHourglass, plan: tuple[Stage, ...], train: bool,
                   target: tf.Tensor) -> dict[str, Callable]:  # fmt: skip
     """Stage name -> the callable that runs it on the plan's inputs; the loss reads every stack's heatmaps."""
     bodies: dict[str, Callable] = {}
@@ -271,7 +271,7 @@ def _stage_bodies(net: StackedHourglass, plan: tuple[Stage, ...], training: bool
         elif stage.name.startswith("merge_"):
             bodies[stage.name] = getattr(net, stage.name)  # no BN: takes no training flag
         else:
-            bodies[stage.name] = functools.partial(getattr(net, stage.name), training=training)
+            bodies[stage.name] = functools.partial(getattr(net, stage.name), train=train)
     return bodies
 
 
@@ -286,7 +286,7 @@ def _stage_function(model: TensorFlowHourglass, name: str, body: Callable) -> Ca
     return run if model.execution == "eager" else tf.function(run, jit_compile=model.execution == "xla")
 
 
-def _stage_forward(fn: Callable, stage: Stage, variables: list[tf.Variable], training: bool) -> Callable:
+def _stage_forward(fn: Callable, stage: Stage, variables: list[tf.Variable], train: bool) -> Callable:
     """A time_staged call running one stage forward; in training it keeps a tape for the stage's backward."""
     name, ins, outs = stage.name, stage.inputs, stage.outputs
 
@@ -295,7 +295,7 @@ def _stage_forward(fn: Callable, stage: Stage, variables: list[tf.Variable], tra
         state = {"env": {IMAGE: state}, "tapes": {}, "cotangents": {}, "grads": []} if first else state
         args = [state["env"][key] for key in ins]
         # The network input needs no gradient (the analytic count leaves out the first conv's input gradient).
-        if training:
+        if train:
             sources = ([] if first else args) + variables
             with tf.GradientTape(watch_accessed_variables=False) as tape:
                 tape.watch(sources)

@@ -1,0 +1,108 @@
+"""Do the intervals of `bench run` cover what a rerun measures? The coverage of the 95% interval, measured.
+
+    python -m bench.experiments.coverage --like results/baseline --runs 20 --rounds 1,3 --out DIR
+
+For each round count R, makes `--runs` consecutive runs of the same cells (`bench run --like LIKE --rounds
+R`; the round counts alternate run by run, so slow drift of the machine spreads over both), then asks, for
+every model cell and every run after the first: does this run's median fall inside the previous run's 95%
+interval of the median? A 95% interval that knows all the noise a rerun sees covers the next run's median
+a little less than 95% of the time (the next median has noise of its own); one that knows only the noise
+within one process covers far less. Writes DIR/runs/, pairs.csv (one row per cell and consecutive pair)
+and summary.csv (coverage per round count and cell, and overall).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+from bench.core.rundir import RunDirError, read_run, write_csv_atomic
+from bench.core.settings import SettingsError, parse_int_list, parse_positive_int
+
+
+def _run(like: Path, runs: Path, run_id: str, rounds: int) -> Path:
+    command = [sys.executable, "-m", "bench", "run", "--like", str(like), "--rounds", str(rounds),
+               "--out", str(runs), "--run-id", run_id, "--no-report"]  # fmt: skip
+    print(f"+ {' '.join(command[1:])}", flush=True)
+    subprocess.run(command, check=False, stdout=subprocess.DEVNULL)
+    return runs / run_id
+
+
+def covered(previous: Path, current: Path) -> list[dict[str, object]]:
+    """Per model cell ok in both runs: is the current median inside the previous run's interval?"""
+    before, after = read_run(previous).summary, read_run(current).summary
+    before = before[(before["kind"] == "model") & (before["status"] == "ok")].set_index("cell_id")
+    after = after[(after["kind"] == "model") & (after["status"] == "ok")].set_index("cell_id")
+    rows = []
+    for cell_id in sorted(set(before.index) & set(after.index)):
+        low, high = before.loc[cell_id, "latency_ms_median_ci95_low"], before.loc[cell_id, "latency_ms_median_ci95_high"]
+        median = after.loc[cell_id, "latency_ms_median"]
+        rows.append({"cell_id": cell_id, "previous": previous.name, "current": current.name,
+                     "previous_ci95_low": low, "previous_ci95_high": high, "current_median": median,
+                     "covered": bool(low <= median <= high),
+                     "relative_width": (high - low) / before.loc[cell_id, "latency_ms_median"]})  # fmt: skip
+    return rows
+
+
+def summarize(pairs: pd.DataFrame) -> pd.DataFrame:
+    """Coverage per round count, per cell and over all cells."""
+    per_cell = pairs.groupby(["rounds", "cell_id"], as_index=False).agg(
+        pairs=("covered", "size"), covered=("covered", "sum"), median_relative_width=("relative_width", "median")
+    )
+    overall = pairs.groupby("rounds", as_index=False).agg(
+        pairs=("covered", "size"), covered=("covered", "sum"), median_relative_width=("relative_width", "median")
+    )
+    overall.insert(1, "cell_id", "all")
+    table = pd.concat([overall, per_cell], ignore_index=True)
+    table["coverage"] = table["covered"] / table["pairs"]
+    return table
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; exit 0 when the experiment ran (coverage is data, not a verdict), 2 on bad input."""
+    parser = argparse.ArgumentParser(prog="python -m bench.experiments.coverage", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--like", default="results/baseline", help="the run whose cells and settings are repeated")
+    parser.add_argument("--runs", default="20", help="consecutive runs per round count (default %(default)s)")
+    parser.add_argument("--rounds", default="1,3", help="round counts to compare (default %(default)s)")
+    parser.add_argument("--out", required=True, help="folder for the runs and the CSVs (new or empty)")
+    parser.add_argument("--judge-only", action="store_true", help="recompute the CSVs from the runs in --out")
+    args = parser.parse_args(argv)
+    try:
+        n_runs = parse_positive_int("--runs", args.runs, minimum=2)
+        round_counts = parse_int_list("--rounds", args.rounds)
+        out, like = Path(args.out), Path(args.like)
+        runs = out / "runs"
+        if not args.judge_only:
+            read_run(like)
+            if runs.exists() and any(runs.iterdir()):
+                raise SettingsError(f"--out {out}: {runs} is not empty; give a new folder or use --judge-only")
+            for index in range(n_runs):
+                for rounds in round_counts:  # alternate the round counts run by run
+                    _run(like, runs, f"r{rounds}-{index:02d}", rounds)
+        rows = []
+        for rounds in round_counts:
+            names = [runs / f"r{rounds}-{index:02d}" for index in range(n_runs)]
+            present = [p for p in names if (p / "summary.csv").is_file()]
+            for previous, current in itertools.pairwise(present):
+                rows += [{"rounds": rounds, **row} for row in covered(previous, current)]
+    except (SettingsError, RunDirError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    pairs = pd.DataFrame(rows)
+    if pairs.empty:
+        print("error: no two consecutive runs with ok model cells; see the runs' logs", file=sys.stderr)
+        return 2
+    table = summarize(pairs)
+    write_csv_atomic(out / "pairs.csv", pairs)
+    write_csv_atomic(out / "summary.csv", table)
+    print(table[table["cell_id"] == "all"].to_string(index=False))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
