@@ -14,11 +14,24 @@ import pytest
 
 import impls
 from impls import spec
-from tests.conftest import SMALL_CONFIGS, Draw, assert_close, assert_grads_close, require_gpu, vanishing_grads
+from tests.conftest import (
+    FP32_EVAL_HEATMAP_RTOL,
+    FP32_GRAD_RTOL,
+    FP32_LOSS_RTOL,
+    FP32_TRAIN_HEATMAP_RTOL,
+    SMALL_CONFIGS,
+    Draw,
+    assert_close,
+    assert_grads_close,
+    require_gpu,
+    vanishing_grads,
+)
 from tests.numpy_reference import NumpyHourglass
 
-HEATMAP_TOL = 1e-4  # ||a-b||/||b|| on all stacks' heatmaps, fp32 against float64 or another framework
-GRAD_TOL = 1e-3  # per parameter, and for the loss
+# ||a-b||/||b|| of heatmaps (per stack, or all stacks), fp32 against float64 or another framework; the loss;
+# gradients per parameter (assert_grads_close). Set from measurement: tests/conftest.py.
+HEATMAP_TOL = {False: FP32_EVAL_HEATMAP_RTOL, True: FP32_TRAIN_HEATMAP_RTOL}  # by train_mode
+GRAD_TOL = FP32_GRAD_RTOL
 
 
 def _installed() -> list[str]:
@@ -41,7 +54,7 @@ def test_heatmaps_match_numpy_reference(backend, config, draw: Draw, train_mode:
     assert got.shape == (config.num_stacks, 2, h, w, config.num_keypoints)
     assert got.dtype == np.float32
     for s in range(config.num_stacks):
-        assert_close(got[s], want[s], HEATMAP_TOL, f"{backend.FRAMEWORK} stack {s} (seed {draw.seed})")
+        assert_close(got[s], want[s], HEATMAP_TOL[train_mode], f"{backend.FRAMEWORK} stack {s} (seed {draw.seed})")
 
 
 def test_loss_matches_numpy_reference(backend, config, draw: Draw) -> None:
@@ -50,7 +63,7 @@ def test_loss_matches_numpy_reference(backend, config, draw: Draw) -> None:
     loss, _ = backend.build(config, weights=weights).loss_and_grads(x, target)
     want = spec.loss_numpy(NumpyHourglass(config, weights, train_mode=True)(x), target)
     assert isinstance(loss, float)
-    assert abs(loss - want) / abs(want) <= GRAD_TOL, f"loss {loss} vs reference {want} (seed {draw.seed})"
+    assert abs(loss - want) / abs(want) <= FP32_LOSS_RTOL, f"loss {loss} vs reference {want} (seed {draw.seed})"
 
 
 def test_grads_cover_every_trainable_parameter(backend, config, draw: Draw) -> None:
@@ -119,9 +132,9 @@ def test_frameworks_agree_on_heatmaps_loss_and_grads(config, draw: Draw) -> None
     for a, b in itertools.combinations(names, 2):
         (ea, ta, la, ga), (eb, tb, lb, gb) = results[a], results[b]
         tag = f"{a} vs {b} (seed {draw.seed})"
-        assert_close(ea, eb, HEATMAP_TOL, f"eval heatmaps {tag}")
-        assert_close(ta, tb, HEATMAP_TOL, f"train heatmaps {tag}")
-        assert abs(la - lb) / abs(lb) <= GRAD_TOL, f"loss {la} vs {lb}, {tag}"
+        assert_close(ea, eb, HEATMAP_TOL[False], f"eval heatmaps {tag}")
+        assert_close(ta, tb, HEATMAP_TOL[True], f"train heatmaps {tag}")
+        assert abs(la - lb) / abs(lb) <= FP32_LOSS_RTOL, f"loss {la} vs {lb}, {tag}"
         assert_grads_close(ga, gb, GRAD_TOL, tag)
 
 
@@ -143,11 +156,11 @@ def test_compiled_mode_matches_eager(framework: str, execution: str, draw: Draw)
     eager = backend.build(config, weights=weights)
     compiled = backend.build(config, weights=weights, execution=execution)
     tag = f"{framework} {execution} vs {backend.EXECUTIONS[0]} (seed {draw.seed})"
-    assert_close(compiled.predict(x), eager.predict(x), HEATMAP_TOL, f"eval heatmaps {tag}")
-    assert_close(compiled.predict(x, train_mode=True), eager.predict(x, train_mode=True), HEATMAP_TOL, f"train heatmaps {tag}")
+    assert_close(compiled.predict(x), eager.predict(x), HEATMAP_TOL[False], f"eval heatmaps {tag}")
+    assert_close(compiled.predict(x, train_mode=True), eager.predict(x, train_mode=True), HEATMAP_TOL[True], f"train heatmaps {tag}")
     loss_c, grads_c = compiled.loss_and_grads(x, target)
     loss_e, grads_e = eager.loss_and_grads(x, target)
-    assert abs(loss_c - loss_e) / abs(loss_e) <= GRAD_TOL, tag
+    assert abs(loss_c - loss_e) / abs(loss_e) <= FP32_LOSS_RTOL, tag
     assert_grads_close(grads_c, grads_e, GRAD_TOL, tag)
 
 
@@ -164,7 +177,7 @@ def test_compiled_mode_jax_jit_matches_unjitted(draw: Draw) -> None:
     jitted = backend.build(config, weights=weights).loss_and_grads(x, target)
     with jax.disable_jit():
         plain = backend.build(config, weights=weights).loss_and_grads(x, target)
-    assert abs(jitted[0] - plain[0]) / abs(plain[0]) <= GRAD_TOL
+    assert abs(jitted[0] - plain[0]) / abs(plain[0]) <= FP32_LOSS_RTOL
     assert_grads_close(jitted[1], plain[1], GRAD_TOL, f"jit vs op by op (seed {draw.seed})")
 
 
@@ -245,3 +258,19 @@ def test_gpu_predict_matches_cpu(backend, draw: Draw) -> None:
     gpu = backend.build(config, weights=weights, device="gpu").predict(x)
     # GPUs may use TF32 for convolutions by default; 1e-2 bounds that, fp32 proper gives ~1e-6.
     assert_close(gpu, cpu, 1e-2, f"{backend.FRAMEWORK} gpu vs cpu (seed {draw.seed})")
+
+
+def test_tensorflow_bn_batch_statistics_keep_float32_accuracy_on_large_maps() -> None:
+    """TensorFlow's BN sums its batch statistics one axis at a time (impls.tensorflow_hourglass.batch_moments):
+    tf.nn.moments' single reduction over N*H*W adds the rows in turn and was 2.3e-6 off on these 131072 rows
+    per channel, 20x torch's and JAX's error; summed by axis it is ~1e-7."""
+    if not impls.is_installed("tensorflow"):
+        pytest.skip("tensorflow is not installed")
+    import tensorflow as tf
+
+    x = (np.random.default_rng(0).standard_normal((16, 64, 64, 32)) + 0.5).astype(np.float32)  # (N, H, W, C)
+    mean, var = impls.load("tensorflow").batch_moments(tf.constant(x))
+    x64 = x.astype(np.float64)
+    want_mean, want_var = x64.mean(axis=(0, 1, 2)), x64.var(axis=(0, 1, 2))
+    assert np.max(np.abs(mean.numpy() - want_mean) / np.abs(want_mean)) < 5e-7
+    assert np.max(np.abs(var.numpy() - want_var) / want_var) < 5e-7

@@ -20,8 +20,8 @@ from hypothesis import Phase, given, settings
 import impls
 from impls import spec
 from tests import fp64_record
-from tests.conftest import SMALL_CONFIGS, Draw, rel_err
-from tests.fp64_proof import FP64_RTOL, check_case
+from tests.conftest import FP32_EVAL_HEATMAP_RTOL, FP32_TRAIN_HEATMAP_RTOL, SMALL_CONFIGS, Draw, rel_err
+from tests.fp64_proof import check_case
 from tests.generated_configs import Case, cases
 from tests.numpy_reference import NumpyHourglass, directional_derivative, loss
 
@@ -155,9 +155,10 @@ def _require(framework: str) -> types.ModuleType:
     return impls.load(framework)
 
 
-def test_fp64_proof_catches_a_bn_epsilon_that_fp32_tolerances_cannot(monkeypatch: pytest.MonkeyPatch) -> None:
-    """TensorFlow's BN with epsilon 1e-6 instead of 1e-5: a relative change of ~5e-6 in every normalisation,
-    inside the fp32 tests' 1e-4 heatmap tolerance, and 1e4 times the fp64 proof's."""
+def test_fp64_proof_catches_a_bn_epsilon_that_fp32_tolerances_barely_see(monkeypatch: pytest.MonkeyPatch) -> None:
+    """TensorFlow's BN with epsilon 1e-6 instead of 1e-5 moves the heatmaps by ~8e-5: beyond the measured
+    fp32 eval-mode rule (1e-5), inside the train-mode one and the 1e-4 the fp32 tests used for both before
+    they were set from measurement; 1e4 times the fp64 proof's tolerance."""
     tfh = _require("tensorflow")
     config = SMALL_CONFIGS["tiny"]
     weights = impls.init_weights(config, seed=0)
@@ -166,7 +167,7 @@ def test_fp64_proof_catches_a_bn_epsilon_that_fp32_tolerances_cannot(monkeypatch
     # The one-line change: the BN reads spec.BN_EPSILON, and here that says 1e-6.
     monkeypatch.setattr(tfh, "spec", types.SimpleNamespace(**{**vars(spec), "BN_EPSILON": 1e-6}))
     fp32_error = rel_err(tfh.build(config, weights=weights).predict(x.astype(np.float32)), want)
-    assert FP64_RTOL < 1e-6 < fp32_error < 1e-4, f"fp32 heatmaps differ by {fp32_error:.2e}: within the fp32 tolerance"
+    assert FP32_EVAL_HEATMAP_RTOL < fp32_error < FP32_TRAIN_HEATMAP_RTOL, f"fp32 heatmaps differ by {fp32_error:.2e}"
     message = _proof_over_generated_configs("tensorflow")
     assert "tensorflow vs numpy float64 reference" in message and "Case(HourglassConfig(" in message, message
 
