@@ -215,6 +215,12 @@ def test_experiment_counts_false_alarms_and_detections(fake: pytest.MonkeyPatch,
     assert ab_check_experiment.main(argv, repo=tmp_path / "repo") == 2  # --out is no longer empty
     assert ab_check_experiment.main([*argv, "--more"], repo=tmp_path / "repo") == 0  # evidence grows over sessions
     assert pd.read_csv(out / "gates.csv")["gate"].tolist() == [1, 1, 2, 2]
+    # Judged again from the stored pairs: the same verdicts under the same rule, none at an impossible size.
+    assert ab_check_experiment.main(["--out", str(out), "--rejudge"]) == 0
+    again = pd.read_csv(out / "gates-rejudged.csv")
+    assert again["rejudged_failed"].tolist() == again["measured_failed"].tolist() == [False, True, False, True]
+    assert ab_check_experiment.main(["--out", str(out), "--rejudge", "--threshold", "500%", "--cell-threshold", "500%"]) == 0
+    assert not pd.read_csv(out / "gates-rejudged.csv")["rejudged_failed"].any()
     fake.setenv("HGBENCH_FAKE_FAULTS", "")
     assert ab_check_experiment.main([*argv[:2], "--gates", "0", "--out", str(tmp_path / "x")]) == 2
 

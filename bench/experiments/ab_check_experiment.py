@@ -9,11 +9,14 @@ detection). Writes DIR/gate-i-<kind>/ (the gate's runs and verdict.json) and DIR
 gate: kind, slowdown, pairs, exit, what was judged slower, the all-cells ratio with its interval and p, the
 worst cell's ratio), and prints the counts. `--more` adds gates to a DIR that holds some (numbering
 continues), so the evidence can grow over several sessions. Measure nothing else on the machine meanwhile.
+`--rejudge` measures nothing: it judges the pairs that DIR's gates measured again under other thresholds
+or `--alpha` (DIR/gates-rejudged.csv), which is how a change of the rule is checked against evidence.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -24,7 +27,16 @@ import pandas as pd
 from bench.core.paths import REPO_ROOT
 from bench.core.rundir import write_csv_atomic
 from bench.engine.protocol import SLOWDOWN_ENV
-from bench.regress.ab_check import DEFAULT_CELL_THRESHOLD, DEFAULT_PAIRS, DEFAULT_THRESHOLD, ABCheckError, GateLimits, check
+from bench.regress.ab_check import (
+    DEFAULT_CELL_THRESHOLD,
+    DEFAULT_PAIRS,
+    DEFAULT_THRESHOLD,
+    GATE_ALPHA,
+    ABCheckError,
+    GateLimits,
+    check,
+    judge_pairs,
+)
 from bench.regress.compare import CompareError, parse_threshold
 from bench.regress.paired import ALL_CELLS, MIN_PAIRS
 
@@ -44,6 +56,26 @@ def _row(kind: str, slowdown: float, gate: int, verdict: dict[str, Any]) -> dict
     }  # fmt: skip
 
 
+def rejudge(out: Path, limits: GateLimits) -> pd.DataFrame:
+    """Judge the pairs every gate in `out` measured again under other limits (their pair count is what was
+    measured): one row per gate with the verdict the gate would have given. Writes out/gates-rejudged.csv."""
+    rows = []
+    for path in sorted(out.glob("gate-*/verdict.json"), key=lambda p: p.parent.name):
+        verdict = json.loads(path.read_text())
+        per_cell = {j["name"]: list(j["ratios"]) for j in verdict.get("paired") or [] if j["name"] != ALL_CELLS}
+        judged = judge_pairs(per_cell, limits) if per_cell else []
+        slower = [j.name for j in judged if j.verdict == "slower"]
+        overall = next((j for j in judged if j.name == ALL_CELLS), None)
+        rows.append({"gate": path.parent.name, "pairs": overall.n_pairs if overall else 0,
+                     "measured_failed": verdict.get("exit_code") == 1, "rejudged_slower": ";".join(slower),
+                     "rejudged_failed": bool(slower) or bool(verdict.get("failures") and not verdict.get("paired")),
+                     "all_cells_ratio": overall.ratio if overall else None,
+                     "all_cells_p_slower": overall.p_slower if overall else None})  # fmt: skip
+    table = pd.DataFrame(rows)
+    write_csv_atomic(out / "gates-rejudged.csv", table)
+    return table
+
+
 def main(argv: list[str] | None = None, *, repo: Path | None = None) -> int:
     """Run the gates; exit 0 when they completed (the findings are in gates.csv), 2 on bad input.
 
@@ -59,8 +91,25 @@ def main(argv: list[str] | None = None, *, repo: Path | None = None) -> int:
                         help="the gate's --cell-threshold (default %(default)s)")  # fmt: skip
     parser.add_argument("--out", required=True, help="new folder for the gates' runs and gates.csv")
     parser.add_argument("--more", action="store_true", help="add gates to an --out that holds some")
+    parser.add_argument("--alpha", type=float, default=GATE_ALPHA, help="the gate's alpha (default %(default)s)")
+    parser.add_argument("--rejudge", action="store_true",
+                        help="measure nothing: judge the pairs the gates in --out measured again, under the "
+                             "thresholds and --alpha given, into --out/gates-rejudged.csv")  # fmt: skip
     args = parser.parse_args(argv)
     out = Path(args.out)
+    if args.rejudge:
+        try:
+            limits = GateLimits(parse_threshold(args.threshold), parse_threshold(args.cell_threshold, "--cell-threshold"),
+                                args.pairs, args.alpha)  # fmt: skip
+        except CompareError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        table = rejudge(out, limits)
+        if table.empty:
+            print(f"error: --out {out} holds no gate-*/verdict.json to judge again", file=sys.stderr)
+            return 2
+        print(table.to_string(index=False))
+        return 0
     try:
         slowdowns = [float(x) for x in args.slowdowns.split(",") if x.strip()]
     except ValueError:
@@ -78,7 +127,7 @@ def main(argv: list[str] | None = None, *, repo: Path | None = None) -> int:
     first = 1 + max((int(r["gate"]) for r in rows), default=0)
     try:
         limits = GateLimits(parse_threshold(args.threshold), parse_threshold(args.cell_threshold, "--cell-threshold"),
-                            args.pairs)  # fmt: skip
+                            args.pairs, args.alpha)  # fmt: skip
         for gate in range(first, first + args.gates):
             for kind, slowdown in (("same_code", 0.0), *(("slowdown", s) for s in slowdowns)):
                 os.environ.pop(SLOWDOWN_ENV, None)
