@@ -97,18 +97,17 @@ def main(argv: list[str] | None = None, *, repo: Path | None = None) -> int:
                              "thresholds and --alpha given, into --out/gates-rejudged.csv")  # fmt: skip
     args = parser.parse_args(argv)
     out = Path(args.out)
+    try:
+        limits = GateLimits(parse_threshold(args.threshold), parse_threshold(args.cell_threshold, "--cell-threshold"),
+                            args.pairs, args.alpha)  # fmt: skip
+    except CompareError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     if args.rejudge:
-        try:
-            limits = GateLimits(parse_threshold(args.threshold), parse_threshold(args.cell_threshold, "--cell-threshold"),
-                                args.pairs, args.alpha)  # fmt: skip
-        except CompareError as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 2
-        table = rejudge(out, limits)
-        if table.empty:
+        if not any(out.glob("gate-*/verdict.json")):
             print(f"error: --out {out} holds no gate-*/verdict.json to judge again", file=sys.stderr)
             return 2
-        print(table.to_string(index=False))
+        print(rejudge(out, limits).to_string(index=False))
         return 0
     try:
         slowdowns = [float(x) for x in args.slowdowns.split(",") if x.strip()]
@@ -126,8 +125,6 @@ def main(argv: list[str] | None = None, *, repo: Path | None = None) -> int:
     rows = pd.read_csv(table_path).to_dict("records") if table_path.is_file() else []
     first = 1 + max((int(r["gate"]) for r in rows), default=0)
     try:
-        limits = GateLimits(parse_threshold(args.threshold), parse_threshold(args.cell_threshold, "--cell-threshold"),
-                            args.pairs, args.alpha)  # fmt: skip
         for gate in range(first, first + args.gates):
             for kind, slowdown in (("same_code", 0.0), *(("slowdown", s) for s in slowdowns)):
                 os.environ.pop(SLOWDOWN_ENV, None)

@@ -29,7 +29,6 @@ from scipy import stats as sps
 
 MIN_PAIRS = 3
 ALL_CELLS = "all cells (geometric mean)"
-VERDICTS = ("slower", "faster", "unchanged", "too_few_pairs")
 
 
 @dataclass(frozen=True)
@@ -46,7 +45,7 @@ class PairedStats:
     p_slower: float  # one-sided p-value of "new is slower" (t test of the mean log ratio against 0)
     threshold: float  # the size a slowdown must exceed (fraction, 0.05 = 5%)
     alpha: float
-    verdict: str  # one of VERDICTS
+    verdict: str  # slower, faster, unchanged or too_few_pairs
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready (NaN becomes None)."""
