@@ -64,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--execution", metavar="LIST",
                       help="default, all, or a comma list of modes (eager, compile, function, xla, jit) "
                       "or framework:mode items such as torch:compile")  # fmt: skip
+    what.add_argument("--impl", metavar="LIST",
+                      help="implementation variants: idiomatic (default), tuned, all, or framework:variant items "
+                      "such as jax:tuned (README \"Implementation variants\")")  # fmt: skip
     what.add_argument("--precision", metavar="LIST", help="fp32 (default), bf16, fp64 or a comma list (fp32,fp64)")
     what.add_argument("--device", help="auto (default: gpu when one is visible), cpu or gpu")
     what.add_argument("--protocol", help="default, or seed: the seed's loop (batch 16, 10 burn-in, 100 timed)")
@@ -157,6 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--phase", metavar="LIST", help="forward, forward_backward or all (default: both)")
     what.add_argument("--batch-size", metavar="N", help="one batch size (default: 1 on a CPU, 16 on a GPU)")
     what.add_argument("--execution", metavar="LIST", help="default, all (default) or a comma list, as for run")
+    what.add_argument("--impl", metavar="LIST",
+                      help="the implementation variant: idiomatic (default) or tuned, one per framework "
+                      "(framework:variant items, as for run)")  # fmt: skip
     what.add_argument("--precision", help="fp32 (default), bf16 or fp64")
     what.add_argument("--device", help="auto (default: gpu when one is visible), cpu or gpu")
     how = profile.add_argument_group("how to profile")

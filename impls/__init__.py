@@ -7,7 +7,9 @@ from impls.base import PHASES, AbstractHourglassModel
 from impls.config import PRESETS, ConfigError, HourglassConfig, get_preset
 from impls.registry import (
     ALIASES,
+    DEFAULT_IMPL,
     FRAMEWORKS,
+    IMPLS,
     FrameworkNotInstalledError,
     UnknownFrameworkError,
     canonical_name,
@@ -20,7 +22,9 @@ from impls.spec import count_flops, count_params, init_weights
 
 __all__ = [
     "ALIASES",
+    "DEFAULT_IMPL",
     "FRAMEWORKS",
+    "IMPLS",
     "PHASES",
     "PRESETS",
     "AbstractHourglassModel",

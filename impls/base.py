@@ -5,7 +5,9 @@ Each `impls/<framework>_hourglass.py` module exposes:
     FRAMEWORK: str                      # "torch" | "tensorflow" | "jax"
     EXECUTIONS: tuple[str, ...]         # execution modes, the first is the default
     PRECISIONS: tuple[str, ...]         # ("fp32", "bf16", "fp64")
-    def build(config, weights=None, *, device="cpu", precision="fp32", execution=<default>, **options)
+    IMPLS: tuple[str, ...]              # implementation variants, the first ("idiomatic") is the default
+    def build(config, weights=None, *, device="cpu", precision="fp32", execution=<default>, impl="idiomatic",
+              **options)
         -> AbstractHourglassModel       # <Framework>Hourglass(config, weights, *, device, precision, execution)
     def runtime_info() -> dict          # version, devices, threads and the settings that change speed
     def gpu_available() -> bool
@@ -78,14 +80,17 @@ def check_math_args(fp32_math: str) -> None:
 def check_build_args(
     framework: str, executions: tuple[str, ...], execution: str, precision: str, device: str,
     gpu_available: Callable[[], bool], options: Mapping[str, object] | None = None, known_options: tuple[str, ...] = (),
+    impl: str = "idiomatic", impls: tuple[str, ...] = ("idiomatic",),
 ) -> None:
-    """Raise ValueError naming a bad execution, precision, device or unknown build option, or RuntimeError
-    when a GPU is asked for and the framework sees none: the checks every `build` makes before touching its
-    framework. `options` are the keyword arguments build() did not recognise; `known_options` the ones it takes."""
+    """Raise ValueError naming a bad execution, implementation variant, precision, device or unknown build
+    option, or RuntimeError when a GPU is asked for and the framework sees none: the checks every `build`
+    makes before touching its framework. `options` are the keyword arguments build() did not recognise;
+    `known_options` the ones it takes; `impls` the framework's variants."""
     if options:
         takes = f"it takes only {', '.join(known_options)}" if known_options else "it takes none"
         raise ValueError(f"unknown build option(s) {', '.join(sorted(options))} for {framework}; {takes}; remove them")
     _check_choice("execution", execution, executions, f" for {framework}")
+    _check_choice("impl", impl, impls, f" for {framework}")
     check_device_args(framework, precision, device, gpu_available)
 
 
@@ -122,13 +127,14 @@ def check_train_batch(config: HourglassConfig, batch_size: int) -> None:
 def check_profile_args(
     framework: str, executions: tuple[str, ...], gpu_available: Callable[[], bool], *, phase: str,
     batch_size: int, execution: str, precision: str, device: str, warmup: int, steps: int, top_k: int,
+    impl: str = "idiomatic", impls: tuple[str, ...] = ("idiomatic",),
 ) -> None:
     """Raise ValueError (or RuntimeError for a missing GPU) naming the first bad argument of `profile()`."""
     check_step_args(phase, batch_size)
     _check_count("steps", steps, 1, "profile at least one step (steps are both timed and profiled)")
     _check_count("warmup", warmup, 0, "pass 0 to profile without warm-up steps")
     _check_count("top_k", top_k, 1, "keep at least one row of the op table")
-    check_build_args(framework, executions, execution, precision, device, gpu_available)
+    check_build_args(framework, executions, execution, precision, device, gpu_available, impl=impl, impls=impls)
 
 
 def resolve_weights(config: HourglassConfig, weights: dict[str, np.ndarray] | None) -> dict[str, np.ndarray]:
@@ -151,11 +157,14 @@ class AbstractHourglassModel(abc.ABC):
     execution: str
     precision: str
     device: str
+    impl: str
 
-    def __init__(self, config: HourglassConfig, *, device: str, precision: str, execution: str) -> None:
+    def __init__(self, config: HourglassConfig, *, device: str, precision: str, execution: str,
+                 impl: str = "idiomatic") -> None:
         """Record what was built; every model is <Framework>Hourglass(config, weights, *, device, precision,
-        execution[, framework options]) and calls this first."""
+        execution, impl[, framework options]) and calls this first."""
         self.config, self.device, self.precision, self.execution = config, device, precision, execution
+        self.impl = impl
 
     @abc.abstractmethod
     def num_params(self) -> int:
@@ -204,4 +213,4 @@ class AbstractHourglassModel(abc.ABC):
 
     def settings(self) -> dict[str, object]:
         """Settings of this model that change speed (layout, compile mode, precision details)."""
-        return {"execution": self.execution, "precision": self.precision, "device": self.device}
+        return {"execution": self.execution, "impl": self.impl, "precision": self.precision, "device": self.device}

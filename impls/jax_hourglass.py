@@ -5,6 +5,12 @@ The modules mirror the PyTorch implementation attribute for attribute, so an nnx
 nnx's HWIO kernels are already the canonical layout. The model is split once into
 (graphdef, params, stats); the jitted functions are pure in those and merge the module inside the trace,
 so calls pay no nnx graph traversal.
+
+Variants (impl): "idiomatic" is every convolution an nnx.Conv, as flax users write it; "tuned" writes each
+1x1 stride-1 convolution (134 of the 194 of the seed network, two thirds of its FLOPs) as a matrix product
+over channels (PointwiseConv): XLA's CPU backend keeps a 1x1 convolution a convolution, and its
+convolution kernels, above all the weight gradients, are much slower than its dot. Same parameters under
+the same names and layouts (kernel (1, 1, C_in, C_out)), same sums in exact arithmetic.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ from impls.config import HourglassConfig
 
 FRAMEWORK = "jax"
 EXECUTIONS: tuple[str, ...] = registry.EXECUTIONS[FRAMEWORK]
+IMPLS: tuple[str, ...] = registry.IMPLS[FRAMEWORK]
 PRECISIONS: tuple[str, ...] = base.PRECISIONS
 _DTYPES = {"fp32": jnp.float32, "bf16": jnp.bfloat16, "fp64": jnp.float64}
 
@@ -59,10 +66,31 @@ _ZEROS = nnx.initializers.zeros_init()
 
 
 # ----------------------------------------------------------------------------------------------- modules
+class PointwiseConv(nnx.Module):
+    """A 1x1 stride-1 convolution as a matrix product over channels: (N, H, W, C_in) -> (N, H, W, C_out).
+
+    The parameters are nnx.Conv's, under the same names and in the same layout (kernel (1, 1, C_in, C_out),
+    bias (C_out,)), so weights, gradients and exports are those of the idiomatic model; y[n, h, w, :] =
+    x[n, h, w, :] @ kernel[0, 0] (+ bias) is exactly what the convolution sums.
+    """
+
+    def __init__(self, c_in: int, c_out: int, *, bias: bool) -> None:
+        self.kernel = nnx.Param(jnp.zeros((1, 1, c_in, c_out)))
+        self.bias = nnx.Param(jnp.zeros((c_out,))) if bias else None
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        # dot_general contracts the channel axis: XLA:CPU emits one GEMM of (N*H*W, C_in) @ (C_in, C_out)
+        y = jax.lax.dot_general(x, self.kernel[...][0, 0], (((3,), (0,)), ((), ())))  # (N, H, W, C_out)
+        return y if self.bias is None else y + self.bias[...]
+
+
 def _conv(config: HourglassConfig, hw: HW, c_in: int, c_out: int, k: int, *, rngs: nnx.Rngs,
-          stride: int = 1, bias: bool = True) -> nnx.Conv:
-    """An nnx.Conv with the explicit padding of impls.spec (frameworks disagree on SAME for stride 2)."""
+          stride: int = 1, bias: bool = True, tuned: bool = False) -> nnx.Conv | PointwiseConv:
+    """An nnx.Conv with the explicit padding of impls.spec (frameworks disagree on SAME for stride 2); for the
+    tuned variant a 1x1 stride-1 conv (always unpadded) is a PointwiseConv."""
     pad = spec.conv_padding(config, hw, k, stride)
+    if tuned and k == 1 and stride == 1:
+        return PointwiseConv(c_in, c_out, bias=bias)
     return nnx.Conv(c_in, c_out, (k, k), strides=stride, padding=pad, use_bias=bias, rngs=rngs, kernel_init=_ZEROS)
 
 
@@ -93,19 +121,20 @@ def _upsample_nearest_2x(x: jax.Array) -> jax.Array:
 class Residual(nnx.Module):
     """Bottleneck residual block: "postact" (conv-BN-ReLU x3, c/4) or "preact" (BN-ReLU-conv x3, c/2)."""
 
-    def __init__(self, config: HourglassConfig, hw: HW, c_in: int, c_out: int, *, rngs: nnx.Rngs) -> None:
+    def __init__(self, config: HourglassConfig, hw: HW, c_in: int, c_out: int, *, rngs: nnx.Rngs,
+                 tuned: bool = False) -> None:
         self.preact = config.block == "preact"
         cb = config.conv_bias
         mid = c_out // 2 if self.preact else c_out // 4
-        self.conv1 = _conv(config, hw, c_in, mid, 1, bias=cb, rngs=rngs)
+        self.conv1 = _conv(config, hw, c_in, mid, 1, bias=cb, rngs=rngs, tuned=tuned)
         self.bn1 = _bn(c_in if self.preact else mid, rngs=rngs)  # preact normalises the block's input
-        self.conv2 = _conv(config, hw, mid, mid, 3, bias=cb, rngs=rngs)
+        self.conv2 = _conv(config, hw, mid, mid, 3, bias=cb, rngs=rngs, tuned=tuned)
         self.bn2 = _bn(mid, rngs=rngs)
-        self.conv3 = _conv(config, hw, mid, c_out, 1, bias=cb, rngs=rngs)
+        self.conv3 = _conv(config, hw, mid, c_out, 1, bias=cb, rngs=rngs, tuned=tuned)
         self.bn3 = _bn(mid if self.preact else c_out, rngs=rngs)
         self.has_skip = c_in != c_out
         if self.has_skip:
-            self.skip_conv = _conv(config, hw, c_in, c_out, 1, bias=cb, rngs=rngs)
+            self.skip_conv = _conv(config, hw, c_in, c_out, 1, bias=cb, rngs=rngs, tuned=tuned)
             if not self.preact:
                 self.skip_bn = _bn(c_out, rngs=rngs)
 
@@ -128,14 +157,14 @@ class Residual(nnx.Module):
 class Hourglass(nnx.Module):
     """One hourglass level: a full-resolution branch plus pool -> (nested hourglass) -> upsample."""
 
-    def __init__(self, config: HourglassConfig, hw: HW, depth: int, *, rngs: nnx.Rngs) -> None:
+    def __init__(self, config: HourglassConfig, hw: HW, depth: int, *, rngs: nnx.Rngs, tuned: bool = False) -> None:
         c = config.channels
         low_hw = (hw[0] // 2, hw[1] // 2)
-        self.up1 = Residual(config, hw, c, c, rngs=rngs)
-        self.low1 = Residual(config, low_hw, c, c, rngs=rngs)
-        self.low2 = (Hourglass(config, low_hw, depth - 1, rngs=rngs) if depth > 1
-                     else Residual(config, low_hw, c, c, rngs=rngs))
-        self.low3 = Residual(config, low_hw, c, c, rngs=rngs)
+        self.up1 = Residual(config, hw, c, c, rngs=rngs, tuned=tuned)
+        self.low1 = Residual(config, low_hw, c, c, rngs=rngs, tuned=tuned)
+        self.low2 = (Hourglass(config, low_hw, depth - 1, rngs=rngs, tuned=tuned) if depth > 1
+                     else Residual(config, low_hw, c, c, rngs=rngs, tuned=tuned))
+        self.low3 = Residual(config, low_hw, c, c, rngs=rngs, tuned=tuned)
 
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         up1 = self.up1(x, train)  # (N, H, W, C)
@@ -147,16 +176,16 @@ class Hourglass(nnx.Module):
 class Stem(nnx.Module):
     """7x7/2 conv-BN-ReLU, residual, 2x2 pool, two residuals: (N, H, W, 3) -> (N, H/4, W/4, C)."""
 
-    def __init__(self, config: HourglassConfig, *, rngs: nnx.Rngs) -> None:
+    def __init__(self, config: HourglassConfig, *, rngs: nnx.Rngs, tuned: bool = False) -> None:
         c_stem, c_half = config.stem_channels
         hw = config.heatmap_hw
         conv_hw = (hw[0] * 2, hw[1] * 2)
         self.conv = _conv(config, config.input_hw, 3, c_stem, 7, stride=2, bias=config.conv_bias, rngs=rngs)
         self.bn = _bn(c_stem, rngs=rngs)
-        self.res1 = Residual(config, conv_hw, c_stem, c_half, rngs=rngs)
+        self.res1 = Residual(config, conv_hw, c_stem, c_half, rngs=rngs, tuned=tuned)
         self.pool = _avg_pool if config.stem_pool == "avg" else _max_pool
-        self.res2 = Residual(config, hw, c_half, c_half, rngs=rngs)
-        self.res3 = Residual(config, hw, c_half, config.channels, rngs=rngs)
+        self.res2 = Residual(config, hw, c_half, c_half, rngs=rngs, tuned=tuned)
+        self.res3 = Residual(config, hw, c_half, config.channels, rngs=rngs, tuned=tuned)
 
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         x = jax.nn.relu(self.bn(self.conv(x), use_running_average=not train))  # (N, H/2, W/2, C/4)
@@ -168,12 +197,12 @@ class Stem(nnx.Module):
 class Head(nnx.Module):
     """Residual, 1x1 conv-BN-ReLU, then the linear 1x1 heatmap conv."""
 
-    def __init__(self, config: HourglassConfig, *, rngs: nnx.Rngs) -> None:
+    def __init__(self, config: HourglassConfig, *, rngs: nnx.Rngs, tuned: bool = False) -> None:
         c, hw = config.channels, config.heatmap_hw
-        self.res = Residual(config, hw, c, c, rngs=rngs)
-        self.lin_conv = _conv(config, hw, c, c, 1, bias=config.conv_bias, rngs=rngs)
+        self.res = Residual(config, hw, c, c, rngs=rngs, tuned=tuned)
+        self.lin_conv = _conv(config, hw, c, c, 1, bias=config.conv_bias, rngs=rngs, tuned=tuned)
         self.lin_bn = _bn(c, rngs=rngs)
-        self.heatmap_conv = _conv(config, hw, c, config.num_keypoints, 1, rngs=rngs)
+        self.heatmap_conv = _conv(config, hw, c, config.num_keypoints, 1, rngs=rngs, tuned=tuned)
 
     def __call__(self, x: jax.Array, train: bool) -> tuple[jax.Array, jax.Array]:
         y = self.res(x, train)
@@ -184,10 +213,10 @@ class Head(nnx.Module):
 class Merge(nnx.Module):
     """Feeds a stack's features and heatmaps back into the next stack's input."""
 
-    def __init__(self, config: HourglassConfig, *, rngs: nnx.Rngs) -> None:
+    def __init__(self, config: HourglassConfig, *, rngs: nnx.Rngs, tuned: bool = False) -> None:
         c, k, hw = config.channels, config.num_keypoints, config.heatmap_hw
-        self.feature_conv = _conv(config, hw, c, c, 1, rngs=rngs)
-        self.heatmap_conv = _conv(config, hw, k, c, 1, rngs=rngs)
+        self.feature_conv = _conv(config, hw, c, c, 1, rngs=rngs, tuned=tuned)
+        self.heatmap_conv = _conv(config, hw, k, c, 1, rngs=rngs, tuned=tuned)
 
     def __call__(self, x: jax.Array, previous: jax.Array, heatmaps: jax.Array) -> jax.Array:
         return x + self.feature_conv(previous) + self.heatmap_conv(heatmaps)
@@ -196,14 +225,14 @@ class Merge(nnx.Module):
 class StackedHourglass(nnx.Module):
     """Stem, then num_stacks hourglass+head pairs joined by merges; returns every stack's heatmaps."""
 
-    def __init__(self, config: HourglassConfig, *, rngs: nnx.Rngs) -> None:
+    def __init__(self, config: HourglassConfig, *, rngs: nnx.Rngs, tuned: bool = False) -> None:
         self.num_stacks = config.num_stacks
-        self.stem = Stem(config, rngs=rngs)
+        self.stem = Stem(config, rngs=rngs, tuned=tuned)
         for i in range(config.num_stacks):
-            setattr(self, f"hourglass_{i}", Hourglass(config, config.heatmap_hw, config.depth, rngs=rngs))
-            setattr(self, f"head_{i}", Head(config, rngs=rngs))
+            setattr(self, f"hourglass_{i}", Hourglass(config, config.heatmap_hw, config.depth, rngs=rngs, tuned=tuned))
+            setattr(self, f"head_{i}", Head(config, rngs=rngs, tuned=tuned))
             if i < config.num_stacks - 1:
-                setattr(self, f"merge_{i}", Merge(config, rngs=rngs))
+                setattr(self, f"merge_{i}", Merge(config, rngs=rngs, tuned=tuned))
 
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         x = self._stage("stem", x, train)  # (N, h, w, C)
@@ -248,13 +277,13 @@ class JaxHourglass(AbstractHourglassModel):
     framework = FRAMEWORK
 
     def __init__(self, config: HourglassConfig, weights: dict[str, np.ndarray], *, device: str, precision: str,
-                 execution: str) -> None:
-        super().__init__(config, device=device, precision=precision, execution=execution)
+                 execution: str, impl: str = IMPLS[0]) -> None:
+        super().__init__(config, device=device, precision=precision, execution=execution, impl=impl)
         self.jax_device = jax.devices(device)[0]
         self._dtype = _DTYPES[precision]
         self._io_dtype = base.io_dtype(precision)  # numpy at the interface: float64 for fp64
         with self.scope(), jax.default_device(self.jax_device):  # the placeholder zeros never touch another device
-            module = StackedHourglass(config, rngs=nnx.Rngs(0))
+            module = StackedHourglass(config, rngs=nnx.Rngs(0), tuned=impl == "tuned")
             graphdef, init_params, init_stats = nnx.split(module, nnx.Param, nnx.BatchStat)
             names = {_canonical(p) for p, _ in [*nnx.to_flat_state(init_params), *nnx.to_flat_state(init_stats)]}
             differ = sorted(names ^ set(spec.param_shapes(config)))
@@ -379,6 +408,8 @@ class JaxHourglass(AbstractHourglassModel):
                        "first call per input shape; nnx.merge runs only at trace time",
             "dtype": str(jnp.dtype(self._dtype)),
             "bn": "flax nnx.BatchNorm, two-pass variance (use_fast_variance=False)",
+            "pointwise_convs": ("1x1 stride-1 convolutions as dot_general over channels (PointwiseConv)"
+                                if self.impl == "tuned" else "nnx.Conv"),
             "matmul_precision": jax.config.jax_default_matmul_precision,
             "tf32": ("XLA may use TF32 for fp32 convs on Ampere+ GPUs at the default precision"
                      if self.device == "gpu" and self.precision == "fp32" else "n/a"),
@@ -462,11 +493,13 @@ def configure_math(fp32_math: str = "ieee", autotune: bool = True) -> dict[str, 
 
 
 def build(config: HourglassConfig, weights: dict[str, np.ndarray] | None = None, *, device: str = "cpu",
-          precision: str = "fp32", execution: str = EXECUTIONS[0], **options: object) -> JaxHourglass:
-    """A JaxHourglass; weights default to impls.spec.init_weights(config, seed=0)."""
-    check_build_args(FRAMEWORK, EXECUTIONS, execution, precision, device, gpu_available, options)
+          precision: str = "fp32", execution: str = EXECUTIONS[0], impl: str = IMPLS[0],
+          **options: object) -> JaxHourglass:
+    """A JaxHourglass; weights default to impls.spec.init_weights(config, seed=0); impl: see the module doc."""
+    check_build_args(FRAMEWORK, EXECUTIONS, execution, precision, device, gpu_available, options, impl=impl,
+                     impls=IMPLS)  # fmt: skip
     weights = resolve_weights(config, weights)
-    return JaxHourglass(config, weights, device=device, precision=precision, execution=execution)
+    return JaxHourglass(config, weights, device=device, precision=precision, execution=execution, impl=impl)
 
 
 def _thread_info() -> dict[str, object]:

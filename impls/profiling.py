@@ -3,7 +3,7 @@
 Each implementation module (`impls.load(framework)`) exposes
 
     def profile(config, *, phase, batch_size, execution, trace_dir, device="cpu", precision="fp32",
-                warmup=2, steps=5, seed=0, top_k=25) -> ProfileResult
+                warmup=2, steps=5, seed=0, top_k=25, impl="idiomatic") -> ProfileResult
 
 made by `framework_profile` below: it checks the arguments, then runs
 `impls/profilers/<framework>_profiling.py`, which builds the model, warms it up, profiles `steps`
@@ -16,6 +16,7 @@ dict (`dict(result) == result.to_dict()`), so code that reads a profile as a dic
 
     {
       "framework": str, "execution": str, "phase": str, "batch_size": int, "precision": str, "device": str,
+      "impl": str,                   # the implementation variant profiled (impls.registry.IMPLS)
       "step_ms": float,              # median wall time of one ordinary (fused, un-staged) step, synced,
                                      # profiler off: the figure the stage shares are a share of
       "stage_method": "profiler" | "staged",
@@ -104,6 +105,7 @@ class ProfileRequest:
     steps: int = 5  # timed steps, then as many profiled ones
     seed: int = 0  # of the step's random inputs (impls.spec.random_batch)
     top_k: int = 25  # op rows kept, by self time
+    impl: str = "idiomatic"  # the implementation variant to build (impls.registry.IMPLS)
 
     @property
     def train(self) -> bool:
@@ -118,19 +120,19 @@ def framework_profile(framework: str, gpu_available: Callable[[], bool]) -> Call
     on the first call only: that module loads the framework's profiler, which a benchmark run never needs,
     and it imports the model module, which therefore cannot import it.
     """
-    executions = registry.EXECUTIONS[framework]
+    executions, impls = registry.EXECUTIONS[framework], registry.IMPLS[framework]
 
     def profile(
         config: HourglassConfig, *, phase: str, batch_size: int, execution: str, trace_dir: str | Path,
         device: str = "cpu", precision: str = "fp32", warmup: int = 2, steps: int = 5, seed: int = 0,
-        top_k: int = 25,
+        top_k: int = 25, impl: str = registry.DEFAULT_IMPL,
     ) -> ProfileResult:
         check_profile_args(
             framework, executions, gpu_available, phase=phase, batch_size=batch_size, execution=execution,
-            precision=precision, device=device, warmup=warmup, steps=steps, top_k=top_k,
+            precision=precision, device=device, warmup=warmup, steps=steps, top_k=top_k, impl=impl, impls=impls,
         )
         request = ProfileRequest(config, phase, batch_size, execution, Path(trace_dir), device, precision,
-                                 warmup, steps, seed, top_k)  # fmt: skip
+                                 warmup, steps, seed, top_k, impl)  # fmt: skip
         return importlib.import_module(f"impls.profilers.{framework}_profiling").run(request)
 
     profile.__doc__ = (
@@ -218,6 +220,7 @@ class ProfileResult(Mapping[str, Any]):
     trace_files: tuple[str, ...]
     flops: FlopCount
     compile: CompileInfo
+    impl: str = "idiomatic"
 
     def to_dict(self) -> dict[str, Any]:
         """The plain JSON-able dict of this module's docstring: lists for tuples, dicts for the pieces."""
@@ -266,6 +269,7 @@ def profile_result(
         stages=tuple(StageTime(name, stages.ms[name]) for name in names),
         ops=tuple(OpRow(**row) for row in op_table(op_events, request.steps, request.top_k)),
         op_step_ms=op_step_ms, trace_files=tuple(trace_files), flops=flops, compile=compile_info,
+        impl=request.impl,
     )  # fmt: skip
 
 

@@ -18,6 +18,23 @@ EXECUTIONS: dict[str, tuple[str, ...]] = {
     "jax": ("jit",),
 }
 
+# Each framework's implementation variants, the default ("idiomatic") first; like EXECUTIONS, kept here so
+# the runner can plan cells without importing a framework. "idiomatic" is the network as the framework's
+# users write it (torch.nn, tf.Module layers over tf.nn ops, Flax NNX); "tuned" is the same computation in
+# the fastest formulation we found and can defend (README "Implementation variants"). A variant is a build
+# option, never a different network: the equivalence tests build and check every one.
+IMPLS: dict[str, tuple[str, ...]] = {
+    "torch": ("idiomatic",),
+    "tensorflow": ("idiomatic", "tuned"),
+    "jax": ("idiomatic", "tuned"),
+}
+DEFAULT_IMPL = "idiomatic"
+# What each non-default variant changes, in a line (reports print it beside the variant's ratio).
+IMPL_CHANGES: dict[tuple[str, str], str] = {
+    ("tensorflow", "tuned"): 'padding="SAME" where it equals the spec\'s pads; fused batch norm (FusedBatchNormV3)',
+    ("jax", "tuned"): "1x1 stride-1 convolutions as dot_general over channels (PointwiseConv)",
+}
+
 # The module each framework needs importable, and the extra that installs it.
 _REQUIRED_MODULES: dict[str, tuple[str, ...]] = {
     "torch": ("torch",),

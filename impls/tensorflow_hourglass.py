@@ -3,6 +3,14 @@
 Executions: "eager" (op by op), "function" (one tf.function graph per pass, optimised by Grappler) and
 "xla" (the same functions with jit_compile=True). Keras is not used: Keras 3 adds per-layer overhead in
 eager mode and hides the padding and BN momentum conventions that impls.spec fixes explicitly.
+
+Variants (impl): "idiomatic" writes every convolution with its explicit padding list and batch norm as
+tf.nn.batch_normalization over moments, as Keras 3 does; "tuned" is the same computation as TensorFlow
+runs it fastest: padding="SAME" wherever the spec's padding is SAME's (every conv of padding="same"
+configs; TensorFlow sends explicit-padding backward convolutions to its generic Eigen kernels instead of
+oneDNN's), and the fused batch-norm op (FusedBatchNormV3: one op forward and one backward per BN instead
+of dozens, and in graph mode Grappler folds conv + BN in inference). The fused op has no float64 kernel,
+so an fp64 tuned model keeps the unfused batch norm (it stays the reference of the float64 proof).
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ from impls.config import HourglassConfig
 
 FRAMEWORK = "tensorflow"
 EXECUTIONS: tuple[str, ...] = registry.EXECUTIONS[FRAMEWORK]
+IMPLS: tuple[str, ...] = registry.IMPLS[FRAMEWORK]
 PRECISIONS: tuple[str, ...] = base.PRECISIONS
 _DTYPES = {"fp32": tf.float32, "bf16": tf.bfloat16, "fp64": tf.float64}
 _DEVICES = {"cpu": "/CPU:0", "gpu": "/GPU:0"}
@@ -36,11 +45,13 @@ _DEVICES = {"cpu": "/CPU:0", "gpu": "/GPU:0"}
 class _Context:
     """What every layer constructor needs: the layer specs by canonical name, the weights and the dtype."""
 
-    def __init__(self, config: HourglassConfig, weights: dict[str, np.ndarray], dtype: tf.DType) -> None:
+    def __init__(self, config: HourglassConfig, weights: dict[str, np.ndarray], dtype: tf.DType,
+                 impl: str = "idiomatic") -> None:
         self.config = config
         self.specs = {layer.name: layer for layer in spec.layers(config)}
         self.weights = weights
         self.dtype = dtype
+        self.tuned = impl == "tuned"
 
     def variable(self, name: str, trainable: bool = True) -> tf.Variable:
         """A variable holding canonical weight `name`; its TF name is the canonical one with '/' for '.'."""
@@ -58,11 +69,18 @@ class Conv2d(tf.Module):
         self.bias = ctx.variable(f"{name}.bias") if conv.bias else None
         self.stride = conv.stride
         (top, bottom), (left, right) = conv.pad
-        self.padding = [[0, 0], [top, bottom], [left, right], [0, 0]]
+        self.padding: str | list[list[int]] = [[0, 0], [top, bottom], [left, right], [0, 0]]
+        if ctx.tuned and conv.pad == _same_pad(conv):
+            self.padding = "SAME"  # the same pads, named: TensorFlow then picks its oneDNN backward kernels
 
     def __call__(self, x: tf.Tensor) -> tf.Tensor:
         y = tf.nn.conv2d(x, self.kernel, self.stride, self.padding)
         return y if self.bias is None else tf.nn.bias_add(y, self.bias)
+
+
+def _same_pad(conv: spec.ConvSpec) -> spec.Pad:
+    """The padding TensorFlow's padding="SAME" gives this conv: ((top, bottom), (left, right))."""
+    return tuple(spec.same_padding(conv.in_hw[a], conv.kernel_size, conv.stride) for a in range(2))  # type: ignore[return-value]
 
 
 class BatchNorm2d(tf.Module):
@@ -74,8 +92,11 @@ class BatchNorm2d(tf.Module):
         self.bias = ctx.variable(f"{name}.bias")
         self.mean = ctx.variable(f"{name}.mean", trainable=False)
         self.var = ctx.variable(f"{name}.var", trainable=False)
+        self.fused = ctx.tuned and ctx.dtype != tf.float64  # FusedBatchNormV3 has no float64 kernel
 
     def __call__(self, x: tf.Tensor, train: bool) -> tf.Tensor:
+        if self.fused:
+            return self._fused(x, train)
         if train:
             mean, var = batch_moments(x)  # (C,) each; the biased variance, as tf.nn.moments gives
             # new = 0.9 * old + 0.1 * batch (Keras momentum 0.9 = PyTorch momentum 0.1)
@@ -84,6 +105,30 @@ class BatchNorm2d(tf.Module):
         else:
             mean, var = self.mean, self.var
         return tf.nn.batch_normalization(x, mean, var, self.bias, self.scale, spec.BN_EPSILON)
+
+    def _fused(self, x: tf.Tensor, train: bool) -> tf.Tensor:
+        """The same batch norm as one FusedBatchNormV3 op (x (N, H, W, C); its gradient is one op too).
+
+        Called through tf.raw_ops because tf.nn.fused_batch_norm raises epsilon to at least 1.001e-5 (cuDNN's
+        floor, with margin), which would not be the spec's 1e-5. The op wants float32 scale, offset and
+        statistics even for bfloat16 activations. In training it normalises with the biased batch variance
+        and returns the variance times n/(n-1) (Bessel's correction, for running averages); the spec's
+        running variance takes the biased one, so that factor is undone before the update.
+        """
+        f32 = lambda t: tf.cast(t, tf.float32)  # noqa: E731 -- a no-op for float32 variables
+        empty = tf.constant([], tf.float32)
+        y, mean, var, *_ = tf.raw_ops.FusedBatchNormV3(
+            x=x, scale=f32(self.scale), offset=f32(self.bias),
+            mean=empty if train else f32(self.mean), variance=empty if train else f32(self.var),
+            epsilon=spec.BN_EPSILON, exponential_avg_factor=1.0, data_format="NHWC", is_training=train,
+        )  # fmt: skip
+        if train:
+            n = tf.cast(tf.reduce_prod(tf.shape(x)[:3]), tf.float32)  # N * H * W values per channel
+            biased = tf.stop_gradient(var) * (n - 1.0) / n  # (C,); stop_gradient: statistics take no gradient
+            mean = tf.stop_gradient(mean)
+            self.mean.assign(spec.BN_DECAY * self.mean + (1.0 - spec.BN_DECAY) * tf.cast(mean, self.mean.dtype))
+            self.var.assign(spec.BN_DECAY * self.var + (1.0 - spec.BN_DECAY) * tf.cast(biased, self.var.dtype))
+        return y
 
 
 def _mean_over_nhw(x: tf.Tensor) -> tf.Tensor:
@@ -255,13 +300,13 @@ class TensorFlowHourglass(AbstractHourglassModel):
     framework = FRAMEWORK
 
     def __init__(self, config: HourglassConfig, weights: dict[str, np.ndarray], *, device: str, precision: str,
-                 execution: str) -> None:
-        super().__init__(config, device=device, precision=precision, execution=execution)
+                 execution: str, impl: str = IMPLS[0]) -> None:
+        super().__init__(config, device=device, precision=precision, execution=execution, impl=impl)
         self.tf_device = _DEVICES[device]
         self._dtype = _DTYPES[precision]
         self._io_dtype = tf.as_dtype(base.io_dtype(precision))  # numpy at the interface: float64 for fp64
         with tf.device(self.tf_device):
-            self.net = StackedHourglass(_Context(config, weights, self._dtype))
+            self.net = StackedHourglass(_Context(config, weights, self._dtype, impl))
         # Canonical name <-> variable, by attribute walk; the count check catches any variable it misses.
         self._variables = {name: _variable_at(self.net, name) for name in spec.param_shapes(config)}
         if len(self._variables) != len(self.net.variables):
@@ -400,13 +445,25 @@ class TensorFlowHourglass(AbstractHourglassModel):
             "compile": compile_mode,
             "input_signature": "batch dimension dynamic, one trace per pass",
             "dtype": self._dtype.name,
-            "batch_norm": "batch statistics reduced one axis at a time (batch_moments) + tf.nn.batch_normalization "
-                          "(unfused ops)",
+            "batch_norm": self._batch_norm_kind(),
+            "padding": self._padding_kind(),
             "sync": "tf.test.experimental.sync_devices()",
             "tf32_enabled": tf.config.experimental.tensor_float_32_execution_enabled(),
             "intra_op_threads": tf.config.threading.get_intra_op_parallelism_threads(),
             "inter_op_threads": tf.config.threading.get_inter_op_parallelism_threads(),
         }
+
+    def _batch_norm_kind(self) -> str:
+        """How this model's batch norms run, for settings()."""
+        if self.net.stem.bn.fused:
+            return "fused: tf.raw_ops.FusedBatchNormV3 (one op per BN and per gradient)"
+        return "batch statistics reduced one axis at a time (batch_moments) + tf.nn.batch_normalization (unfused ops)"
+
+    def _padding_kind(self) -> str:
+        """How this model's convolutions pad, for settings(): SAME where it equals the spec's pads, else explicit."""
+        pads = [m.padding for m in self.net.submodules if isinstance(m, Conv2d)]
+        named = sum(p == "SAME" for p in pads)
+        return f'padding="SAME" in {named} of {len(pads)} convolutions, explicit pad lists in the rest'
 
 
 def gpu_available() -> bool:
@@ -455,11 +512,13 @@ def runtime_info() -> dict[str, object]:
 
 
 def build(config: HourglassConfig, weights: dict[str, np.ndarray] | None = None, *, device: str = "cpu",
-          precision: str = "fp32", execution: str = EXECUTIONS[0], **options: object) -> TensorFlowHourglass:
-    """A TensorFlowHourglass; weights default to impls.spec.init_weights(config, seed=0)."""
-    check_build_args(FRAMEWORK, EXECUTIONS, execution, precision, device, gpu_available, options)
+          precision: str = "fp32", execution: str = EXECUTIONS[0], impl: str = IMPLS[0],
+          **options: object) -> TensorFlowHourglass:
+    """A TensorFlowHourglass; weights default to impls.spec.init_weights(config, seed=0); impl: see the module doc."""
+    check_build_args(FRAMEWORK, EXECUTIONS, execution, precision, device, gpu_available, options, impl=impl,
+                     impls=IMPLS)  # fmt: skip
     weights = resolve_weights(config, weights)
-    return TensorFlowHourglass(config, weights, device=device, precision=precision, execution=execution)
+    return TensorFlowHourglass(config, weights, device=device, precision=precision, execution=execution, impl=impl)
 
 
 def _constant(a: np.ndarray, device: str, precision: str) -> tf.Tensor:

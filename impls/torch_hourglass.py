@@ -29,6 +29,7 @@ from impls.config import HourglassConfig
 
 FRAMEWORK = "torch"
 EXECUTIONS: tuple[str, ...] = registry.EXECUTIONS[FRAMEWORK]
+IMPLS: tuple[str, ...] = registry.IMPLS[FRAMEWORK]  # one so far: torch.nn already stores activations channels_last
 PRECISIONS: tuple[str, ...] = base.PRECISIONS
 
 # PyTorch weights the *new* batch statistic by `momentum`: 0.1 here is spec.BN_DECAY = 0.9 in Keras/Flax.
@@ -258,8 +259,8 @@ class TorchHourglass(AbstractHourglassModel):
     framework = FRAMEWORK
 
     def __init__(self, config: HourglassConfig, weights: dict[str, np.ndarray], *, device: str, precision: str,
-                 execution: str, channels_last: bool = True) -> None:
-        super().__init__(config, device=device, precision=precision, execution=execution)
+                 execution: str, channels_last: bool = True, impl: str = IMPLS[0]) -> None:
+        super().__init__(config, device=device, precision=precision, execution=execution, impl=impl)
         self.channels_last = channels_last
         self.torch_device = _torch_device(device)
         self._dtype = _DTYPES[precision]
@@ -444,15 +445,16 @@ def _speed_settings() -> dict[str, object]:
 
 def build(config: HourglassConfig, weights: dict[str, np.ndarray] | None = None, *, device: str = "cpu",
           precision: str = "fp32", execution: str = EXECUTIONS[0], channels_last: bool | None = None,
-          **options: object) -> TorchHourglass:
+          impl: str = IMPLS[0], **options: object) -> TorchHourglass:
     """A TorchHourglass; weights default to impls.spec.init_weights(config, seed=0).
 
     channels_last (None -> True): model and inputs in torch.channels_last, 1.6-1.8x faster on oneDNN CPUs.
     """
-    check_build_args(FRAMEWORK, EXECUTIONS, execution, precision, device, gpu_available, options, ("channels_last",))
+    check_build_args(FRAMEWORK, EXECUTIONS, execution, precision, device, gpu_available, options, ("channels_last",),
+                     impl=impl, impls=IMPLS)  # fmt: skip
     weights = resolve_weights(config, weights)
     return TorchHourglass(config, weights, device=device, precision=precision, execution=execution,
-                          channels_last=True if channels_last is None else channels_last)  # fmt: skip
+                          channels_last=True if channels_last is None else channels_last, impl=impl)  # fmt: skip
 
 
 def conv_benchmark(input_shape: tuple[int, int, int, int], c_out: int, *, kernel_size: int = 3, device: str = "cpu",

@@ -74,13 +74,35 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
         terminalreporter.write_line(line)
 
 
-@pytest.fixture(params=impls.FRAMEWORKS)
-def backend(request: pytest.FixtureRequest):
-    """Each installed framework's implementation module; skipped cleanly when not installed."""
-    name = request.param
+class Variant:
+    """A framework's implementation module with one implementation variant bound: `build` makes that variant
+    unless told otherwise, everything else is the module's. What the equivalence tests call `backend`."""
+
+    def __init__(self, module, impl: str) -> None:
+        self._module, self.IMPL = module, impl
+
+    def __getattr__(self, name: str):
+        return getattr(self._module, name)
+
+    def build(self, *args, **kwargs):
+        kwargs.setdefault("impl", self.IMPL)
+        return self._module.build(*args, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"<{self._module.__name__} impl={self.IMPL}>"
+
+
+# Every framework's every implementation variant: the default ones keep the framework's name as their id.
+VARIANTS = [(fw, impl) for fw in impls.FRAMEWORKS for impl in impls.IMPLS[fw]]
+
+
+@pytest.fixture(params=VARIANTS, ids=[fw if impl == impls.DEFAULT_IMPL else f"{fw}-{impl}" for fw, impl in VARIANTS])
+def backend(request: pytest.FixtureRequest) -> Variant:
+    """Each installed framework's implementation, once per variant; skipped cleanly when not installed."""
+    name, impl = request.param
     if not impls.is_installed(name):
         pytest.skip(f"{name} is not installed ({impls.install_command(name)})")
-    return impls.load(name)
+    return Variant(impls.load(name), impl)
 
 
 @pytest.fixture(params=list(SMALL_CONFIGS))

@@ -39,6 +39,7 @@ import numpy as np
 
 from impls.base import AbstractHourglassModel
 from impls.config import HourglassConfig
+from impls.registry import IMPLS
 from impls.spec import conv_probe_arrays, gemm_probe_arrays, init_weights, random_batch, trainable_names
 
 EXECUTIONS: dict[str, tuple[str, ...]] = {
@@ -77,9 +78,10 @@ class FakeModel(AbstractHourglassModel):
         device: str,
         precision: str,
         execution: str,
+        impl: str = "idiomatic",
     ) -> None:
         self.framework, self.config, self.weights = framework, config, weights
-        self.device, self.precision, self.execution = device, precision, execution
+        self.device, self.precision, self.execution, self.impl = device, precision, execution, impl
 
     def num_params(self) -> int:
         return sum(w.size for w in self.weights.values())
@@ -150,7 +152,7 @@ def _fake_profile(framework: str) -> Callable[..., dict]:
 
     def profile(config: HourglassConfig, *, phase: str, batch_size: int, execution: str, trace_dir: str,
                 device: str = "cpu", precision: str = "fp32", warmup: int = 2, steps: int = 5, seed: int = 0,
-                top_k: int = 25) -> dict:  # fmt: skip
+                top_k: int = 25, impl: str = "idiomatic") -> dict:  # fmt: skip
         if phase not in PHASES:
             raise ValueError(f"phase must be one of {PHASES}, got {phase!r}")
         if steps < 1:
@@ -185,7 +187,7 @@ def _fake_profile(framework: str) -> Callable[..., dict]:
         Path(trace_dir).mkdir(parents=True, exist_ok=True)
         (Path(trace_dir) / "fake.trace.json").write_text(json.dumps(trace))
         return {
-            "framework": framework, "execution": execution, "phase": phase, "batch_size": batch_size,
+            "framework": framework, "execution": execution, "impl": impl, "phase": phase, "batch_size": batch_size,
             "precision": precision, "device": device, "step_ms": sorted(fused)[(len(fused) - 1) // 2],
             "stage_method": "profiler" if execution == "eager" else "staged", "stage_step_ms": stage_step_ms,
             "stage_note": "fake backend: numpy work per stage, timed with impls.profiling.time_staged",
@@ -205,9 +207,13 @@ def load(framework: str) -> SimpleNamespace:
     """An impls-module look-alike for `framework`."""
 
     def build(config: HourglassConfig, weights: dict[str, np.ndarray] | None = None, *, device: str = "cpu",
-              precision: str = "fp32", execution: str = EXECUTIONS[framework][0], **options: object) -> FakeModel:  # fmt: skip
+              precision: str = "fp32", execution: str = EXECUTIONS[framework][0], impl: str = "idiomatic",
+              **options: object) -> FakeModel:  # fmt: skip
+        if impl not in IMPLS[framework]:
+            raise ValueError(f"unknown impl {impl!r} for {framework}; choose one of: {', '.join(IMPLS[framework])}")
         weights = weights if weights is not None else init_weights(config)
-        return FakeModel(framework, config, weights, device=device, precision=precision, execution=execution)
+        return FakeModel(framework, config, weights, device=device, precision=precision, execution=execution,
+                         impl=impl)
 
     def runtime_info() -> dict[str, object]:
         threads = dict(item.split("=") for item in filter(None, os.environ.get("HGBENCH_FAKE_THREADS", "").split(",")))
@@ -228,6 +234,7 @@ def load(framework: str) -> SimpleNamespace:
         __name__=f"tests.fake_backend[{framework}]",
         FRAMEWORK=framework,
         EXECUTIONS=EXECUTIONS[framework],
+        IMPLS=IMPLS[framework],
         PRECISIONS=("fp32", "bf16", "fp64"),
         build=build,
         runtime_info=runtime_info,

@@ -91,8 +91,10 @@ def rel(a: np.ndarray | float, b: np.ndarray | float) -> float:
 
 def run_framework(framework: str, case: Case, weights: dict[str, np.ndarray], x: np.ndarray,
                   target: np.ndarray) -> Outputs:  # fmt: skip
-    """One framework's fp64 heatmaps (and in train mode its loss and gradients) for the case."""
-    model = impls.load(framework).build(case.config, weights=weights, precision="fp64")
+    """One framework's fp64 heatmaps (and in train mode its loss and gradients) for the case; `framework` is a
+    framework, or "framework-variant" for an implementation variant (variant_names)."""
+    fw, _, impl = framework.partition("-")
+    model = impls.load(fw).build(case.config, weights=weights, precision="fp64", impl=impl or impls.DEFAULT_IMPL)
     heatmaps = model.predict(x, train_mode=case.train_mode)
     assert heatmaps.dtype == np.float64, f"{framework} fp64 heatmaps are {heatmaps.dtype}"
     if not case.train_mode:
@@ -101,18 +103,25 @@ def run_framework(framework: str, case: Case, weights: dict[str, np.ndarray], x:
     return Outputs(heatmaps, loss_value, grads)
 
 
+def variant_names(frameworks: list[str]) -> list[str]:
+    """Every implementation variant of `frameworks`: the framework's name for its default one, "jax-tuned"
+    for another, so the proof compares every variant with the oracles and with every other."""
+    return [fw if impl == impls.DEFAULT_IMPL else f"{fw}-{impl}" for fw in frameworks for impl in impls.IMPLS[fw]]
+
+
 def check_refused(case: Case, frameworks: list[str]) -> None:
     """Every framework refuses train-mode BN over a single value, with the shared message."""
     x, target = case.inputs()
-    for fw in frameworks:
-        model = impls.load(fw).build(case.config, weights=case.weights(), precision="fp64")
+    for name in frameworks:
+        fw, _, impl = name.partition("-")
+        model = impls.load(fw).build(case.config, weights=case.weights(), precision="fp64", impl=impl or impls.DEFAULT_IMPL)
         for call in (lambda m: m.predict(x, train_mode=True), lambda m: m.loss_and_grads(x, target)):
             try:
                 call(model)
             except ValueError as err:
-                assert "more than one value per channel" in str(err), f"{fw}: {err}"
+                assert "more than one value per channel" in str(err), f"{name}: {err}"
             else:
-                raise AssertionError(f"{fw} accepted train-mode BN over one value per channel: {case!r}")
+                raise AssertionError(f"{name} accepted train-mode BN over one value per channel: {case!r}")
 
 
 def draw_inputs(case: Case, reference: NumpyHourglass) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:

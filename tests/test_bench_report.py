@@ -22,6 +22,7 @@ import pytest
 
 from bench import cli
 from bench.core import settings
+from bench.core.rundir import read_run
 from bench.report import plots
 from bench.report import run_report as report
 
@@ -345,3 +346,32 @@ def test_report_speedup_carries_an_interval_and_unranked_when_it_holds_one() -> 
     apart = {**same, "speedup_vs_baseline": 0.8, "speedup_ci95_low": 0.76, "speedup_ci95_high": 0.84,
              "speedup_ci_level": "within-process"}  # fmt: skip
     assert report._speedup_text(apart, "torch") == "0.80x (0.76-0.84, one round: within-process interval)"
+
+
+def test_run_of_every_variant_checks_each_and_reports_the_gap(fake: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """--impl all: a cell, an equivalence entry and a gradient entry per variant; the report's variants table
+    puts each tuned cell against its idiomatic twin (the fake's variants compute alike, so ratios near 1)."""
+    args = "run --preset tiny --iters 3 --warmup 1 --framework tf,jax --execution default --impl all".split()
+    assert cli.main([*args, "--out", str(tmp_path / "results")]) == 0
+    (run_dir,) = (tmp_path / "results").iterdir()
+    table = pd.read_csv(run_dir / "summary.csv")
+    model = table[table["kind"] == "model"].set_index("cell_id")
+    assert set(model.index) == {f"{v}-{ex}-fp32-b1-{ph}" for v, ex in (("tensorflow", "eager"), ("tensorflow-tuned", "eager"),
+                                                                     ("jax", "jit"), ("jax-tuned", "jit"))
+                                for ph in ("forward", "forward_backward")}  # fmt: skip
+    assert model.loc["jax-tuned-jit-fp32-b1-forward", "impl"] == "tuned"
+    assert model.loc["jax-jit-fp32-b1-forward", "impl"] == "idiomatic"
+    record = json.loads((run_dir / "run.json").read_text())
+    assert set(record["equivalence"]["frameworks"]) == {"tensorflow", "tensorflow-tuned", "jax", "jax-tuned"}
+    assert record["equivalence"]["frameworks"]["jax-tuned"]["impl"] == "tuned"
+    assert set(record["gradient_check"]["frameworks"]) == {"tensorflow", "tensorflow-tuned", "jax", "jax-tuned"}
+    assert record["settings"]["impls"] == {"tensorflow": ["idiomatic", "tuned"], "jax": ["idiomatic", "tuned"]}
+    gap = report.variant_gap(report.model_table([read_run(run_dir)]))
+    assert len(gap) == 4 and set(gap["impl"]) == {"tuned"}  # 2 frameworks x 2 phases
+    ms = model["latency_ms_median"]
+    row = gap[(gap["framework"] == "jax") & (gap["phase"] == "forward")].iloc[0]
+    assert row["ratio"] == pytest.approx(ms["jax-tuned-jit-fp32-b1-forward"] / ms["jax-jit-fp32-b1-forward"])
+    assert "dot_general" in row["changes"]
+    markdown = (tmp_path / "reports" / run_dir.name / "report.md").read_text()
+    section = markdown.split("## Implementation variants")[1].split("## Warnings")[0]
+    assert section.count("| tuned |") == 4 and "FusedBatchNormV3" in section

@@ -79,6 +79,30 @@ def test_cells_cover_the_product_in_stable_order(cpu_only: None) -> None:
     ]  # fmt: skip
 
 
+def test_impl_variants_resolve_per_framework_and_name_only_the_non_default_cells(cpu_only: None) -> None:
+    s = build_settings(framework="all", preset="tiny", execution="default", phase="forward", impl="all")
+    assert dict(s.impls) == {fw: settings.IMPLS[fw] for fw in settings.FRAMEWORKS}
+    ids = [c.cell_id for c in s.cells()]
+    # The default variant keeps the cell ids of runs made before variants existed, so they stay comparable.
+    assert "tensorflow-eager-fp32-b1-forward" in ids and "tensorflow-tuned-eager-fp32-b1-forward" in ids
+    assert ids.index("tensorflow-eager-fp32-b1-forward") < ids.index("tensorflow-tuned-eager-fp32-b1-forward")
+    assert len(ids) == sum(len(v) for v in settings.IMPLS.values())
+    items = build_settings(framework="tf,jax", impl="idiomatic,jax:tuned")
+    assert dict(items.impls) == {"tensorflow": ("idiomatic",), "jax": ("idiomatic", "tuned")}
+    assert dict(build_settings(framework="tf,jax", impl="tuned").impls) == {"tensorflow": ("tuned",), "jax": ("tuned",)}
+
+
+def test_default_impl_is_the_idiomatic_variant_and_old_records_read_as_it(cpu_only: None) -> None:
+    s = build_settings(preset="tiny")
+    assert all(s.impls_of(fw) == ("idiomatic",) for fw in s.frameworks)
+    record = s.to_dict()
+    del record["impls"]  # a run.json written before variants existed
+    old = RunSettings.from_dict(record)
+    assert [c.cell_id for c in old.cells()] == [c.cell_id for c in s.cells()]
+    tuned = build_settings(framework="jax", preset="tiny", impl="all")
+    assert RunSettings.from_dict(tuned.to_dict()) == tuned
+
+
 BAD_INPUTS = [
     (["--framework", "mxnet"], "unknown framework 'mxnet'"),
     (["--framework", "torch,"], "comma-separated list"),
@@ -102,6 +126,10 @@ BAD_INPUTS = [
     (["--execution", "torch:xla"], "torch has no execution 'xla'"),
     (["--execution", "turbo"], "unknown execution 'turbo'"),
     (["--framework", "torch,jax", "--execution", "eager"], "gives jax nothing to run .*; add one, e.g. jax:jit"),
+    (["--impl", "fastest"], "unknown variant 'fastest'; choose from idiomatic, tuned, default or all"),
+    (["--impl", "torch:tuned"], "torch has no variant 'tuned'; choose from idiomatic"),
+    (["--impl", "tuned"], "gives torch nothing to run .*; add one, e.g. torch:idiomatic"),
+    (["--framework", "jax", "--impl", "tf:tuned"], "names tensorflow, which is not in --framework"),
     (["--device", "tpu"], "--device must be one of auto, cpu, gpu"),
     (["--device", "gpu"], "--device gpu: no GPU is visible"),
     (["--protocol", "seed", "--iters", "5"], "drop --iters"),

@@ -21,11 +21,12 @@ import impls
 from impls import spec
 from tests import fp64_record
 from tests.conftest import FP32_EVAL_HEATMAP_RTOL, FP32_TRAIN_HEATMAP_RTOL, SMALL_CONFIGS, Draw, rel_err
-from tests.fp64_proof import check_case
+from tests.fp64_proof import check_case, variant_names
 from tests.generated_configs import Case, cases
 from tests.numpy_reference import NumpyHourglass, directional_derivative, loss
 
 INSTALLED = list(impls.installed_frameworks())
+VARIANTS = variant_names(INSTALLED)  # every implementation variant of them ("jax", "jax-tuned", ...)
 needs_a_framework = pytest.mark.skipif(not INSTALLED, reason="no framework is installed")
 
 
@@ -35,14 +36,14 @@ needs_a_framework = pytest.mark.skipif(not INSTALLED, reason="no framework is in
 @needs_a_framework
 @given(case=cases(train_mode=True))
 def test_fp64_train_mode_agrees_with_float64_oracles_and_across_frameworks_on_generated_configs(case: Case) -> None:
-    fp64_record.record(check_case(case, INSTALLED))
+    fp64_record.record(check_case(case, VARIANTS))
 
 
 @needs_a_framework
 @settings(max_examples=2 * settings.default.max_examples)  # the loaded profile's count (tests/conftest.py)
 @given(case=cases(train_mode=False))
 def test_fp64_eval_mode_agrees_with_float64_oracle_and_across_frameworks_on_generated_configs(case: Case) -> None:
-    fp64_record.record(check_case(case, INSTALLED))
+    fp64_record.record(check_case(case, VARIANTS))
 
 
 # ---------------------------------------------------------------- the fp64 contract

@@ -26,7 +26,9 @@ LOGS_DIR = "logs"
 # parent died, and `--resume` kills what is left of that worker (bench.engine.procs).
 LIVE_WORKER_JSON = "live_worker.json"
 
-CELL_COLUMNS = ["cell_id", "kind", "framework", "execution", "precision", "batch_size", "phase"]
+# impl: the implementation variant (impls.registry.IMPLS); runs made before variants existed have none, and
+# read as the default one.
+CELL_COLUMNS = ["cell_id", "kind", "framework", "impl", "execution", "precision", "batch_size", "phase"]
 CONFIG_COLUMNS = ["preset", "num_stacks", "depth", "channels", "num_keypoints", "input_height", "input_width"]
 SUMMARY_COLUMNS = [
     *CELL_COLUMNS,
@@ -89,7 +91,7 @@ SUMMARY_TEXT_COLUMNS = frozenset(
      "nvml_process_lookup", "device_fallback", "fp32_math"}
     - {"batch_size"}
 )
-SUMMARY_REQUIRED = [*CELL_COLUMNS, "status"]
+SUMMARY_REQUIRED = [*(c for c in CELL_COLUMNS if c != "impl"), "status"]  # impl: absent from runs before variants
 SAMPLES_REQUIRED = ["cell_id", "latency_ns"]
 
 # ---------------------------------------------------------------- bench profile: stages, ops, flops, compile

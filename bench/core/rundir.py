@@ -26,6 +26,7 @@ import pandas as pd
 
 from bench.core import columns as cols
 from bench.core.files import atomic_write, write_json_atomic
+from impls.registry import DEFAULT_IMPL
 
 RUN_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 _FIX_RUN = "give a results/<run_id> folder written by `python -m bench run`"
@@ -184,6 +185,7 @@ def _read_summary(path: Path) -> pd.DataFrame:
     for column in cols.SUMMARY_COLUMNS:
         if column not in frame:  # runs written before a column existed
             frame[column] = ""
+    frame["impl"] = frame["impl"].replace("", DEFAULT_IMPL)  # before variants: the default variant
     for column in cols.SUMMARY_COLUMNS:
         if column not in cols.SUMMARY_TEXT_COLUMNS:
             # Statistics may be inf only where a worker reported one (never in a finished cell's latency).

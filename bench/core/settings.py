@@ -9,13 +9,13 @@ from __future__ import annotations
 import dataclasses
 import itertools
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from bench.core import nvml
 from impls import FRAMEWORKS, PHASES, ConfigError, HourglassConfig, get_preset, install_command, is_installed
 from impls.base import FP32_MATH, PRECISIONS
-from impls.registry import EXECUTIONS, UnknownFrameworkError, canonical_name
+from impls.registry import DEFAULT_IMPL, EXECUTIONS, IMPLS, UnknownFrameworkError, canonical_name
 
 DEVICES: tuple[str, ...] = ("auto", "cpu", "gpu")
 PROTOCOLS: tuple[str, ...] = ("default", "seed")
@@ -41,6 +41,10 @@ class _Defaults:
     iters: int | None
     min_time_s: float | None
     rounds: int  # worker processes per cell, interleaved over all cells
+    impls: Mapping[str, tuple[str, ...]] = field(default_factory=lambda: {fw: (DEFAULT_IMPL,) for fw in FRAMEWORKS})
+    # Where a variant runs in fewer execution modes than its framework's (variant_key -> modes), to keep the
+    # default run within its time; a run given --execution or --impl measures the full product.
+    variant_executions: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
 
 
 _DEFAULTS: dict[str, _Defaults] = {
@@ -82,22 +86,32 @@ class SettingsError(ValueError):
 
 @dataclass(frozen=True)
 class Cell:
-    """One measurement: a framework's execution mode at one precision, batch size and phase."""
+    """One measurement: a framework's implementation variant in one execution mode, at one precision, batch
+    size and phase."""
 
     framework: str
     execution: str
     precision: str
     batch_size: int
     phase: str
+    impl: str = DEFAULT_IMPL
 
     @property
     def cell_id(self) -> str:
-        """Stable key of the cell in CSVs, logs and resume."""
-        return f"{self.framework}-{self.execution}-{self.precision}-b{self.batch_size}-{self.phase}"
+        """Stable key of the cell in CSVs, logs and resume. The default variant is not named, so cells of runs
+        made before variants existed keep their ids and stay comparable: "tensorflow-function-fp32-b1-forward"
+        is the idiomatic variant, "tensorflow-tuned-function-fp32-b1-forward" the tuned one."""
+        return f"{variant_key(self.framework, self.impl)}-{self.execution}-{self.precision}-b{self.batch_size}-{self.phase}"
 
     def to_dict(self) -> dict[str, object]:
         """Plain dict for JSON and CSV rows."""
         return dataclasses.asdict(self)
+
+
+def variant_key(framework: str, impl: str) -> str:
+    """How a run names one framework's variant in its checks and tables: the framework for the default
+    variant (as before variants existed), "framework-impl" for another ("jax-tuned")."""
+    return framework if impl == DEFAULT_IMPL else f"{framework}-{impl}"
 
 
 @dataclass(frozen=True)
@@ -128,13 +142,31 @@ class RunSettings:
     # The equivalence and gradient checks and the calibration before timing. False (--timing-only) for
     # repeated runs of cells that another run checked: CI's gate after its first pair of runs.
     checks: bool = True
+    # Implementation variants per framework, in that framework's order (impls.registry.IMPLS). Runs recorded
+    # before variants existed measured the default one, which an empty mapping stands for.
+    impls: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    # A variant measured in only some of its framework's execution modes (variant_key -> modes): the default
+    # run's plan (_Defaults); empty, every variant runs in every mode of `executions`.
+    variant_executions: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+
+    def impls_of(self, framework: str) -> tuple[str, ...]:
+        """The variants measured for `framework`: its entry in `impls`, else the default variant alone."""
+        return tuple(self.impls.get(framework, (DEFAULT_IMPL,)))
+
+    def executions_of(self, framework: str, impl: str) -> tuple[str, ...]:
+        """The execution modes one variant is measured in, in the framework's order."""
+        only = self.variant_executions.get(variant_key(framework, impl))
+        return tuple(ex for ex in self.executions[framework] if only is None or ex in only)
 
     def cells(self) -> list[Cell]:
-        """Every cell of the run, in a stable order: framework, execution, precision, batch, phase."""
+        """Every cell of the run, in a stable order: framework, variant, execution, precision, batch, phase."""
         return [
-            Cell(fw, ex, pr, bs, ph)
+            Cell(fw, ex, pr, bs, ph, impl)
             for fw in self.frameworks
-            for ex, pr, bs, ph in itertools.product(self.executions[fw], self.precisions, self.batch_sizes, self.phases)
+            for impl in self.impls_of(fw)
+            for ex, pr, bs, ph in itertools.product(
+                self.executions_of(fw, impl), self.precisions, self.batch_sizes, self.phases
+            )
         ]
 
     def placement(self) -> dict[str, Any]:
@@ -152,6 +184,8 @@ class RunSettings:
         d = dataclasses.asdict(self)
         d["config"] = self.config.to_dict()
         d["executions"] = {fw: list(ex) for fw, ex in self.executions.items()}
+        d["impls"] = {fw: list(self.impls_of(fw)) for fw in self.frameworks}
+        d["variant_executions"] = {key: list(ex) for key, ex in self.variant_executions.items()}
         return d
 
     @classmethod
@@ -162,6 +196,8 @@ class RunSettings:
         config["input_hw"] = tuple(config["input_hw"])
         fields["config"] = HourglassConfig(**config)
         fields["executions"] = {fw: tuple(ex) for fw, ex in fields["executions"].items()}
+        fields["impls"] = {fw: tuple(v) for fw, v in fields.get("impls", {}).items()}
+        fields["variant_executions"] = {key: tuple(v) for key, v in fields.get("variant_executions", {}).items()}
         for key in ("frameworks", "batch_sizes", "phases", "precisions"):
             fields[key] = tuple(fields[key])
         return cls(**fields)
@@ -284,6 +320,43 @@ def parse_executions(text: str, frameworks: tuple[str, ...]) -> dict[str, tuple[
     return {fw: tuple(ex for ex in EXECUTIONS[fw] if ex in wanted[fw]) for fw in frameworks}
 
 
+def parse_impls(text: str, frameworks: tuple[str, ...]) -> dict[str, tuple[str, ...]]:
+    """'default', 'all', or a comma list of 'name' (every framework that has it) and 'framework:name'."""
+    items = _items("--impl", text, "idiomatic,tuned or jax:tuned")
+    if items == ["default"]:
+        return {fw: (DEFAULT_IMPL,) for fw in frameworks}
+    if items == ["all"]:
+        return {fw: IMPLS[fw] for fw in frameworks}
+    wanted: dict[str, set[str]] = {fw: set() for fw in frameworks}
+    known = sorted({name for fw in frameworks for name in IMPLS[fw]})
+    for item in items:
+        fw_text, _, name = item.rpartition(":")
+        name = DEFAULT_IMPL if name == "default" else name
+        if fw_text:
+            try:
+                fw = canonical_name(fw_text)
+            except UnknownFrameworkError as err:
+                raise SettingsError(f"--impl: {err}") from None
+            if fw not in frameworks:
+                raise SettingsError(f"--impl {item!r} names {fw}, which is not in --framework; add it there or drop it")
+            if name not in IMPLS[fw]:
+                raise SettingsError(f"--impl: {fw} has no variant {name!r}; choose from {', '.join(IMPLS[fw])}")
+            wanted[fw].add(name)
+            continue
+        owners = [fw for fw in frameworks if name in IMPLS[fw]]
+        if not owners:
+            raise SettingsError(f"--impl: unknown variant {name!r}; choose from {', '.join(known)}, default or all")
+        for fw in owners:
+            wanted[fw].add(name)
+    for fw in frameworks:
+        if not wanted[fw]:
+            raise SettingsError(
+                f"--impl {text!r} gives {fw} nothing to run (its variants: {', '.join(IMPLS[fw])}); "
+                f"add one, e.g. {fw}:{IMPLS[fw][0]}, or name the frameworks (tensorflow:tuned)"
+            )
+    return {fw: tuple(name for name in IMPLS[fw] if name in wanted[fw]) for fw in frameworks}
+
+
 def parse_input_size(text: str) -> tuple[int, int]:
     """'256' -> (256, 256); '256x192' -> (height 256, width 192)."""
     parts = str(text).lower().replace("*", "x").split("x")
@@ -335,6 +408,7 @@ def build_settings(
     batch_size: str | None = None,
     phase: str | None = None,
     execution: str | None = None,
+    impl: str | None = None,
     precision: str | None = None,
     device: str = "auto",
     warmup: str | None = None,
@@ -408,6 +482,12 @@ def build_settings(
         executions = parse_executions(execution, frameworks)
     else:
         executions = {fw: defaults.executions[fw] for fw in frameworks}
+    if impl is not None:
+        impls = parse_impls(impl, frameworks)
+    else:
+        impls = {fw: tuple(v for v in defaults.impls.get(fw, (DEFAULT_IMPL,)) if v in IMPLS[fw]) for fw in frameworks}
+    # The default plan's narrower modes for some variants apply only where neither list was given.
+    variant_executions = dict(defaults.variant_executions) if execution is None and impl is None else {}
 
     return RunSettings(
         frameworks=frameworks,
@@ -417,6 +497,8 @@ def build_settings(
         batch_sizes=batch_sizes,  # type: ignore[arg-type]
         phases=parse_choices("--phase", phase, PHASES) if phase is not None else PHASES,
         executions=executions,
+        impls=impls,
+        variant_executions=variant_executions,
         precisions=parse_choices("--precision", precision, PRECISIONS) if precision is not None else ("fp32",),
         device=resolved_device,
         device_requested=device,

@@ -108,6 +108,7 @@ class WorkerSpec:
     seed: int = 0  # seeds inputs and the canonical weights
     fp32_math: str = "ieee"  # on a GPU: full fp32 (ieee) or TF32 (tf32); the equivalence check is always ieee
     autotune: bool = True  # on a GPU: cuDNN / XLA autotuning on or off, alike in every framework
+    impl: str = "idiomatic"  # the implementation variant built (impls.registry.IMPLS)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -177,7 +177,8 @@ def run_cell(backend: ModuleType, spec: CellSpec) -> dict[str, Any]:
     probe.match(runtime)
     stage("build")
     t0 = time.perf_counter()
-    model = backend.build(config, device=device, precision=spec.precision, execution=spec.execution)
+    model = backend.build(config, device=device, precision=spec.precision, execution=spec.execution,
+                          impl=spec.impl)
     build_s = time.perf_counter() - t0
     # One fresh process per cell, so the allocator peak covers inputs, compilation and the timed steps
     # of this cell alone (JAX has no reset; the fresh process gives it the same meaning).
@@ -237,7 +238,7 @@ def run_equivalence(backend: ModuleType, spec: EquivalenceSpec) -> dict[str, Any
     (x,) = random_arrays(spec.seed, tuple(spec.input_shape))  # (1, H, W, 3): the same numbers in every framework
     stage("build")
     model = backend.build(
-        config, init_weights(config, seed=0), device=device, precision="fp32", execution=spec.execution
+        config, init_weights(config, seed=0), device=device, precision="fp32", execution=spec.execution, impl=spec.impl
     )
     stage("predict")
     heatmaps = np.asarray(model.predict(x), dtype=np.float32)  # (S, 1, H/4, W/4, K)
@@ -295,7 +296,8 @@ def run_overhead(backend: ModuleType, spec: OverheadSpec) -> dict[str, Any]:
 
     config = _config(spec)
     device = _device(backend, spec)
-    model = backend.build(config, device=device, precision=spec.precision, execution=spec.execution)
+    model = backend.build(config, device=device, precision=spec.precision, execution=spec.execution,
+                          impl=spec.impl)
     step = model.benchmark_step(spec.phase, spec.batch_size, spec.seed)
     for _ in range(spec.warmup + 1):
         step()
@@ -327,7 +329,7 @@ def run_profile(backend: ModuleType, spec: ProfileSpec) -> dict[str, Any]:
     result = backend.profile(
         _config(spec), phase=spec.phase, batch_size=spec.batch_size, execution=spec.execution,
         trace_dir=spec.trace_dir, device=device, precision=spec.precision, warmup=spec.warmup,
-        steps=spec.steps, seed=spec.seed, top_k=spec.top_k,
+        steps=spec.steps, seed=spec.seed, top_k=spec.top_k, impl=spec.impl,
     )  # fmt: skip
     return {"device": device, "profile": _profile_dict(result), "runtime_info": runtime_record(backend)}
 
@@ -412,7 +414,7 @@ def run_gradient_check(backend: ModuleType, spec: GradientCheckSpec) -> dict[str
     device = _device(backend, spec)
     stage("build")
     model = backend.build(config, init_weights(config, seed=0), device=device, precision=spec.precision,
-                          execution=spec.execution)  # fmt: skip
+                          execution=spec.execution, impl=spec.impl)  # fmt: skip
     x, target = random_batch(config, spec.batch_size, spec.seed)  # (N, H, W, 3), (N, H/4, W/4, K)
     stage("loss_and_grads")
     loss, grads = model.loss_and_grads(x, target)

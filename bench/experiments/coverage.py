@@ -3,7 +3,8 @@
     python -m bench.experiments.coverage --like results/baseline --runs 20 --rounds 1,3 --out DIR
 
 For each round count R, makes `--runs` consecutive runs of the same cells (`bench run --like LIKE --rounds
-R`; the round counts alternate run by run, so slow drift of the machine spreads over both), then asks, for
+R --timing-only`: coverage asks about timings alone, so the equivalence checks are skipped; the round
+counts alternate run by run, so slow drift of the machine spreads over both), then asks, for
 every model cell and every run after the first: does this run's median fall inside the previous run's 95%
 interval of the median? A 95% interval that knows all the noise a rerun sees covers the next run's median
 a little less than 95% of the time (the next median has noise of its own); one that knows only the noise
@@ -27,7 +28,7 @@ from bench.core.settings import SettingsError, parse_int_list, parse_positive_in
 
 def _run(like: Path, runs: Path, run_id: str, rounds: int) -> Path:
     command = [sys.executable, "-m", "bench", "run", "--like", str(like), "--rounds", str(rounds),
-               "--out", str(runs), "--run-id", run_id, "--no-report"]  # fmt: skip
+               "--out", str(runs), "--run-id", run_id, "--no-report", "--timing-only"]  # fmt: skip
     print(f"+ {' '.join(command[1:])}", flush=True)
     subprocess.run(command, check=False, stdout=subprocess.DEVNULL)
     return runs / run_id

@@ -84,6 +84,7 @@ class ProfileSettings:
             "precision": self.precision,
             "phases": list(b.phases),
             "executions": {fw: list(ex) for fw, ex in b.executions.items()},
+            "impls": {fw: list(b.impls_of(fw)) for fw in b.frameworks},
             "device": b.device,
             "device_requested": b.device_requested,
             "warmup": b.warmup,
@@ -116,6 +117,13 @@ def build_profile_settings(
     if precision is not None and len(parse_choices("--precision", precision, PRECISIONS)) > 1:
         raise SettingsError(f"--precision takes one precision for profile (fp32 or bf16), got {precision!r}")
     base = build_settings(batch_size=batch_size, precision=precision, **options)
+    several = [fw for fw in base.frameworks if len(base.impls_of(fw)) > 1]
+    if several:
+        raise SettingsError(
+            f"--impl takes one variant per framework for profile (a profile run's tables are per framework and "
+            f"execution), got {options.get('impl')!r}, which gives {several[0]} {len(base.impls_of(several[0]))}; "
+            "profile each variant in its own run, e.g. --impl tuned, then --impl idiomatic"
+        )
     return ProfileSettings(
         base=base,
         steps=parse_positive_int("--steps", steps) if steps is not None else DEFAULT_STEPS,
@@ -151,6 +159,7 @@ class ProfileRunner:
         return ProfileSpec(
             framework=cell.framework, execution=cell.execution, precision=cell.precision, batch_size=cell.batch_size,
             phase=cell.phase, **b.placement(), warmup=b.warmup, steps=s.steps, top_k=s.top_k, trace_dir=str(trace_dir),
+            impl=cell.impl,
         )  # fmt: skip
 
     def profile_cell(self, cell: Cell) -> str:

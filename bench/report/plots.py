@@ -23,6 +23,8 @@ import matplotlib.ticker
 import numpy as np
 import pandas as pd
 
+from impls.registry import DEFAULT_IMPL
+
 FRAMEWORK_ORDER: tuple[str, ...] = ("torch", "tensorflow", "jax")
 FRAMEWORK_COLORS: dict[str, str] = {"torch": "#EE4C2C", "tensorflow": "#2E8B57", "jax": "#3F6FD8"}
 _OTHER_COLOR = "#777777"
@@ -59,8 +61,15 @@ def sort_cells(frame: pd.DataFrame) -> pd.DataFrame:
         _fw=frame["framework"].map(lambda fw: order.get(fw, len(order))),
         _run=frame["run_index"] if "run_index" in frame else 0,
     )
-    keyed = keyed.sort_values(["_fw", "framework", "execution_rank", "precision", "batch_size", "_run"], kind="stable")
-    return keyed.drop(columns=["_fw", "_run"])
+    keyed = keyed.assign(_impl=keyed["impl"].fillna(DEFAULT_IMPL).ne(DEFAULT_IMPL) if "impl" in keyed else False)
+    keyed = keyed.sort_values(["_fw", "framework", "_impl", "execution_rank", "precision", "batch_size", "_run"], kind="stable")
+    return keyed.drop(columns=["_fw", "_run", "_impl"])
+
+
+def variant_label(row: pd.Series | dict) -> str:
+    """'jax' for a framework's default variant, 'jax tuned' for another."""
+    impl = str(row.get("impl") or DEFAULT_IMPL)
+    return str(row["framework"]) if impl == DEFAULT_IMPL else f"{row['framework']} {impl}"
 
 
 def _figure(name: str, ncols: int = 1, nrows: int = 1) -> tuple[plt.Figure, np.ndarray]:
@@ -95,7 +104,7 @@ def _multi_run(frame: pd.DataFrame) -> bool:
 
 
 def _cell_label(row: pd.Series, multi_run: bool, show_batch: bool, show_precision: bool) -> str:
-    parts = [str(row["framework"]), str(row["execution"])]
+    parts = [variant_label(row), str(row["execution"])]
     if show_precision:
         parts.append(str(row["precision"]))
     if show_batch:
@@ -234,12 +243,13 @@ def _versus_batch(frame: pd.DataFrame, path: Path, name: str, value: str, ylabel
     multi = _multi_run(frame)
     for ax, phase in zip(axes, phases, strict=True):
         panel = sort_cells(frame[frame["phase"] == phase])
-        for (run_index, run, fw, execution, precision), group in panel.groupby(
-            ["run_index", "run", "framework", "execution", "precision"], sort=False
+        for (run_index, run, fw, impl, execution, precision), group in panel.groupby(
+            ["run_index", "run", "framework", "impl", "execution", "precision"], sort=False
         ):
             line = group.sort_values("batch_size")
             ok = line[(line["status"] == "ok") & line[value].notna()]
-            label = f"{fw} {execution}" + (f" {precision}" if frame["precision"].nunique() > 1 else "")
+            label = f"{variant_label({'framework': fw, 'impl': impl})} {execution}"
+            label += f" {precision}" if frame["precision"].nunique() > 1 else ""
             label += f" [{run}]" if multi else ""
             ax.plot(
                 ok["batch_size"], ok[value], color=framework_color(fw), linestyle=EXECUTION_LINESTYLE.get(execution, "-"),

@@ -29,6 +29,7 @@ from bench.core.settings import EXECUTIONS, execution_rank
 from bench.core.stats import CI_WITHIN, ratio_of_medians
 from bench.report import plots, profile_section, render
 from impls import FRAMEWORKS
+from impls.registry import DEFAULT_IMPL, IMPL_CHANGES
 
 # Figures in the order the report shows them; the two batch sweeps only when a run swept batch sizes.
 FIGURES: dict[str, str] = {
@@ -82,7 +83,7 @@ def model_table(runs: Sequence[RunData]) -> pd.DataFrame:
         if row["execution"] == "eager" or row["status"] != "ok":
             continue
         eager = table[(table["run"] == row["run"]) & (table["framework"] == row["framework"])
-                      & (table["execution"] == "eager") & (table["precision"] == row["precision"])
+                      & (table["impl"] == row["impl"]) & (table["execution"] == "eager") & (table["precision"] == row["precision"])
                       & (table["batch_size"] == row["batch_size"]) & (table["phase"] == row["phase"])
                       & (table["status"] == "ok")]  # fmt: skip
         if eager.empty:
@@ -125,7 +126,8 @@ def best_per_framework(table: pd.DataFrame, baseline: str, samples: pd.DataFrame
             best = mine.sort_values("throughput_img_per_s", ascending=False).iloc[0]
             rows.append({
                 "run": run, "run_index": run_index, "phase": phase, "framework": fw, "status": "ok",
-                "execution": best["execution"], "precision": best["precision"], "batch_size": best["batch_size"],
+                "impl": best["impl"], "execution": best["execution"], "precision": best["precision"],
+                "batch_size": best["batch_size"],
                 "latency_ms_median": best["latency_ms_median"], "latency_ms_median_ci95_low": best["latency_ms_median_ci95_low"],
                 "latency_ms_median_ci95_high": best["latency_ms_median_ci95_high"],
                 "throughput_img_per_s": best["throughput_img_per_s"], "achieved_gflop_per_s": best["achieved_gflop_per_s"],
@@ -265,7 +267,8 @@ def _summary_display(best: pd.DataFrame, baseline: str, multi: bool) -> pd.DataF
         rows.append({
             **({"run": r["run"]} if multi else {}),
             "phase": r["phase"], "framework": r["framework"],
-            "best configuration": f"{r['execution']} {r['precision']} batch {int(r['batch_size'])}" if ok else f"none ({r['status']})",
+            "best configuration": (f"{'' if r['impl'] == DEFAULT_IMPL else r['impl'] + ' '}{r['execution']} {r['precision']} "
+                                   f"batch {int(r['batch_size'])}") if ok else f"none ({r['status']})",
             "median ms": fmt(r.get("latency_ms_median"), ".2f") if ok else "",
             "95% CI ms": f"{r['latency_ms_median_ci95_low']:.2f}-{r['latency_ms_median_ci95_high']:.2f}"
             if ok and pd.notna(r.get("latency_ms_median_ci95_low")) else "",
@@ -274,6 +277,42 @@ def _summary_display(best: pd.DataFrame, baseline: str, multi: bool) -> pd.DataF
             "% ceiling": fmt(_share(r.get("ceiling_fraction")), ".0f") if ok else "",
             "% own fw ceiling": fmt(_share(r.get("framework_ceiling_fraction")), ".0f") if ok else "",
             f"speedup vs {baseline}": _speedup_text(r, baseline) if ok and pd.notna(r.get("speedup_vs_baseline")) else "n/a",
+        })  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def variant_gap(table: pd.DataFrame) -> pd.DataFrame:
+    """Per run, framework, execution, precision, batch and phase where a framework has several variants: each
+    variant's median against the default variant's (ratio < 1: faster), and what the variant changes.
+
+    Every framework's variants are one computation (the equivalence checks), so the ratio is what the
+    formulation alone is worth: the gap between the network as the framework's users write it and at its best.
+    """
+    keys = ["run_index", "run", "framework", "execution", "precision", "batch_size", "phase"]
+    ok = table[table["status"] == "ok"]
+    rows = []
+    for key, group in ok.groupby(keys, sort=True):
+        base = group[group["impl"] == DEFAULT_IMPL]
+        if base.empty or len(group) < 2:
+            continue
+        base_ms = float(base["latency_ms_median"].iloc[0])
+        for r in group[group["impl"] != DEFAULT_IMPL].to_dict("records"):
+            rows.append({**dict(zip(keys, key, strict=True)), "impl": r["impl"],
+                         "idiomatic_ms": base_ms, "variant_ms": float(r["latency_ms_median"]),
+                         "ratio": float(r["latency_ms_median"]) / base_ms,
+                         "changes": IMPL_CHANGES.get((str(r["framework"]), str(r["impl"])), "")})  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def _gap_display(gap: pd.DataFrame, multi: bool) -> pd.DataFrame:
+    rows = []
+    for r in gap.to_dict("records"):
+        rows.append({
+            **({"run": r["run"]} if multi else {}),
+            "phase": r["phase"], "framework": r["framework"],
+            "cell": f"{r['execution']} {r['precision']} batch {int(r['batch_size'])}",
+            "idiomatic ms": f"{r['idiomatic_ms']:.2f}", "variant ms": f"{r['variant_ms']:.2f}",
+            "variant": r["impl"], "variant / idiomatic": f"{r['ratio']:.2f}x", "what the variant changes": r["changes"],
         })  # fmt: skip
     return pd.DataFrame(rows)
 
@@ -381,6 +420,7 @@ def build_report(run_dirs: Sequence[str | Path], out_dir: str | Path, baseline: 
     multi = len(runs) > 1
     sections = {
         "summary": _summary_display(best, baseline, multi),
+        "variants": _gap_display(variant_gap(table), multi) if not table.empty else pd.DataFrame(),
         "cells": _cells_display(table, multi) if not table.empty else pd.DataFrame(),
         "equivalence": _equivalence_display(runs),
         "environment": render.environment_display(runs),
@@ -406,11 +446,18 @@ _SUMMARY_NOTE = ("Best configuration = the framework's cell with the highest ima
                  "including failed and skipped ones, is listed under Cells.")  # fmt: skip
 
 
+_VARIANTS_NOTE = ("A framework's variants are the same computation (each passes the same equivalence checks); the "
+                  "ratio of medians is what the formulation alone changes. Below 1: the variant is faster.")
+
+
 def _markdown(heading: str, title: str, baseline: str, banners: list[str], figures: dict[str, Path],
               sections: dict[str, pd.DataFrame], notes: list[str]) -> str:  # fmt: skip
     parts = [f"# {heading}\n", f"{title}\n"]
     parts += [f"> **{b}**\n" for b in banners]
     parts += [f"## Summary (baseline: {baseline})\n", _SUMMARY_NOTE + "\n", render.md_table(sections["summary"])]
+    if not sections["variants"].empty:
+        parts += ["## Implementation variants (each against the framework's idiomatic one, same cell)\n",
+                  _VARIANTS_NOTE + "\n", render.md_table(sections["variants"])]
     parts += ["## Warnings\n", render.warnings_md(notes)]
     parts.append("## Figures\n")
     for name, path in figures.items():
@@ -429,6 +476,9 @@ def _html(heading: str, title: str, baseline: str, banners: list[str], figures: 
     body += [f'<p class="alert">{esc(b)}</p>' for b in banners]
     body += [f"<h2>Summary (baseline: {esc(baseline)})</h2>", f"<p>{esc(_SUMMARY_NOTE)}</p>",
              render.html_table(sections["summary"], "summary-table")]  # fmt: skip
+    if not sections["variants"].empty:
+        body += ["<h2>Implementation variants (each against the framework's idiomatic one, same cell)</h2>",
+                 f"<p>{esc(_VARIANTS_NOTE)}</p>", render.html_table(sections["variants"], "variants-table")]
     body += ["<h2>Warnings</h2>", render.warnings_html(notes), "<h2>Figures</h2>"]
     body += [render.figure_html(name, FIGURES[name], path) for name, path in figures.items()]
     body += ["<h2>Cells</h2>", render.html_table(sections["cells"], "cells-table")]

@@ -29,7 +29,7 @@ from bench.core.columns import FAILED_STATUSES
 from bench.core.files import DISK_FULL_EXIT_CODE, check_output_dir
 from bench.core.numbers import num
 from bench.core.rundir import RunDirError, RunStore, new_run_dir
-from bench.core.settings import MAX_ITERS, Cell, RunSettings, SettingsError
+from bench.core.settings import MAX_ITERS, Cell, RunSettings, SettingsError, variant_key
 from bench.core.stats import summarize
 from bench.engine import procs
 from bench.engine.protocol import (
@@ -185,21 +185,23 @@ class Runner:
         input_shape = [1, *s.config.input_hw, 3]  # (1, H, W, 3)
         outputs: dict[str, Path] = {}
         entries: dict[str, dict[str, Any]] = {}
-        for fw in self.active:
-            progress.update(task, description=f"{fw}: equivalence check")
+        for fw, impl in self._variants():
+            key = variant_key(fw, impl)  # the framework's name for its default variant, "jax-tuned" for another
+            progress.update(task, description=f"{key}: equivalence check")
             execution = settings_mod.EXECUTIONS[fw][0]
-            output = self.session.workdir / f"equivalence_{fw}.npy"
+            output = self.session.workdir / f"equivalence_{key}.npy"
             spec = EquivalenceSpec(framework=fw, execution=execution, input_shape=input_shape,
-                                   output_npy=str(output), **self._placement())  # fmt: skip
-            outcome = self.session.call(spec, f"{fw}-equivalence")
-            entries[fw] = {
+                                   output_npy=str(output), impl=impl, **self._placement())  # fmt: skip
+            outcome = self.session.call(spec, f"{key}-equivalence")
+            entries[key] = {
                 "status": outcome.status,
                 "error": outcome.error,
                 "execution": execution,
+                "impl": impl,
                 "precision": "fp32",
             }
             if outcome.status == "ok":
-                outputs[fw] = output
+                outputs[key] = output
             progress.advance(task)
         heatmaps = self._load_heatmaps(outputs, entries)
         for fw, verdict in compare(heatmaps, s.equivalence_rtol).items():
@@ -257,21 +259,23 @@ class Runner:
         grads: dict[str, dict[str, np.ndarray]] = {}
         losses: dict[str, float] = {}
         entries: dict[str, dict[str, Any]] = {}
-        for fw in self.active:
-            progress.update(task, description=f"{fw}: gradient check (fp64)")  # not counted in the bar's total
+        for fw, impl in self._variants():
+            key = variant_key(fw, impl)
+            progress.update(task, description=f"{key}: gradient check (fp64)")  # not counted in the bar's total
             execution = settings_mod.EXECUTIONS[fw][0]
-            output = self.session.workdir / f"gradients_{fw}.npz"
+            output = self.session.workdir / f"gradients_{key}.npz"
             spec = GradientCheckSpec(framework=fw, execution=execution, precision=gradients.GRADIENT_PRECISION,
-                                     batch_size=batch_size, output_npz=str(output), **self._placement())  # fmt: skip
-            outcome = self.session.call(spec, f"{fw}-gradient-check")
+                                     batch_size=batch_size, output_npz=str(output), impl=impl,
+                                     **self._placement())  # fmt: skip
+            outcome = self.session.call(spec, f"{key}-gradient-check")
             result = outcome.result
             assert isinstance(result, GradientCheckResult)
-            entries[fw] = {"status": outcome.status, "error": outcome.error, "execution": execution,
-                           "precision": gradients.GRADIENT_PRECISION, "loss": result.loss}  # fmt: skip
+            entries[key] = {"status": outcome.status, "error": outcome.error, "execution": execution, "impl": impl,
+                            "precision": gradients.GRADIENT_PRECISION, "loss": result.loss}  # fmt: skip
             if outcome.status == "ok" and result.loss is not None:
                 with np.load(output) as saved:
-                    grads[fw] = {name: saved[name] for name in saved.files}
-                losses[fw] = result.loss
+                    grads[key] = {name: saved[name] for name in saved.files}
+                losses[key] = result.loss
         for fw, verdict in gradients.compare(grads, losses, gradients.GRADIENT_RTOL).items():
             entries[fw].update(verdict)
         self.record["gradient_check"] = {
@@ -300,6 +304,10 @@ class Runner:
         if checked:
             text = ", ".join(f"{fw} {err:.1e}" for fw, err in checked.items())
             self.console.print(f"gradients (fp64, batch {batch_size}, largest error per parameter): {text}")
+
+    def _variants(self) -> list[tuple[str, str]]:
+        """(framework, variant) for every variant of every framework this run can measure, in cell order."""
+        return [(fw, impl) for fw in self.active for impl in self.settings.impls_of(fw)]
 
     def _gradient_entries(self) -> dict[str, Mapping[str, Any]]:
         """The gradient check's per-framework entries, keyed apart from the forward check's for exit_code."""
@@ -382,7 +390,7 @@ class Runner:
         cache = str(self.session.workdir / "compile-cache") if s.rounds > 1 else ""
         spec = CellSpec(framework=cell.framework, execution=cell.execution, precision=cell.precision,
                         batch_size=cell.batch_size, phase=cell.phase, loop=s.loop(), compile_cache_dir=cache,
-                        **self._placement())  # fmt: skip
+                        impl=cell.impl, **self._placement())  # fmt: skip
         name = cell.cell_id if s.rounds == 1 else f"{cell.cell_id}-round{round_number}"
         outcome = self.session.call(spec, name)
         result = outcome.result
@@ -404,10 +412,11 @@ class Runner:
         error = outcome.error if s.rounds == 1 or outcome.status == "ok" else f"round {round_number} of {s.rounds}: {outcome.error}"
         flops = count_flops(s.config, cell.batch_size, cell.phase)
         row = _measured_row(base, outcome.status, error, outcome.wall_s, {**values, "samples_ns": rounds}, flops)
-        equivalence = self.record.get("equivalence", {}).get("frameworks", {}).get(cell.framework, {})
+        key = variant_key(cell.framework, cell.impl)
+        equivalence = self.record.get("equivalence", {}).get("frameworks", {}).get(key, {})
         row["equivalence_max_rel_err"] = equivalence.get("max_rel_err")
         row["equivalent"] = equivalence.get("equivalent")
-        gradient = (self.record.get("gradient_check") or {}).get("frameworks", {}).get(cell.framework, {})
+        gradient = (self.record.get("gradient_check") or {}).get("frameworks", {}).get(key, {})
         row["gradient_max_rel_err"] = gradient.get("max_rel_err")
         row["gradients_equivalent"] = gradient.get("equivalent")
         best = ceilings(self.store.rows())
@@ -429,7 +438,7 @@ class Runner:
         need_equivalence = s.checks and not self.record.get("equivalence") and bool(self.active)
         workloads = [CalibrationWorkload(**w) for w in calibration_workloads(s.config, s.batch_sizes, s.precisions)]
         calibrations = [fw for fw in self.active if s.checks and any(_calibration_cell(fw, w).cell_id not in done for w in workloads)]
-        total = len(todo) + len(calibrations) + (len(self.active) if need_equivalence else 0)
+        total = len(todo) + len(calibrations) + (len(self._variants()) if need_equivalence else 0)
         cells = len({cell.cell_id for _, cell in todo})
         self.record["rounds"] = {
             "rounds": s.rounds, "order_seed": s.seed, "order": "bench.run.plan.round_order(cells, rounds, seed)",

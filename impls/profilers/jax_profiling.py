@@ -38,7 +38,8 @@ def run(request: ProfileRequest) -> ProfileResult:
 
 
 def _run(request: ProfileRequest) -> ProfileResult:
-    model = build(request.config, device=request.device, precision=request.precision, execution=request.execution)
+    model = build(request.config, device=request.device, precision=request.precision, execution=request.execution,
+                  impl=request.impl)
     step = model.benchmark_step(request.phase, request.batch_size, request.seed)
     function, args = model.step_program(request.phase, request.batch_size, request.seed)  # for cache and HLO
     with _compile_seconds() as compile_seconds:

@@ -33,7 +33,8 @@ _Window = tuple[int, int]  # (start_ps, end_ps) of one profiled step in the trac
 
 def run(request: ProfileRequest) -> ProfileResult:
     """Time and profile `steps` steady-state steps with the TensorFlow profiler (arguments already checked)."""
-    model = build(request.config, device=request.device, precision=request.precision, execution=request.execution)
+    model = build(request.config, device=request.device, precision=request.precision, execution=request.execution,
+                  impl=request.impl)
     step = model.benchmark_step(request.phase, request.batch_size, request.seed)
     function, args = model.step_program(request.phase, request.batch_size, request.seed)  # what `step` calls
     traced = None if request.execution == "eager" else function  # a tf.function, whose traces are counted

@@ -29,7 +29,8 @@ _CompileCounts = tuple[int, float, list[Any]]  # (dynamo graphs, dynamo compile 
 
 def run(request: ProfileRequest) -> ProfileResult:
     """Time, profile and stage-attribute one phase's step (arguments already checked by profile())."""
-    model = build(request.config, device=request.device, precision=request.precision, execution=request.execution)
+    model = build(request.config, device=request.device, precision=request.precision, execution=request.execution,
+                  impl=request.impl)
     step = model.benchmark_step(request.phase, request.batch_size, request.seed)
     compiled = request.execution == "compile"
 

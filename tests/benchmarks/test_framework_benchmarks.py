@@ -1,4 +1,9 @@
-"""pytest-benchmark suite: one benchmark per framework x phase on the `tiny` preset, frameworks side by side.
+"""pytest-benchmark suite: one benchmark per framework x variant x execution x phase on the `tiny` preset.
+
+Benchmarks are grouped so that like is compared with like: one group per phase and kind of execution
+(`eager`: op by op; `compiled`: torch.compile, tf.function, XLA, jax.jit), so a table never sets
+TensorFlow's eager mode against JAX's jit. Each framework's variants (`impls.IMPLS`) sit side by side in
+their group.
 
 Not part of the plain test run (see conftest.py). Commands:
     python -m pytest tests/benchmarks --benchmark-autosave                 # save .benchmarks/<machine>/0001_*.json
@@ -24,29 +29,37 @@ BATCH_SIZE = 1
 ROUNDS = 20
 WARMUP_ROUNDS = 3  # the first call of a compiled mode (jit, function) is its trace/compile: kept out
 
-_models: dict[str, Any] = {}
+# Which group an execution mode belongs to: op by op, or traced and compiled.
+EAGER_EXECUTIONS = ("eager",)
+CELLS = [(fw, impl, ex) for fw in impls.FRAMEWORKS for impl in impls.IMPLS[fw] for ex in impls.registry.EXECUTIONS[fw]]
+
+_models: dict[tuple[str, str, str], Any] = {}
 
 
-def _model(framework: str) -> Any:
-    """The framework's default-execution fp32 CPU model of CONFIG, built once per session."""
-    if framework not in _models:
+def _model(framework: str, impl: str, execution: str) -> Any:
+    """The fp32 CPU model of CONFIG in this variant and execution, built once per session."""
+    key = (framework, impl, execution)
+    if key not in _models:
         backend = impls.load(framework)
-        _models[framework] = (backend, backend.build(CONFIG, impls.init_weights(CONFIG, seed=0), device="cpu"))
-    return _models[framework]
+        model = backend.build(CONFIG, impls.init_weights(CONFIG, seed=0), device="cpu", execution=execution, impl=impl)
+        _models[key] = (backend, model)
+    return _models[key]
 
 
 @pytest.mark.parametrize("phase", impls.PHASES)
-@pytest.mark.parametrize("framework", impls.FRAMEWORKS)
-def test_benchmark_step_tiny(benchmark: Any, framework: str, phase: str) -> None:
+@pytest.mark.parametrize(("framework", "impl", "execution"), CELLS, ids=["-".join(c) for c in CELLS])
+def test_benchmark_step_tiny(benchmark: Any, framework: str, impl: str, execution: str, phase: str) -> None:
     if not impls.is_installed(framework):
         pytest.skip(f"{framework} is not installed ({impls.install_command(framework)})")
-    backend, model = _model(framework)
+    backend, model = _model(framework, impl, execution)
     step = model.benchmark_step(phase, BATCH_SIZE, seed=0)
-    benchmark.group = phase  # the table lists torch, tensorflow and jax of one phase together
+    kind = "eager" if execution in EAGER_EXECUTIONS else "compiled"
+    benchmark.group = f"{phase}, {kind}"  # like with like: torch compile, tf function/xla and jax jit together
     benchmark.extra_info.update(
         config=CONFIG.to_dict(),
         preset="tiny",
         framework=framework,
+        impl=impl,
         version=str(backend.runtime_info().get("version")),
         execution=model.execution,
         precision=model.precision,
