@@ -16,7 +16,6 @@ dict (`dict(result) == result.to_dict()`), so code that reads a profile as a dic
 
     {
       "framework": str, "execution": str, "phase": str, "batch_size": int, "precision": str, "device": str,
-      "impl": str,                   # the implementation variant profiled (impls.registry.IMPLS)
       "step_ms": float,              # median wall time of one ordinary (fused, un-staged) step, synced,
                                      # profiler off: the figure the stage shares are a share of
       "stage_method": "profiler" | "staged",
@@ -31,6 +30,7 @@ dict (`dict(result) == result.to_dict()`), so code that reads a profile as a dic
       "compile": {"first_call_ms": float, "trace_compile_ms": float | None,
                   "recompilations_in_timed_loop": int | None, "program_size": int | None,
                   "program_size_unit": str, "note": str},
+      "impl": str,                   # the implementation variant profiled (impls.registry.IMPLS)
     }
 
 Stage methods:

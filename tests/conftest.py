@@ -88,6 +88,10 @@ class Variant:
         kwargs.setdefault("impl", self.IMPL)
         return self._module.build(*args, **kwargs)
 
+    def profile(self, *args, **kwargs):
+        kwargs.setdefault("impl", self.IMPL)
+        return self._module.profile(*args, **kwargs)
+
     def __repr__(self) -> str:
         return f"<{self._module.__name__} impl={self.IMPL}>"
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
+import pytest
 
 from bench.core.rundir import RunStore
 from bench.experiments import coverage
@@ -33,3 +35,27 @@ def test_coverage_counts_medians_inside_the_previous_interval(tmp_path: Path, ca
     assert overall.loc[1, "coverage"] == 0.0 and overall.loc[3, "coverage"] == 1.0
     assert overall.loc[1, "pairs"] == 2
     assert "coverage" in capsys.readouterr().out
+
+
+def test_round_intervals_are_student_t_over_the_round_medians() -> None:
+    # medians 1, 2, 3 ms: mean 2, sd 1, t(0.975, 2 df) = 4.3027
+    got = coverage.round_intervals(np.array([1.0, 2.0, 3.0]))
+    assert got["t_low"] == pytest.approx(2 - 4.302653 / np.sqrt(3), rel=1e-6)
+    assert got["t_high"] == pytest.approx(2 + 4.302653 / np.sqrt(3), rel=1e-6)
+    assert got["prediction_high"] - 2 == pytest.approx(4.302653 * np.sqrt(2 / 3), rel=1e-6)
+    assert coverage.round_intervals(np.array([5.0])) == {}  # one round: the process level is unknown
+
+
+def test_coverage_judges_round_intervals_where_the_previous_run_had_rounds(tmp_path: Path) -> None:
+    for index, medians in enumerate([(9.0, 10.0, 11.0), (10.5, 10.5, 10.5), (30.0, 30.0, 30.0)]):
+        store = RunStore(tmp_path / "runs" / f"r3-{index:02d}")
+        pooled = float(np.median(medians))
+        row = {"cell_id": "jax-jit-fp32-b1-forward", "kind": "model", "framework": "jax", "execution": "jit",
+               "precision": "fp32", "batch_size": 1, "phase": "forward", "status": "ok", "latency_ms_median": pooled,
+               "latency_ms_median_ci95_low": pooled - 0.01, "latency_ms_median_ci95_high": pooled + 0.01}  # fmt: skip
+        store.add(row, [[int(m * 1e6)] * 3 for m in medians])
+        store.write_run_json({"run_id": store.run_dir.name, "status": "complete", "settings": {"config": {}}})
+    assert coverage.main(["--out", str(tmp_path), "--runs", "3", "--rounds", "3", "--judge-only"]) == 0
+    pairs = pd.read_csv(tmp_path / "pairs.csv")
+    # run 0 (9, 10, 11): its t interval 10 +- 2.48 holds run 1's 10.5; run 1 has no spread, so nothing holds 30
+    assert pairs["covered_t"].tolist() == [True, False] and pairs["covered"].tolist() == [False, False]

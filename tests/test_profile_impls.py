@@ -27,7 +27,7 @@ CONV_FLOPS_TOL = 0.01
 TOP_LEVEL_TYPES = {
     "framework": str, "execution": str, "phase": str, "batch_size": int, "precision": str, "device": str,
     "step_ms": float, "stage_method": str, "stage_step_ms": float, "stage_note": str, "stages": list,
-    "ops": list, "op_step_ms": float, "trace_files": list, "flops": dict, "compile": dict,
+    "ops": list, "op_step_ms": float, "trace_files": list, "flops": dict, "compile": dict, "impl": str,
 }  # fmt: skip
 FLOPS_KEYS = ["source", "conv_flops", "total_flops", "note"]
 COMPILE_KEYS = ["first_call_ms", "trace_compile_ms", "recompilations_in_timed_loop", "program_size",
@@ -65,6 +65,7 @@ def test_profile_result_crosses_json_with_the_contracts_keys_and_types(backend, 
     assert all(list(row) == ["stage", "ms"] for row in plain["stages"])
     assert all(list(row) == ["op", "calls", "total_ms", "self_ms"] for row in plain["ops"])
     profiling.check_profile(plain, TINY, "forward_backward")  # the parent's check of the JSON form
+    assert plain["impl"] == backend.IMPL  # the variant asked for is the one profiled
 
 
 @pytest.mark.parametrize("phase", impls.PHASES)
@@ -101,8 +102,9 @@ def test_profile_rejects_bad_input(backend, tmp_path: Path) -> None:
 
 def test_profile_is_the_framework_modules_own(backend) -> None:
     """impls.load(framework).profile is the module's own, made by impls.profiling.framework_profile."""
-    assert backend.profile.__module__ == backend.__name__
-    assert "Returns the ProfileResult" in backend.profile.__doc__
+    module = impls.load(backend.FRAMEWORK)
+    assert module.profile.__module__ == module.__name__
+    assert "Returns the ProfileResult" in module.profile.__doc__
 
 
 def test_gemm_benchmark_runs_synchronised(backend) -> None:

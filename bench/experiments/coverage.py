@@ -10,6 +10,12 @@ interval of the median? A 95% interval that knows all the noise a rerun sees cov
 a little less than 95% of the time (the next median has noise of its own); one that knows only the noise
 within one process covers far less. Writes DIR/runs/, pairs.csv (one row per cell and consecutive pair)
 and summary.csv (coverage per round count and cell, and overall).
+
+Beside the interval `bench run` reports (the two-level bootstrap), runs of two or more rounds are judged
+with two intervals built from the round medians m_1..m_R alone (mean m, sample sd s, Student t with R - 1
+degrees of freedom): the t interval of the mean of round medians, m +- t s / sqrt(R), and the prediction
+interval for the next run's mean of R round medians, m +- t s sqrt(2 / R). With few rounds a percentile
+bootstrap over them is known to be too narrow; these say how much wider an honest interval must be.
 """
 
 from __future__ import annotations
@@ -20,7 +26,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
+from scipy import stats as sps
 
 from bench.core.rundir import RunDirError, read_run, write_csv_atomic
 from bench.core.settings import SettingsError, parse_int_list, parse_positive_int
@@ -34,33 +42,64 @@ def _run(like: Path, runs: Path, run_id: str, rounds: int) -> Path:
     return runs / run_id
 
 
+def round_intervals(round_medians_ms: np.ndarray) -> dict[str, float]:
+    """The t interval of the mean of round medians and the prediction interval of the next run's mean of as
+    many rounds (see the module docstring); empty with fewer than two rounds."""
+    r = len(round_medians_ms)
+    if r < 2:
+        return {}
+    mean, sd = float(np.mean(round_medians_ms)), float(np.std(round_medians_ms, ddof=1))
+    t = float(sps.t.ppf(0.975, r - 1))
+    return {"t_low": mean - t * sd / np.sqrt(r), "t_high": mean + t * sd / np.sqrt(r),
+            "prediction_low": mean - t * sd * np.sqrt(2 / r), "prediction_high": mean + t * sd * np.sqrt(2 / r)}  # fmt: skip
+
+
+def _round_medians_ms(samples: pd.DataFrame, cell_id: str) -> np.ndarray:
+    """The median of each round's samples of one cell, in ms (one value for a run of one round)."""
+    rows = samples[samples["cell_id"] == cell_id]
+    rounds = rows["round"] if "round" in rows else pd.Series(1, index=rows.index)
+    return (rows.groupby(rounds.fillna(1))["latency_ns"].median() / 1e6).to_numpy()
+
+
 def covered(previous: Path, current: Path) -> list[dict[str, object]]:
-    """Per model cell ok in both runs: is the current median inside the previous run's interval?"""
-    before, after = read_run(previous).summary, read_run(current).summary
+    """Per model cell ok in both runs: is the current median inside the previous run's interval (and inside
+    the round-median intervals, where the previous run had several rounds)?"""
+    earlier = read_run(previous)
+    before, after = earlier.summary, read_run(current).summary
     before = before[(before["kind"] == "model") & (before["status"] == "ok")].set_index("cell_id")
     after = after[(after["kind"] == "model") & (after["status"] == "ok")].set_index("cell_id")
     rows = []
     for cell_id in sorted(set(before.index) & set(after.index)):
         low, high = before.loc[cell_id, "latency_ms_median_ci95_low"], before.loc[cell_id, "latency_ms_median_ci95_high"]
         median = after.loc[cell_id, "latency_ms_median"]
-        rows.append({"cell_id": cell_id, "previous": previous.name, "current": current.name,
-                     "previous_ci95_low": low, "previous_ci95_high": high, "current_median": median,
-                     "covered": bool(low <= median <= high),
-                     "relative_width": (high - low) / before.loc[cell_id, "latency_ms_median"]})  # fmt: skip
+        row = {"cell_id": cell_id, "previous": previous.name, "current": current.name,
+               "previous_ci95_low": low, "previous_ci95_high": high, "current_median": median,
+               "covered": bool(low <= median <= high),
+               "relative_width": (high - low) / before.loc[cell_id, "latency_ms_median"]}  # fmt: skip
+        extra = round_intervals(_round_medians_ms(earlier.samples, cell_id))
+        for kind in ("t", "prediction"):
+            if extra:
+                row[f"{kind}_low"], row[f"{kind}_high"] = extra[f"{kind}_low"], extra[f"{kind}_high"]
+                row[f"covered_{kind}"] = bool(extra[f"{kind}_low"] <= median <= extra[f"{kind}_high"])
+                row[f"relative_width_{kind}"] = (extra[f"{kind}_high"] - extra[f"{kind}_low"]) / before.loc[cell_id, "latency_ms_median"]
+        rows.append(row)
     return rows
 
 
 def summarize(pairs: pd.DataFrame) -> pd.DataFrame:
     """Coverage per round count, per cell and over all cells."""
-    per_cell = pairs.groupby(["rounds", "cell_id"], as_index=False).agg(
-        pairs=("covered", "size"), covered=("covered", "sum"), median_relative_width=("relative_width", "median")
-    )
-    overall = pairs.groupby("rounds", as_index=False).agg(
-        pairs=("covered", "size"), covered=("covered", "sum"), median_relative_width=("relative_width", "median")
-    )
+    aggregates = {"pairs": ("covered", "size"), "covered": ("covered", "sum"),
+                  "median_relative_width": ("relative_width", "median")}  # fmt: skip
+    for kind in ("t", "prediction"):
+        if f"covered_{kind}" in pairs:
+            pairs[f"covered_{kind}"] = pairs[f"covered_{kind}"].astype(float)  # NaN: a one-round previous run
+            aggregates[f"coverage_{kind}"] = (f"covered_{kind}", "mean")
+            aggregates[f"median_relative_width_{kind}"] = (f"relative_width_{kind}", "median")
+    per_cell = pairs.groupby(["rounds", "cell_id"], as_index=False).agg(**aggregates)
+    overall = pairs.groupby("rounds", as_index=False).agg(**aggregates)
     overall.insert(1, "cell_id", "all")
     table = pd.concat([overall, per_cell], ignore_index=True)
-    table["coverage"] = table["covered"] / table["pairs"]
+    table.insert(table.columns.get_loc("covered") + 1, "coverage", table["covered"] / table["pairs"])
     return table
 
 

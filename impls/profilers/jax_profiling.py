@@ -230,13 +230,19 @@ def _backward_call(backward_jit: Callable, stage: Stage) -> Callable[[dict], dic
 # A convolution in StableHLO text: kernel dimension labels ([0, 1, i, o]), then lhs, kernel and output types
 _CONV = re.compile(r"stablehlo\.convolution.*?\]x\[([^\]]*)\]->"
                    r".*?: \(tensor<([^>]*)>, tensor<([^>]*)>\) -> tensor<([^>]*)>")
+# A matrix product: the lhs contracting dimensions, then lhs and output types. The tuned variant writes its
+# 1x1 convolutions as dot_general (and so do their gradients); the model has no other.
+_DOT = re.compile(r"stablehlo\.dot_general.*?contracting_dims = \[([\d, ]*)\] x \[[\d, ]*\]"
+                  r".*?: \(tensor<([^>]*)>, tensor<[^>]*>\) -> tensor<([^>]*)>")
 
 
 def _stablehlo_conv_flops(text: str) -> tuple[int, int]:
     """(2 * multiply-adds, count) of every convolution the program runs, counted densely from its shapes.
 
     Per output element a convolution sums (kernel elements / output features) products, zero padding and
-    dilation holes included, as impls.count_flops counts. Private functions count once per call.
+    dilation holes included, as impls.count_flops counts; a dot_general (a 1x1 convolution of the tuned
+    variant, or its gradient) sums the product of its lhs contracting dimensions. Private functions count
+    once per call.
     """
     functions = {re.match(r"\w+ @([\w.$-]+)", chunk).group(1): chunk for chunk in text.split("func.func ")[1:]}
 
@@ -248,6 +254,11 @@ def _stablehlo_conv_flops(text: str) -> tuple[int, int]:
             out_shape = [int(d) for d in out_type.split("x")[:-1]]
             out_features = kernel_shape[[label.strip() for label in kernel_labels.split(",")].index("o")]
             flops += 2 * math.prod(out_shape) * (math.prod(kernel_shape) // out_features)
+            convs += 1
+        for contracting, lhs_type, out_type in _DOT.findall(functions[name]):
+            lhs_shape = [int(d) for d in lhs_type.split("x")[:-1]]
+            summed = math.prod(lhs_shape[int(axis)] for axis in contracting.split(","))
+            flops += 2 * math.prod(int(d) for d in out_type.split("x")[:-1]) * summed
             convs += 1
         for callee in re.findall(r"call @([\w.$-]+)", functions[name]):
             callee_flops, callee_convs = count(callee)
@@ -271,7 +282,8 @@ def _program_facts(function: Callable, args: tuple, request: ProfileRequest, fir
     flops = FlopCount(
         source="jax: lowered StableHLO convolutions (conv) and compiled.cost_analysis() (total)",
         conv_flops=conv_flops, total_flops=total_flops,
-        note=f"conv_flops: 2 x multiply-adds of the {conv_count} stablehlo.convolution ops of the lowered step "
+        note=f"conv_flops: 2 x multiply-adds of the {conv_count} stablehlo.convolution (and, for the tuned "
+             f"variant's 1x1 convolutions, dot_general) ops of the lowered step "
              f"(model: {len(spec.convs(config))} convs; forward_backward adds a weight- and an input-gradient "
              f"conv per conv, no input gradient for the first), counted densely from their shapes "
              f"(output elements x kernel window x input features); analytic count {analytic} "
