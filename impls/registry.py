@@ -31,7 +31,8 @@ IMPLS: dict[str, tuple[str, ...]] = {
 DEFAULT_IMPL = "idiomatic"
 # What each non-default variant changes, in a line (reports print it beside the variant's ratio).
 IMPL_CHANGES: dict[tuple[str, str], str] = {
-    ("tensorflow", "tuned"): 'padding="SAME" where it equals the spec\'s pads; fused batch norm (FusedBatchNormV3)',
+    ("tensorflow", "tuned"): 'padding="SAME" where it equals the spec\'s pads; train-mode batch norm fused '
+                             "(FusedBatchNormV3) outside XLA",
     ("jax", "tuned"): "1x1 stride-1 convolutions as dot_general over channels (PointwiseConv)",
 }
 

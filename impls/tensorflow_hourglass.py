@@ -8,9 +8,10 @@ Variants (impl): "idiomatic" writes every convolution with its explicit padding 
 tf.nn.batch_normalization over moments, as Keras 3 does; "tuned" is the same computation as TensorFlow
 runs it fastest: padding="SAME" wherever the spec's padding is SAME's (every conv of padding="same"
 configs; TensorFlow sends explicit-padding backward convolutions to its generic Eigen kernels instead of
-oneDNN's), and the fused batch-norm op (FusedBatchNormV3: one op forward and one backward per BN instead
-of dozens, and in graph mode Grappler folds conv + BN in inference). The fused op has no float64 kernel,
-so an fp64 tuned model keeps the unfused batch norm (it stays the reference of the float64 proof).
+oneDNN's), and in training, outside XLA, the fused batch-norm op (FusedBatchNormV3: one op forward and
+one backward per BN instead of dozens). Measured on the seed preset (README "Implementation variants"),
+the fused op made eval-mode steps and every XLA step slower, so those keep the unfused batch norm. The
+fused op has no float64 kernel, so an fp64 tuned model keeps the unfused batch norm too.
 """
 
 from __future__ import annotations
@@ -46,12 +47,14 @@ class _Context:
     """What every layer constructor needs: the layer specs by canonical name, the weights and the dtype."""
 
     def __init__(self, config: HourglassConfig, weights: dict[str, np.ndarray], dtype: tf.DType,
-                 impl: str = "idiomatic") -> None:
+                 impl: str = "idiomatic", execution: str = "eager") -> None:
         self.config = config
         self.specs = {layer.name: layer for layer in spec.layers(config)}
         self.weights = weights
         self.dtype = dtype
         self.tuned = impl == "tuned"
+        # FusedBatchNormV3 has no float64 kernel, and under XLA it measured slower than the unfused ops
+        self.fused_bn = self.tuned and dtype != tf.float64 and execution != "xla"
 
     def variable(self, name: str, trainable: bool = True) -> tf.Variable:
         """A variable holding canonical weight `name`; its TF name is the canonical one with '/' for '.'."""
@@ -92,11 +95,11 @@ class BatchNorm2d(tf.Module):
         self.bias = ctx.variable(f"{name}.bias")
         self.mean = ctx.variable(f"{name}.mean", trainable=False)
         self.var = ctx.variable(f"{name}.var", trainable=False)
-        self.fused = ctx.tuned and ctx.dtype != tf.float64  # FusedBatchNormV3 has no float64 kernel
+        self.fused = ctx.fused_bn  # in training only: see the module docstring
 
     def __call__(self, x: tf.Tensor, train: bool) -> tf.Tensor:
-        if self.fused:
-            return self._fused(x, train)
+        if self.fused and train:
+            return self._fused_train(x)
         if train:
             mean, var = batch_moments(x)  # (C,) each; the biased variance, as tf.nn.moments gives
             # new = 0.9 * old + 0.1 * batch (Keras momentum 0.9 = PyTorch momentum 0.1)
@@ -106,8 +109,8 @@ class BatchNorm2d(tf.Module):
             mean, var = self.mean, self.var
         return tf.nn.batch_normalization(x, mean, var, self.bias, self.scale, spec.BN_EPSILON)
 
-    def _fused(self, x: tf.Tensor, train: bool) -> tf.Tensor:
-        """The same batch norm as one FusedBatchNormV3 op (x (N, H, W, C); its gradient is one op too).
+    def _fused_train(self, x: tf.Tensor) -> tf.Tensor:
+        """The same train-mode batch norm as one FusedBatchNormV3 op (x (N, H, W, C); its gradient is one op too).
 
         Called through tf.raw_ops because tf.nn.fused_batch_norm raises epsilon to at least 1.001e-5 (cuDNN's
         floor, with margin), which would not be the spec's 1e-5. The op wants float32 scale, offset and
@@ -118,16 +121,14 @@ class BatchNorm2d(tf.Module):
         f32 = lambda t: tf.cast(t, tf.float32)  # noqa: E731 -- a no-op for float32 variables
         empty = tf.constant([], tf.float32)
         y, mean, var, *_ = tf.raw_ops.FusedBatchNormV3(
-            x=x, scale=f32(self.scale), offset=f32(self.bias),
-            mean=empty if train else f32(self.mean), variance=empty if train else f32(self.var),
-            epsilon=spec.BN_EPSILON, exponential_avg_factor=1.0, data_format="NHWC", is_training=train,
+            x=x, scale=f32(self.scale), offset=f32(self.bias), mean=empty, variance=empty,
+            epsilon=spec.BN_EPSILON, exponential_avg_factor=1.0, data_format="NHWC", is_training=True,
         )  # fmt: skip
-        if train:
-            n = tf.cast(tf.reduce_prod(tf.shape(x)[:3]), tf.float32)  # N * H * W values per channel
-            biased = tf.stop_gradient(var) * (n - 1.0) / n  # (C,); stop_gradient: statistics take no gradient
-            mean = tf.stop_gradient(mean)
-            self.mean.assign(spec.BN_DECAY * self.mean + (1.0 - spec.BN_DECAY) * tf.cast(mean, self.mean.dtype))
-            self.var.assign(spec.BN_DECAY * self.var + (1.0 - spec.BN_DECAY) * tf.cast(biased, self.var.dtype))
+        n = tf.cast(tf.reduce_prod(tf.shape(x)[:3]), tf.float32)  # N * H * W values per channel
+        biased = tf.stop_gradient(var) * (n - 1.0) / n  # (C,); stop_gradient: statistics take no gradient
+        mean = tf.stop_gradient(mean)
+        self.mean.assign(spec.BN_DECAY * self.mean + (1.0 - spec.BN_DECAY) * tf.cast(mean, self.mean.dtype))
+        self.var.assign(spec.BN_DECAY * self.var + (1.0 - spec.BN_DECAY) * tf.cast(biased, self.var.dtype))
         return y
 
 
@@ -306,7 +307,7 @@ class TensorFlowHourglass(AbstractHourglassModel):
         self._dtype = _DTYPES[precision]
         self._io_dtype = tf.as_dtype(base.io_dtype(precision))  # numpy at the interface: float64 for fp64
         with tf.device(self.tf_device):
-            self.net = StackedHourglass(_Context(config, weights, self._dtype, impl))
+            self.net = StackedHourglass(_Context(config, weights, self._dtype, impl, execution))
         # Canonical name <-> variable, by attribute walk; the count check catches any variable it misses.
         self._variables = {name: _variable_at(self.net, name) for name in spec.param_shapes(config)}
         if len(self._variables) != len(self.net.variables):
@@ -456,7 +457,8 @@ class TensorFlowHourglass(AbstractHourglassModel):
     def _batch_norm_kind(self) -> str:
         """How this model's batch norms run, for settings()."""
         if self.net.stem.bn.fused:
-            return "fused: tf.raw_ops.FusedBatchNormV3 (one op per BN and per gradient)"
+            return ("train mode: fused, tf.raw_ops.FusedBatchNormV3 (one op per BN and per gradient); eval mode: "
+                    "tf.nn.batch_normalization over the running statistics")
         return "batch statistics reduced one axis at a time (batch_moments) + tf.nn.batch_normalization (unfused ops)"
 
     def _padding_kind(self) -> str:

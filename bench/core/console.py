@@ -20,6 +20,8 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from impls.registry import DEFAULT_IMPL
+
 _STATUS_STYLE = {"ok": "green", "skipped": "yellow", "failed": "bold red", "oom": "bold red", "timeout": "bold red"}
 
 
@@ -107,7 +109,9 @@ def summary_table(rows: Iterable[Mapping[str, Any]], title: str) -> Table:
         )
         noisy = str(row.get("noisy")).lower() == "true"
         phase = str(row.get("phase", ""))
-        cell = f"{row.get('framework')} {row.get('execution')} {row.get('precision')} b{row.get('batch_size')} {_PHASE_SHORT.get(phase, phase)}"
+        impl = row.get("impl")
+        variant = f"{row.get('framework')}" + (f" {impl}" if impl and impl != DEFAULT_IMPL else "")
+        cell = f"{variant} {row.get('execution')} {row.get('precision')} b{row.get('batch_size')} {_PHASE_SHORT.get(phase, phase)}"
         table.add_row(
             cell,
             f"[{_STATUS_STYLE.get(status, 'default')}]{status}[/]",
