@@ -274,87 +274,57 @@ def parse_frameworks(text: str) -> tuple[str, ...]:
     return tuple(fw for fw in FRAMEWORKS if fw in chosen)
 
 
-def parse_executions(text: str, frameworks: tuple[str, ...]) -> dict[str, tuple[str, ...]]:
-    """'default', 'all', or a comma list of 'name' (every framework that has it) and 'framework:name'."""
-    items = _items("--execution", text, "eager,xla or torch:compile")
+def _parse_per_framework(flag: str, text: str, frameworks: tuple[str, ...], table: Mapping[str, tuple[str, ...]],
+                         noun: str, example: str) -> dict[str, tuple[str, ...]]:
+    """'default', 'all', or a comma list of 'name' (every framework that has it) and 'framework:name', where
+    each framework's choices are `table[framework]`, its default first; `noun` names one choice in messages."""
+    items = _items(flag, text, example)
     if items == ["default"]:
-        return {fw: EXECUTIONS[fw][:1] for fw in frameworks}
+        return {fw: table[fw][:1] for fw in frameworks}
     if items == ["all"]:
-        return {fw: EXECUTIONS[fw] for fw in frameworks}
+        return {fw: table[fw] for fw in frameworks}
     wanted: dict[str, set[str]] = {fw: set() for fw in frameworks}
-    known = sorted({ex for fw in frameworks for ex in EXECUTIONS[fw]})
+    known = sorted({name for fw in frameworks for name in table[fw]})
     for item in items:
         fw_text, _, name = item.rpartition(":")
         if fw_text:
             try:
                 fw = canonical_name(fw_text)
             except UnknownFrameworkError as err:
-                raise SettingsError(f"--execution: {err}") from None
+                raise SettingsError(f"{flag}: {err}") from None
             if fw not in frameworks:
-                raise SettingsError(
-                    f"--execution {item!r} names {fw}, which is not in --framework; add it there or drop it"
-                )
-            if name not in EXECUTIONS[fw]:
-                raise SettingsError(
-                    f"--execution: {fw} has no execution {name!r}; choose from {', '.join(EXECUTIONS[fw])}"
-                )
+                raise SettingsError(f"{flag} {item!r} names {fw}, which is not in --framework; add it there or drop it")
+            name = table[fw][0] if name == "default" else name
+            if name not in table[fw]:
+                raise SettingsError(f"{flag}: {fw} has no {noun} {name!r}; choose from {', '.join(table[fw])}")
             wanted[fw].add(name)
             continue
         if name == "default":
             for fw in frameworks:
-                wanted[fw].add(EXECUTIONS[fw][0])
+                wanted[fw].add(table[fw][0])
             continue
-        owners = [fw for fw in frameworks if name in EXECUTIONS[fw]]
+        owners = [fw for fw in frameworks if name in table[fw]]
         if not owners:
-            raise SettingsError(
-                f"--execution: unknown execution {name!r}; choose from {', '.join(known)}, default or all"
-            )
+            raise SettingsError(f"{flag}: unknown {noun} {name!r}; choose from {', '.join(known)}, default or all")
         for fw in owners:
             wanted[fw].add(name)
     for fw in frameworks:
         if not wanted[fw]:
             raise SettingsError(
-                f"--execution {text!r} gives {fw} nothing to run (its executions: {', '.join(EXECUTIONS[fw])}); "
-                f"add one, e.g. {fw}:{EXECUTIONS[fw][0]}"
+                f"{flag} {text!r} gives {fw} nothing to run (its {noun}s: {', '.join(table[fw])}); "
+                f"add one, e.g. {fw}:{table[fw][0]}"
             )
-    return {fw: tuple(ex for ex in EXECUTIONS[fw] if ex in wanted[fw]) for fw in frameworks}
+    return {fw: tuple(name for name in table[fw] if name in wanted[fw]) for fw in frameworks}
+
+
+def parse_executions(text: str, frameworks: tuple[str, ...]) -> dict[str, tuple[str, ...]]:
+    """'default', 'all', or a comma list of 'name' (every framework that has it) and 'framework:name'."""
+    return _parse_per_framework("--execution", text, frameworks, EXECUTIONS, "execution", "eager,xla or torch:compile")
 
 
 def parse_impls(text: str, frameworks: tuple[str, ...]) -> dict[str, tuple[str, ...]]:
-    """'default', 'all', or a comma list of 'name' (every framework that has it) and 'framework:name'."""
-    items = _items("--impl", text, "idiomatic,tuned or jax:tuned")
-    if items == ["default"]:
-        return {fw: (DEFAULT_IMPL,) for fw in frameworks}
-    if items == ["all"]:
-        return {fw: IMPLS[fw] for fw in frameworks}
-    wanted: dict[str, set[str]] = {fw: set() for fw in frameworks}
-    known = sorted({name for fw in frameworks for name in IMPLS[fw]})
-    for item in items:
-        fw_text, _, name = item.rpartition(":")
-        name = DEFAULT_IMPL if name == "default" else name
-        if fw_text:
-            try:
-                fw = canonical_name(fw_text)
-            except UnknownFrameworkError as err:
-                raise SettingsError(f"--impl: {err}") from None
-            if fw not in frameworks:
-                raise SettingsError(f"--impl {item!r} names {fw}, which is not in --framework; add it there or drop it")
-            if name not in IMPLS[fw]:
-                raise SettingsError(f"--impl: {fw} has no variant {name!r}; choose from {', '.join(IMPLS[fw])}")
-            wanted[fw].add(name)
-            continue
-        owners = [fw for fw in frameworks if name in IMPLS[fw]]
-        if not owners:
-            raise SettingsError(f"--impl: unknown variant {name!r}; choose from {', '.join(known)}, default or all")
-        for fw in owners:
-            wanted[fw].add(name)
-    for fw in frameworks:
-        if not wanted[fw]:
-            raise SettingsError(
-                f"--impl {text!r} gives {fw} nothing to run (its variants: {', '.join(IMPLS[fw])}); "
-                f"add one, e.g. {fw}:{IMPLS[fw][0]}, or name the frameworks (tensorflow:tuned)"
-            )
-    return {fw: tuple(name for name in IMPLS[fw] if name in wanted[fw]) for fw in frameworks}
+    """'default', 'all', or a comma list of variants (every framework that has it) and 'framework:variant'."""
+    return _parse_per_framework("--impl", text, frameworks, IMPLS, "variant", "idiomatic,tuned or jax:tuned")
 
 
 def parse_input_size(text: str) -> tuple[int, int]:
@@ -455,10 +425,10 @@ def build_settings(
         raise SettingsError(f"--preset: {err}") from None
     changes: dict[str, object] = {}
     overrides = {"stacks": stacks, "depth": depth, "channels": channels, "keypoints": keypoints}
-    for flag, field in CONFIG_FLAGS.items():
+    for flag, config_field in CONFIG_FLAGS.items():
         value = overrides[flag]
         if value is not None:
-            changes[field] = parse_positive_int(f"--{flag}", value)
+            changes[config_field] = parse_positive_int(f"--{flag}", value)
     if input_size is not None:
         changes["input_hw"] = parse_input_size(input_size)
     try:

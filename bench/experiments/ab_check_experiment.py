@@ -76,7 +76,7 @@ def rejudge(out: Path, limits: GateLimits) -> pd.DataFrame:
     return table
 
 
-def main(argv: list[str] | None = None, *, repo: Path | None = None) -> int:
+def main(argv: list[str] | None = None, *, repo: Path | None = None) -> int:  # noqa: PLR0911 (one return per bad input)
     """Run the gates; exit 0 when they completed (the findings are in gates.csv), 2 on bad input.
 
     repo: where the baseline's commit is looked up (default: this checkout's repository; tests pass another)."""
