@@ -42,9 +42,6 @@ class _Defaults:
     min_time_s: float | None
     rounds: int  # worker processes per cell, interleaved over all cells
     impls: Mapping[str, tuple[str, ...]] = field(default_factory=lambda: {fw: (DEFAULT_IMPL,) for fw in FRAMEWORKS})
-    # Where a variant runs in fewer execution modes than its framework's (variant_key -> modes), to keep the
-    # default run within its time; a run given --execution or --impl measures the full product.
-    variant_executions: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
 
 
 _DEFAULTS: dict[str, _Defaults] = {
@@ -145,18 +142,10 @@ class RunSettings:
     # Implementation variants per framework, in that framework's order (impls.registry.IMPLS). Runs recorded
     # before variants existed measured the default one, which an empty mapping stands for.
     impls: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
-    # A variant measured in only some of its framework's execution modes (variant_key -> modes): the default
-    # run's plan (_Defaults); empty, every variant runs in every mode of `executions`.
-    variant_executions: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
 
     def impls_of(self, framework: str) -> tuple[str, ...]:
         """The variants measured for `framework`: its entry in `impls`, else the default variant alone."""
         return tuple(self.impls.get(framework, (DEFAULT_IMPL,)))
-
-    def executions_of(self, framework: str, impl: str) -> tuple[str, ...]:
-        """The execution modes one variant is measured in, in the framework's order."""
-        only = self.variant_executions.get(variant_key(framework, impl))
-        return tuple(ex for ex in self.executions[framework] if only is None or ex in only)
 
     def cells(self) -> list[Cell]:
         """Every cell of the run, in a stable order: framework, variant, execution, precision, batch, phase."""
@@ -165,7 +154,7 @@ class RunSettings:
             for fw in self.frameworks
             for impl in self.impls_of(fw)
             for ex, pr, bs, ph in itertools.product(
-                self.executions_of(fw, impl), self.precisions, self.batch_sizes, self.phases
+                self.executions[fw], self.precisions, self.batch_sizes, self.phases
             )
         ]
 
@@ -185,7 +174,6 @@ class RunSettings:
         d["config"] = self.config.to_dict()
         d["executions"] = {fw: list(ex) for fw, ex in self.executions.items()}
         d["impls"] = {fw: list(self.impls_of(fw)) for fw in self.frameworks}
-        d["variant_executions"] = {key: list(ex) for key, ex in self.variant_executions.items()}
         return d
 
     @classmethod
@@ -197,7 +185,7 @@ class RunSettings:
         fields["config"] = HourglassConfig(**config)
         fields["executions"] = {fw: tuple(ex) for fw, ex in fields["executions"].items()}
         fields["impls"] = {fw: tuple(v) for fw, v in fields.get("impls", {}).items()}
-        fields["variant_executions"] = {key: tuple(v) for key, v in fields.get("variant_executions", {}).items()}
+        fields.pop("variant_executions", None)  # recorded (always empty) by commits 7f180ee-56bbce8, since dropped
         for key in ("frameworks", "batch_sizes", "phases", "precisions"):
             fields[key] = tuple(fields[key])
         return cls(**fields)
@@ -456,8 +444,6 @@ def build_settings(
         impls = parse_impls(impl, frameworks)
     else:
         impls = {fw: tuple(v for v in defaults.impls.get(fw, (DEFAULT_IMPL,)) if v in IMPLS[fw]) for fw in frameworks}
-    # The default plan's narrower modes for some variants apply only where neither list was given.
-    variant_executions = dict(defaults.variant_executions) if execution is None and impl is None else {}
 
     return RunSettings(
         frameworks=frameworks,
@@ -468,7 +454,6 @@ def build_settings(
         phases=parse_choices("--phase", phase, PHASES) if phase is not None else PHASES,
         executions=executions,
         impls=impls,
-        variant_executions=variant_executions,
         precisions=parse_choices("--precision", precision, PRECISIONS) if precision is not None else ("fp32",),
         device=resolved_device,
         device_requested=device,
