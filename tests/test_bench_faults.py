@@ -156,6 +156,29 @@ def test_parent_killed_with_sigkill_takes_its_worker_along_and_resume_says_so(
     assert set(_summary(run_dir)["status"]) == {"ok"}
 
 
+def test_a_run_stopped_before_its_first_cell_can_be_resumed_and_compared(
+    fake: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Stopped before any row (during calibration, say): the run directory is still one that --resume
+    completes and that compare judges incomplete (exit 1), not "not a run directory" (exit 2)."""
+    code, base = _run(tmp_path / "base", "--framework", "torch", "--phase", "forward")
+    assert code == 0
+
+    def stopped_at_once(self: runner.Runner) -> int:
+        raise KeyboardInterrupt
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(runner.Runner, "execute", stopped_at_once)
+        code, run_dir = _run(tmp_path / "new", "--framework", "torch", "--phase", "forward")
+    assert code == 130 and _record(run_dir)["status"] == "interrupted"
+    assert (run_dir / "summary.csv").read_text().count("\n") == 1  # the header alone
+    capsys.readouterr()
+    assert cli.main(["compare", str(base), str(run_dir)]) == 1
+    assert "incomplete new run" in capsys.readouterr().out
+    assert cli.main(["run", "--resume", str(run_dir)]) == 0
+    assert _record(run_dir)["status"] == "complete" and set(_summary(run_dir)["status"]) == {"ok"}
+
+
 def _sleeper() -> subprocess.Popen[bytes]:
     """A process in its own group, standing for a worker (or its helper) that outlived its parent."""
     return subprocess.Popen(["sleep", "600"], start_new_session=True)
@@ -237,7 +260,7 @@ class _FullDisk:
 def test_disk_full_during_a_run_keeps_rows_marks_it_interrupted_and_resume_completes_it(
     fake: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    full = _FullDisk(rundir.write_csv_atomic, after=8)  # 3 calibration rows x 2 CSVs, then the first cell's 2
+    full = _FullDisk(rundir.write_csv_atomic, after=10)  # 2 headers, 3 calibration rows x 2 CSVs, the first cell's 2
     fake.setattr(rundir, "write_csv_atomic", full)
     code, run_dir = _run(tmp_path, "--framework", "torch")
     captured = capsys.readouterr()
@@ -260,7 +283,7 @@ def test_disk_full_during_a_run_keeps_rows_marks_it_interrupted_and_resume_compl
 def test_disk_full_that_blocks_run_json_too_still_exits_75_with_the_hint(
     fake: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    full = _FullDisk(rundir.write_csv_atomic, after=6)  # the calibration rows, then the first cell's fails
+    full = _FullDisk(rundir.write_csv_atomic, after=8)  # the headers and calibration rows, then the first cell's fails
     real_atomic_write = files.atomic_write
 
     def json_write(path: Path, write) -> None:

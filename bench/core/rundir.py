@@ -259,6 +259,15 @@ class RunStore:
         self._samples = self._text(self.samples_path, cols.SAMPLE_COLUMNS)
 
     @classmethod
+    def create(cls, run_dir: Path) -> RunStore:
+        """A new run directory's store: summary.csv and samples.csv are written at once (header only), so a
+        run stopped before its first cell is still a run directory that --resume and compare can read."""
+        store = cls(run_dir)
+        write_csv_atomic(store.samples_path, store._samples)
+        write_csv_atomic(store.summary_path, store._summary)
+        return store
+
+    @classmethod
     def reopen(cls, run_dir: Path) -> RunStore:
         """A run directory to complete (--resume): validated first, so a damaged file is an error, not lost rows."""
         read_run(run_dir)

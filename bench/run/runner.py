@@ -564,7 +564,7 @@ def start(settings: RunSettings, args: list[str], run_id: str | None = None) -> 
         "device_fallback": fallbacks,
         "resumes": [],
     }
-    return _execute(Runner(settings, RunStore(run_dir), record))
+    return _execute(Runner(settings, RunStore.create(run_dir), record))
 
 
 def resume(run_dir: Path, args: list[str]) -> RunResult:
