@@ -84,7 +84,8 @@ def _live_worker(out: Path, name: str) -> dict | None:
         with suppress(OSError, ValueError):
             record = json.loads(path.read_text())
             log = (path.parent / "logs" / f"{name}.log").read_text()
-            if record.get("name") == name and _alive(record["worker"]["pid"]) and f"{STAGE_PREFIX}first_call" in log:
+            worker = record.get("worker") or {}  # between two workers the record names only the temp folder
+            if record.get("name") == name and _alive(worker["pid"]) and f"{STAGE_PREFIX}first_call" in log:
                 return record
     return None
 
@@ -202,6 +203,21 @@ def test_resume_kills_an_orphaned_worker_of_the_run(fake: pytest.MonkeyPatch, tm
     assert any(w.startswith("killed a worker of this run that outlived its parent (torch-eager-fp32-b1-forward, "
                             f"process group {orphan.pid}") for w in warnings), warnings  # fmt: skip
     assert not (run_dir / "live_worker.json").exists() and not stale_workdir.exists()
+
+
+def test_resume_removes_the_temp_folder_of_a_parent_killed_between_workers(
+    fake: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Killed between two workers, the parent leaves RUN/live_worker.json naming its temp folder and no
+    worker (while a loop runs the record is always there); --resume removes the folder."""
+    code, run_dir = _run(tmp_path, "--framework", "torch", "--phase", "forward")
+    assert code == 0 and not (run_dir / "live_worker.json").exists()  # a loop that ended clears it
+    stale_workdir = tmp_path / "hgbench-stale"
+    stale_workdir.mkdir()
+    (stale_workdir / "torch-calibration.result.json").write_text("{}")
+    procs.note_workdir(run_dir, stale_workdir)
+    assert cli.main(["run", "--resume", str(run_dir)]) == 0
+    assert not stale_workdir.exists() and not (run_dir / "live_worker.json").exists()
 
 
 def test_resume_refuses_a_run_whose_parent_is_still_measuring_it(

@@ -173,7 +173,56 @@ def test_summarize_of_rounds_gives_the_between_round_spread() -> None:
     assert s["round_median_ms_min"] == pytest.approx(10.0) and s["round_median_ms_max"] == pytest.approx(12.0)
     assert s["round_cv"] == pytest.approx(1.0 / 11.0)  # sd of (10, 11, 12) is 1
     assert s["noisy"] is True  # between-round CV 9% > 5%, though each round is constant
-    assert s["latency_ms_median_ci95_low"] >= 10.0 and s["latency_ms_median_ci95_high"] <= 12.0
+    # Round medians 10, 11, 12: mean 11, sd 1, t(0.975, 2 df) = 4.3027.
+    assert s["latency_ms_median_ci95_low"] == pytest.approx(11 - 4.3027 / 3**0.5, abs=1e-3)  # 8.516
+    assert s["latency_ms_median_ci95_high"] == pytest.approx(11 + 4.3027 / 3**0.5, abs=1e-3)  # 13.484
+    assert s["latency_ms_rerun_pi95_low"] == pytest.approx(11 - 4.3027 * (2 / 3) ** 0.5, abs=1e-3)  # 7.487
+    assert s["latency_ms_rerun_pi95_high"] == pytest.approx(11 + 4.3027 * (2 / 3) ** 0.5, abs=1e-3)  # 14.513
+
+
+def test_round_intervals_cover_what_they_promise_with_three_rounds() -> None:
+    """Three rounds whose medians scatter around 10 ms (sd 0.5): the t interval covers the centre in about
+    95% of draws, and the rerun interval covers the next run's mean round median in about 95%, where the
+    t interval covers it less often (P(|T_2| <= 4.30 / sqrt 2) = 0.907 with three rounds; 0.83 with many)
+    and the range of three values (all a percentile bootstrap over three rounds can reach) in far fewer."""
+    rng = np.random.default_rng(11)
+    trials, hits = 2000, {"t_centre": 0, "rerun_next": 0, "t_next": 0, "range_next": 0}
+    for _ in range(trials):
+        medians, rerun = rng.normal(10.0, 0.5, size=3), rng.normal(10.0, 0.5, size=3).mean()
+        t_low, t_high = stats.t_interval(medians)
+        p_low, p_high = stats.rerun_interval(medians)
+        hits["t_centre"] += t_low <= 10.0 <= t_high
+        hits["rerun_next"] += p_low <= rerun <= p_high
+        hits["t_next"] += t_low <= rerun <= t_high
+        hits["range_next"] += medians.min() <= rerun <= medians.max()
+    share = {k: v / trials for k, v in hits.items()}
+    assert 0.93 <= share["t_centre"] <= 0.97
+    assert 0.93 <= share["rerun_next"] <= 0.97
+    assert 0.87 <= share["t_next"] <= 0.93
+    assert share["range_next"] <= 0.70
+
+
+def test_round_intervals_are_nan_with_one_round() -> None:
+    assert all(math.isnan(v) for v in (*stats.t_interval(np.array([5.0])), *stats.rerun_interval(np.array([5.0]))))
+    s = stats.summarize(SAMPLES_NS, batch_size=1, flops=None)
+    assert math.isnan(s["latency_ms_rerun_pi95_low"]) and math.isnan(s["latency_ms_rerun_pi95_high"])
+
+
+def test_ratio_of_rounds_is_welch_on_log_round_medians() -> None:
+    """Both sides with rounds: the interval of new/base covers a known ratio of 1.2 (lognormal process noise
+    of 3%) in about 95% of draws, and its centre is the ratio of geometric means of the round medians."""
+    rng = np.random.default_rng(5)
+    trials, covered = 400, 0
+    for _ in range(trials):
+        base = [np.full(8, 10.0 * math.exp(rng.normal(0, 0.03))) for _ in range(4)]
+        new = [np.full(8, 12.0 * math.exp(rng.normal(0, 0.03))) for _ in range(3)]
+        r = stats.ratio_of_medians(base, new)
+        assert r.ci_level == "rounds" and (r.rounds_base, r.rounds_new) == (4, 3)
+        covered += r.ci95_low <= 1.2 <= r.ci95_high
+    assert 0.91 <= covered / trials <= 0.99
+    base, new = [np.full(5, 10.0), np.full(5, 10.0)], [np.full(5, 11.0), np.full(5, 11.0)]
+    exact = stats.ratio_of_medians(base, new)  # no spread between rounds: the interval is the ratio itself
+    assert exact.ci95_low == pytest.approx(1.1) and exact.ci95_high == pytest.approx(1.1) and exact.p_value == 0.0
 
 
 def test_summarize_of_one_round_is_labelled_within_process() -> None:

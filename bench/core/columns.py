@@ -47,7 +47,9 @@ SUMMARY_COLUMNS = [
     "latency_ms_iqr",
     "latency_ms_median_ci95_low",
     "latency_ms_median_ci95_high",
-    "ci_level",  # rounds (two-level interval) or within-process (one round: the process level is unknown)
+    "ci_level",  # rounds (t interval of the round medians) or within-process (one round: the process level is unknown)
+    "latency_ms_rerun_pi95_low",  # where a rerun's median should fall, 95% (rounds only: bench.core.stats)
+    "latency_ms_rerun_pi95_high",
     "n_rounds",
     "round_median_ms_min",
     "round_median_ms_max",

@@ -154,7 +154,7 @@ def run_worker(spec: WorkerSpec, *, workdir: Path, name: str, log_path: Path, ti
             raise
         finally:
             if run_dir is not None:
-                procs.clear_live_worker(run_dir)
+                procs.worker_ended(run_dir, workdir)
     wall_s = time.perf_counter() - start
     stage, tail = _log_tail(log_path)
     if not result_path.exists():

@@ -5,10 +5,11 @@
 - SIGKILL of the parent (or its crash): every worker asks the kernel at start-up to SIGKILL it when its
   parent dies (Linux `prctl(PR_SET_PDEATHSIG)`), then checks that its parent is still the process that
   started it, which closes the window before the request took effect.
-- Anything a worker starts (a compiler's helper processes) is in the worker's process group. The parent
-  records the live worker in RUN/live_worker.json and removes the record when the worker has ended; a
-  record left behind means the parent died, and `bench run --resume` kills whatever of that group is still
-  alive (`reap_orphans`). run.json names the parent (`process`: pid, host, boot and start time), so
+- Anything a worker starts (a compiler's helper processes) is in the worker's process group. While a loop
+  of workers runs, RUN/live_worker.json names its temp folder and the live worker, if any (between two
+  workers only the folder); the parent removes the record when the loop ends. A record left behind means
+  the parent died, and `bench run --resume` kills whatever of that group is still alive and removes the
+  temp folder (`reap_orphans`). run.json names the parent (`process`: pid, host, boot and start time), so
   `--resume` can tell a run that is still being measured from one whose parent was killed (`check_stale_run`).
 
 A process is named by (host, boot id, pid, start time): a pid alone may be reused.
@@ -135,8 +136,25 @@ def note_live_worker(run_dir: Path, pid: int, name: str, workdir: Path) -> None:
     })  # fmt: skip
 
 
+def note_workdir(run_dir: Path, workdir: Path) -> None:
+    """RUN/live_worker.json with no live worker, only the loop's temp folder: what --resume removes when the
+    parent dies between two workers."""
+    write_json_atomic(Path(run_dir) / LIVE_WORKER_JSON, {
+        "worker": None, "name": "", "workdir": str(workdir), "parent": this_process().to_dict(),
+    })  # fmt: skip
+
+
+def worker_ended(run_dir: Path, workdir: Path) -> None:
+    """The worker has ended and was reaped: the record keeps the temp folder only (none when the disk is too
+    full to rewrite it: then the folder is not recorded, and nothing worse happens than a folder left in /tmp)."""
+    try:
+        note_workdir(run_dir, workdir)
+    except OSError:
+        clear_live_worker(run_dir)
+
+
 def clear_live_worker(run_dir: Path) -> None:
-    """The worker has ended and was reaped: forget it."""
+    """The loop of workers has ended and its temp folder is gone: forget both."""
     (Path(run_dir) / LIVE_WORKER_JSON).unlink(missing_ok=True)
 
 

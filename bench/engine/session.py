@@ -26,6 +26,7 @@ from bench.core import console as out
 from bench.core import envinfo, settings
 from bench.core.columns import LOGS_DIR
 from bench.core.files import DISK_FULL_EXIT_CODE, is_disk_full
+from bench.engine import procs
 from bench.engine.launch import WorkerOutcome, run_worker
 from bench.engine.procs import WORKDIR_PREFIX
 from bench.engine.protocol import WorkerResult, WorkerSpec
@@ -98,11 +99,13 @@ class WorkerSession:
         """The temp folder the workers' files live in and a progress bar of `total` steps, for one loop."""
         with tempfile.TemporaryDirectory(prefix=prefix) as workdir, out.make_progress(self.console) as progress:
             self._workdir = Path(workdir)
+            procs.note_workdir(self.run_dir, self._workdir)  # a parent killed between workers leaves it to --resume
             task = progress.add_task("starting", total=total)
             try:
                 yield progress, task
             finally:
                 self._workdir = None
+                procs.clear_live_worker(self.run_dir)  # before the folder goes: a record never names a missing one
             progress.update(task, description="done")
 
 

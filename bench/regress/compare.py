@@ -15,9 +15,10 @@ per side such a drift is already "significant". Demanding the whole CI lie above
 would miss slowdowns a little above the threshold about half the time. `faster` mirrors the rule with
 1 / (1 + threshold). Exit code 1 when any model cell is `slower` or an invariant differs; 2 for bad input.
 
-Rounds: when both runs measured the cell in several rounds (worker processes; `bench run --rounds`), each
-side is resampled at two levels (rounds, then samples within them), so the interval already carries the
-process-to-process drift that the rank test cannot see; the verdict is then rule 1 and rule 3 at that level.
+Rounds: when both runs measured the cell in several rounds (worker processes; `bench run --rounds`), the
+interval is Welch's t on the log round medians of each side (bench.core.stats.ratio_of_medians): the
+process is the unit, so the interval already carries the process-to-process drift that the rank test
+cannot see; the verdict is then rule 1 and rule 3 at that level.
 With one round on a side the one-process rule above applies and the cell is labelled within-process.
 
 A comparison is only as good as the new run is whole: a model cell that is ok in the base but failed,

@@ -104,8 +104,8 @@ def model_table(runs: Sequence[RunData]) -> pd.DataFrame:
 def best_per_framework(table: pd.DataFrame, baseline: str, samples: pd.DataFrame | None = None) -> pd.DataFrame:
     """Per run and phase, each framework's fastest ok cell (highest images/s) and its speedup vs `baseline`.
 
-    With the runs' samples, the speedup gets a 95% interval (bootstrap of the ratio of medians, two-level when
-    the cells have several rounds). A framework with no ok cell keeps a row that says why, so nothing is
+    With the runs' samples, the speedup gets a 95% interval (bench.core.stats.ratio_of_medians: Welch's t on
+    the log round medians when both cells have several rounds, else a bootstrap labelled within-process). A framework with no ok cell keeps a row that says why, so nothing is
     silently dropped.
     """
     rows = []
