@@ -16,7 +16,7 @@ def _run(root: Path, name: str, median: float, low: float, high: float) -> Path:
     store = RunStore(root / "runs" / name)
     row = {"cell_id": "torch-eager-fp32-b1-forward", "kind": "model", "framework": "torch", "execution": "eager",
            "precision": "fp32", "batch_size": 1, "phase": "forward", "status": "ok", "latency_ms_median": median,
-           "latency_ms_median_ci95_low": low, "latency_ms_median_ci95_high": high}  # fmt: skip
+           "latency_ms_median_ci95_low": low, "latency_ms_median_ci95_high": high, "num_params": 1000}  # fmt: skip
     store.add(row, [int(median * 1e6)] * 3)
     store.write_run_json({"run_id": name, "status": "complete", "settings": {"config": {}}})
     return store.run_dir
@@ -52,10 +52,16 @@ def test_coverage_judges_round_intervals_where_the_previous_run_had_rounds(tmp_p
         pooled = float(np.median(medians))
         row = {"cell_id": "jax-jit-fp32-b1-forward", "kind": "model", "framework": "jax", "execution": "jit",
                "precision": "fp32", "batch_size": 1, "phase": "forward", "status": "ok", "latency_ms_median": pooled,
-               "latency_ms_median_ci95_low": pooled - 0.01, "latency_ms_median_ci95_high": pooled + 0.01}  # fmt: skip
+               "latency_ms_median_ci95_low": pooled - 0.01, "latency_ms_median_ci95_high": pooled + 0.01,
+               "num_params": 1000}  # fmt: skip
         store.add(row, [[int(m * 1e6)] * 3 for m in medians])
         store.write_run_json({"run_id": store.run_dir.name, "status": "complete", "settings": {"config": {}}})
     assert coverage.main(["--out", str(tmp_path), "--runs", "3", "--rounds", "3", "--judge-only"]) == 0
     pairs = pd.read_csv(tmp_path / "pairs.csv")
     # run 0 (9, 10, 11): its t interval 10 +- 2.48 holds run 1's 10.5; run 1 has no spread, so nothing holds 30
     assert pairs["covered_t"].tolist() == [True, False] and pairs["covered"].tolist() == [False, False]
+    # bench compare of each pair, with its defaults: 10.5 against (9, 10, 11) is within the noise; 30
+    # against a steady 10.5 is slower (same code in the experiment, so that would be a false alarm).
+    assert pairs["compare_verdict"].tolist() == ["unchanged", "slower"]
+    overall = pd.read_csv(tmp_path / "summary.csv").set_index("cell_id").loc["all"]
+    assert overall["compare_slower"] == 1 and overall["compare_faster"] == 0

@@ -8,8 +8,10 @@ counts alternate run by run, so slow drift of the machine spreads over both), th
 every model cell and every run after the first: does this run's median fall inside the previous run's 95%
 interval of the median? A 95% interval that knows all the noise a rerun sees covers the next run's median
 a little less than 95% of the time (the next median has noise of its own); one that knows only the noise
-within one process covers far less. Writes DIR/runs/, pairs.csv (one row per cell and consecutive pair)
-and summary.csv (coverage per round count and cell, and overall).
+within one process covers far less. Each consecutive pair is also judged by `bench compare PREVIOUS
+CURRENT` with its defaults: the code is the same, so every slower or faster verdict is a false alarm.
+Writes DIR/runs/, pairs.csv (one row per cell and consecutive pair) and summary.csv (coverage and
+compare's false alarms per round count and cell, and overall).
 
 Beside the interval each run recorded (`latency_ms_median_ci95_*` as written by the version that made the
 run: a two-level bootstrap before 2026-11-30's change), runs of two or more rounds are judged with the two
@@ -35,6 +37,7 @@ import pandas as pd
 from bench.core import stats
 from bench.core.rundir import RunDirError, read_run, write_csv_atomic
 from bench.core.settings import SettingsError, parse_int_list, parse_positive_int
+from bench.regress.compare import compare_runs
 
 
 def _run(like: Path, runs: Path, run_id: str, rounds: int) -> Path:
@@ -66,6 +69,9 @@ def covered(previous: Path, current: Path) -> list[dict[str, object]]:
     the round-median intervals, where the previous run had several rounds)?"""
     earlier = read_run(previous)
     before, after = earlier.summary, read_run(current).summary
+    # What `bench compare PREVIOUS CURRENT` says with its defaults: for runs of identical code, any
+    # slower or faster verdict is a false alarm.
+    verdicts = {c.cell_id: c.verdict for c in compare_runs(previous, current).cells if c.status == "compared"}
     before = before[(before["kind"] == "model") & (before["status"] == "ok")].set_index("cell_id")
     after = after[(after["kind"] == "model") & (after["status"] == "ok")].set_index("cell_id")
     rows = []
@@ -75,7 +81,8 @@ def covered(previous: Path, current: Path) -> list[dict[str, object]]:
         row = {"cell_id": cell_id, "previous": previous.name, "current": current.name,
                "previous_ci95_low": low, "previous_ci95_high": high, "current_median": median,
                "covered": bool(low <= median <= high),
-               "relative_width": (high - low) / before.loc[cell_id, "latency_ms_median"]}  # fmt: skip
+               "relative_width": (high - low) / before.loc[cell_id, "latency_ms_median"],
+               "compare_verdict": verdicts.get(cell_id, "")}  # fmt: skip
         extra = round_intervals(_round_medians_ms(earlier.samples, cell_id))
         for kind in ("t", "prediction"):
             if extra:
@@ -89,7 +96,9 @@ def covered(previous: Path, current: Path) -> list[dict[str, object]]:
 def summarize(pairs: pd.DataFrame) -> pd.DataFrame:
     """Coverage per round count, per cell and over all cells."""
     aggregates = {"pairs": ("covered", "size"), "covered": ("covered", "sum"),
-                  "median_relative_width": ("relative_width", "median")}  # fmt: skip
+                  "median_relative_width": ("relative_width", "median"),
+                  "compare_slower": ("compare_verdict", lambda v: int((v == "slower").sum())),
+                  "compare_faster": ("compare_verdict", lambda v: int((v == "faster").sum()))}  # fmt: skip
     for kind in ("t", "prediction"):
         if f"covered_{kind}" in pairs:
             pairs[f"covered_{kind}"] = pairs[f"covered_{kind}"].astype(float)  # NaN: a one-round previous run
@@ -141,6 +150,10 @@ def main(argv: list[str] | None = None) -> int:
     write_csv_atomic(out / "pairs.csv", pairs)
     write_csv_atomic(out / "summary.csv", table)
     print(table[table["cell_id"] == "all"].to_string(index=False))
+    for rounds, group in pairs.groupby("rounds"):
+        flagged = group.groupby(["previous", "current"])["compare_verdict"].agg(lambda v: bool((v == "slower").any()))
+        print(f"{rounds} round(s): bench compare (defaults) called {int(flagged.sum())} of {flagged.size} consecutive "
+              "pairs of same-code runs slower in at least one cell")  # fmt: skip
     return 0
 
 
