@@ -240,6 +240,16 @@ def test_resume_refuses_a_run_whose_parent_is_still_measuring_it(
         alive.wait()
 
 
+def test_worker_module_answers_help_and_names_a_wrong_call(capsys: pytest.CaptureFixture[str]) -> None:
+    from bench.engine import worker
+
+    assert worker.main(["--help"]) == 0
+    assert capsys.readouterr().out.startswith("usage: python -m bench.engine.worker SPEC.json RESULT.json")
+    assert worker.main(["only-one"]) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith("error: expected two paths, got 1 argument(s); usage:")
+
+
 def test_a_reused_pid_is_not_the_recorded_process() -> None:
     me = procs.this_process()
     assert procs.state(me) == "alive"

@@ -392,10 +392,14 @@ def execute(spec: WorkerSpec) -> proto.WorkerResult:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: read the spec, run it, write the result; exit 0 whenever a result was written."""
-    procs.die_with_parent()  # first: no worker outlives its parent, whatever kills the parent
     args = sys.argv[1:] if argv is None else argv
+    usage = "usage: python -m bench.engine.worker SPEC.json RESULT.json (started by bench run, profile and maxbatch)"
+    if args in (["--help"], ["-h"]):
+        print(usage)
+        return 0
+    procs.die_with_parent()  # before any work: no worker outlives its parent, whatever kills the parent
     if len(args) != 2:
-        print("usage: python -m bench.engine.worker SPEC.json RESULT.json", file=sys.stderr)
+        print(f"error: expected two paths, got {len(args)} argument(s); {usage}", file=sys.stderr)
         return 2
     spec = proto.spec_from_json(json.loads(Path(args[0]).read_text()))
     result = execute(spec)

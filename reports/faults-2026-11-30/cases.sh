@@ -148,7 +148,7 @@ record "8 worker SIGKILLed by a person" 1 "$rc" 8.err
 check "8 row: $("$PY" -c 'import sys,csv; r=[x for x in csv.DictReader(open(sys.argv[1])) if x["status"]!="ok"]; print([(x["cell_id"], x["status"], x["error"].splitlines()[0][:200]) for x in r])' 8/r/summary.csv)"
 
 # ---------------------------------------------------------------- 9. --help of every module with a main
-for module in bench bench.regress.ab_check bench.experiments.ab_check_experiment bench.experiments.coverage \
+for module in bench bench.engine.worker bench.regress.ab_check bench.experiments.ab_check_experiment bench.experiments.coverage \
               bench.experiments.regression_check bench.experiments.gpu_check; do
   "$PY" -m "$module" --help > /dev/null 2> "9-$module.err"; record "9 python -m $module --help" 0 $? "9-$module.err"
 done
