@@ -37,12 +37,12 @@ def test_coverage_counts_medians_inside_the_previous_interval(tmp_path: Path, ca
     assert "coverage" in capsys.readouterr().out
 
 
-def test_round_intervals_are_student_t_over_the_round_medians() -> None:
-    # medians 1, 2, 3 ms: mean 2, sd 1, t(0.975, 2 df) = 4.3027
-    got = coverage.round_intervals(np.array([1.0, 2.0, 3.0]))
-    assert got["t_low"] == pytest.approx(2 - 4.302653 / np.sqrt(3), rel=1e-6)
-    assert got["t_high"] == pytest.approx(2 + 4.302653 / np.sqrt(3), rel=1e-6)
-    assert got["prediction_high"] - 2 == pytest.approx(4.302653 * np.sqrt(2 / 3), rel=1e-6)
+def test_round_intervals_are_student_t_over_the_log_round_medians() -> None:
+    # medians 1, 2, 4 ms: logs 0, ln 2, 2 ln 2: mean ln 2, sd ln 2, t(0.975, 2 df) = 4.302653
+    got = coverage.round_intervals(np.array([1.0, 2.0, 4.0]))
+    assert got["t_low"] == pytest.approx(2 * np.exp(-4.302653 * np.log(2) / np.sqrt(3)), rel=1e-6)
+    assert got["t_high"] == pytest.approx(2 * np.exp(4.302653 * np.log(2) / np.sqrt(3)), rel=1e-6)
+    assert got["prediction_high"] == pytest.approx(2 * np.exp(4.302653 * np.log(2) * np.sqrt(2 / 3)), rel=1e-6)
     assert coverage.round_intervals(np.array([5.0])) == {}  # one round: the process level is unknown
 
 
@@ -58,7 +58,7 @@ def test_coverage_judges_round_intervals_where_the_previous_run_had_rounds(tmp_p
         store.write_run_json({"run_id": store.run_dir.name, "status": "complete", "settings": {"config": {}}})
     assert coverage.main(["--out", str(tmp_path), "--runs", "3", "--rounds", "3", "--judge-only"]) == 0
     pairs = pd.read_csv(tmp_path / "pairs.csv")
-    # run 0 (9, 10, 11): its t interval 10 +- 2.48 holds run 1's 10.5; run 1 has no spread, so nothing holds 30
+    # run 0 (9, 10, 11): its t interval (7.8-12.8 on the log scale) holds run 1's 10.5; run 1 has no spread, so nothing holds 30
     assert pairs["covered_t"].tolist() == [True, False] and pairs["covered"].tolist() == [False, False]
     # bench compare of each pair, with its defaults: 10.5 against (9, 10, 11) is within the noise; 30
     # against a steady 10.5 is slower (same code in the experiment, so that would be a false alarm).

@@ -173,22 +173,24 @@ def test_summarize_of_rounds_gives_the_between_round_spread() -> None:
     assert s["round_median_ms_min"] == pytest.approx(10.0) and s["round_median_ms_max"] == pytest.approx(12.0)
     assert s["round_cv"] == pytest.approx(1.0 / 11.0)  # sd of (10, 11, 12) is 1
     assert s["noisy"] is True  # between-round CV 9% > 5%, though each round is constant
-    # Round medians 10, 11, 12: mean 11, sd 1, t(0.975, 2 df) = 4.3027.
-    assert s["latency_ms_median_ci95_low"] == pytest.approx(11 - 4.3027 / 3**0.5, abs=1e-3)  # 8.516
-    assert s["latency_ms_median_ci95_high"] == pytest.approx(11 + 4.3027 / 3**0.5, abs=1e-3)  # 13.484
-    assert s["latency_ms_rerun_pi95_low"] == pytest.approx(11 - 4.3027 * (2 / 3) ** 0.5, abs=1e-3)  # 7.487
-    assert s["latency_ms_rerun_pi95_high"] == pytest.approx(11 + 4.3027 * (2 / 3) ** 0.5, abs=1e-3)  # 14.513
+    # Round medians 10, 11, 12 on the log scale: mean g = 2.39513, sd s = 0.091192, t(0.975, 2 df) = 4.30265.
+    assert s["latency_ms_median_ci95_low"] == pytest.approx(8.7460, abs=1e-3)  # exp(g - t s / sqrt 3)
+    assert s["latency_ms_median_ci95_high"] == pytest.approx(13.7586, abs=1e-3)  # exp(g + t s / sqrt 3)
+    assert s["latency_ms_rerun_pi95_low"] == pytest.approx(7.9626, abs=1e-3)  # exp(g - t s sqrt(2/3))
+    assert s["latency_ms_rerun_pi95_high"] == pytest.approx(15.1121, abs=1e-3)  # exp(g + t s sqrt(2/3))
 
 
 def test_round_intervals_cover_what_they_promise_with_three_rounds() -> None:
-    """Three rounds whose medians scatter around 10 ms (sd 0.5): the t interval covers the centre in about
-    95% of draws, and the rerun interval covers the next run's mean round median in about 95%, where the
+    """Three rounds whose medians scatter by a factor around 10 ms (log sd 0.05): the t interval covers the
+    centre in about 95% of draws, and the rerun interval covers the next run's typical (geometric mean)
+    round median in about 95%, where the
     t interval covers it less often (P(|T_2| <= 4.30 / sqrt 2) = 0.907 with three rounds; 0.83 with many)
     and the range of three values (all a percentile bootstrap over three rounds can reach) in far fewer."""
     rng = np.random.default_rng(11)
     trials, hits = 2000, {"t_centre": 0, "rerun_next": 0, "t_next": 0, "range_next": 0}
     for _ in range(trials):
-        medians, rerun = rng.normal(10.0, 0.5, size=3), rng.normal(10.0, 0.5, size=3).mean()
+        medians = 10.0 * np.exp(rng.normal(0.0, 0.05, size=3))
+        rerun = 10.0 * math.exp(rng.normal(0.0, 0.05, size=3).mean())
         t_low, t_high = stats.t_interval(medians)
         p_low, p_high = stats.rerun_interval(medians)
         hits["t_centre"] += t_low <= 10.0 <= t_high
@@ -202,8 +204,10 @@ def test_round_intervals_cover_what_they_promise_with_three_rounds() -> None:
     assert share["range_next"] <= 0.70
 
 
-def test_round_intervals_are_nan_with_one_round() -> None:
+def test_round_intervals_are_nan_with_one_round_and_positive_however_wide() -> None:
     assert all(math.isnan(v) for v in (*stats.t_interval(np.array([5.0])), *stats.rerun_interval(np.array([5.0]))))
+    wild = np.array([1.0, 2.0, 10.0])  # a spread an arithmetic m +- t s interval would take below zero
+    assert 0 < stats.rerun_interval(wild)[0] < 1.0 and stats.rerun_interval(wild)[1] > 10.0
     s = stats.summarize(SAMPLES_NS, batch_size=1, flops=None)
     assert math.isnan(s["latency_ms_rerun_pi95_low"]) and math.isnan(s["latency_ms_rerun_pi95_high"])
 

@@ -5,18 +5,21 @@ experiment (Kalibera & Jones, "Rigorous benchmarking in reasonable time", 2013):
 thread placement, allocator state and the machine's neighbours change from one process to the next, and
 that noise is usually larger than the noise between iterations of one process. So with two or more
 rounds every interval is built from the round medians m_1..m_R (one number per process: the unit that
-varies independently), with Student's t and R - 1 degrees of freedom:
+varies independently), on the log scale (process noise is a factor, not an offset: a slow process is
+1.3x slower, and a latency interval must stay positive), with Student's t and R - 1 degrees of freedom.
+With g and s the mean and sample sd of log m_i:
 
-- the 95% interval of a cell, `latency_ms_median_ci95_*`: the t interval of the mean round median,
-  m +- t s / sqrt(R);
-- the 95% interval for a rerun, `latency_ms_rerun_pi95_*`: where the mean round median of another run of
-  R rounds should fall, m +- t s sqrt(2 / R) (a prediction interval: the rerun has noise of its own);
+- the 95% interval of a cell, `latency_ms_median_ci95_*`: exp(g +- t s / sqrt(R)), the t interval of the
+  typical (geometric mean) round median;
+- the 95% interval for a rerun, `latency_ms_rerun_pi95_*`: where the typical round median of another run
+  of R rounds should fall, exp(g +- t s sqrt(2 / R)) (a prediction interval: the rerun has noise of its
+  own);
 - the ratio of two cells (`ratio_of_medians`): Welch's t interval on the log round medians of each side.
 
 A two-level (hierarchical) percentile bootstrap, rounds then samples, was used before and was measured
-too narrow with few rounds: with 3 rounds it covered a rerun's median in 52.6% of 114 pairs where the t
-interval covered 83.3% and the prediction interval 92.1% (reports/coverage-2026-11-30). A percentile
-bootstrap over 3 values cannot be wider than their range. With one round only the within-process level
+too narrow with few rounds: with 3 rounds it covered a rerun's median in 52.6% of 114 pairs, where these
+intervals cover 84.2% (t) and 92.1% (rerun) (reports/coverage-2026-11-30). A percentile bootstrap over 3
+processes hardly reaches beyond the range of their medians. With one round only the within-process level
 is known: the interval is the bootstrap of that round's samples, and it says so (`ci_level` =
 "within-process").
 """
@@ -84,29 +87,26 @@ def round_medians(rounds: Rounds) -> np.ndarray:
     return np.array([np.median(r) for r in rounds if len(r)], dtype=np.float64)
 
 
-def _t_halfwidth(values: np.ndarray, scale: float) -> tuple[float, float]:
-    """(mean, t_{0.975, R-1} * sd * scale) of `values`; R >= 2."""
-    t = float(sps.t.ppf(0.975, values.size - 1))
-    return float(values.mean()), t * float(values.std(ddof=1)) * scale
+def _log_t(values_ms: np.ndarray, scale: float) -> tuple[float, float]:
+    """exp(g +- t_{0.975, R-1} * s * scale), g and s the mean and sample sd of the logs; NaNs with fewer than 2
+    values or a value that is not positive."""
+    values = np.asarray(values_ms, dtype=np.float64)
+    if values.size < 2 or not np.all(values > 0):
+        return (math.nan, math.nan)
+    logs = np.log(values)
+    half = float(sps.t.ppf(0.975, values.size - 1)) * float(logs.std(ddof=1)) * scale
+    return (math.exp(logs.mean() - half), math.exp(logs.mean() + half))
 
 
 def t_interval(medians_ms: np.ndarray) -> tuple[float, float]:
-    """95% t interval of the mean of round medians (m +- t s / sqrt(R)); NaNs with fewer than 2 rounds."""
-    values = np.asarray(medians_ms, dtype=np.float64)
-    if values.size < 2:
-        return (math.nan, math.nan)
-    mean, half = _t_halfwidth(values, 1.0 / math.sqrt(values.size))
-    return (mean - half, mean + half)
+    """95% t interval of the typical round median, on the log scale: exp(g +- t s / sqrt(R))."""
+    return _log_t(medians_ms, 1.0 / math.sqrt(max(len(medians_ms), 1)))
 
 
 def rerun_interval(medians_ms: np.ndarray) -> tuple[float, float]:
-    """95% prediction interval of the mean round median of a rerun with as many rounds (m +- t s sqrt(2/R));
-    NaNs with fewer than 2 rounds."""
-    values = np.asarray(medians_ms, dtype=np.float64)
-    if values.size < 2:
-        return (math.nan, math.nan)
-    mean, half = _t_halfwidth(values, math.sqrt(2.0 / values.size))
-    return (mean - half, mean + half)
+    """95% prediction interval of a rerun's typical round median (as many rounds), on the log scale:
+    exp(g +- t s sqrt(2 / R))."""
+    return _log_t(medians_ms, math.sqrt(2.0 / max(len(medians_ms), 1)))
 
 
 def median_ci(samples: Rounds | np.ndarray, seed: int = BOOTSTRAP_SEED) -> tuple[float, float]:
@@ -186,7 +186,8 @@ def summarize(samples_ns: Sequence[int] | Sequence[Sequence[int]], batch_size: i
 
 @dataclass(frozen=True)
 class RatioStats:
-    """Ratio of medians new/base with its bootstrap CI, the rank-test p-value and the rounds behind each side."""
+    """Ratio of medians new/base with its 95% interval and p-value (ratio_of_medians says which test) and the
+    rounds behind each side."""
 
     ratio: float
     ci95_low: float

@@ -15,12 +15,13 @@ compare's false alarms per round count and cell, and overall).
 
 Beside the interval each run recorded (`latency_ms_median_ci95_*` as written by the version that made the
 run: a two-level bootstrap before 2026-11-30's change), runs of two or more rounds are judged with the two
-intervals bench.core.stats now builds from the round medians m_1..m_R (mean m, sample sd s, Student t with
-R - 1 degrees of freedom), recomputed from samples.csv: the t interval of the mean of round medians,
-m +- t s / sqrt(R) (what `bench run` reports), and the prediction interval for the next run's mean of R
-round medians, m +- t s sqrt(2 / R) (`latency_ms_rerun_pi95_*`). Even with normal, independent rounds the
-t interval covers the next run's mean of as many rounds less often than 95% (the rerun has noise of its
-own): 91% with three rounds, 83% with many; the prediction interval is the one built to cover it 95%.
+intervals bench.core.stats now builds from the round medians m_1..m_R on the log scale (g and s the mean and
+sample sd of log m_i, Student t with R - 1 degrees of freedom), recomputed from samples.csv: the t
+interval of the typical round median, exp(g +- t s / sqrt(R)) (what `bench run` reports), and the
+prediction interval for the next run's, exp(g +- t s sqrt(2 / R)) (`latency_ms_rerun_pi95_*`). Even with
+lognormal, independent rounds the t interval covers the next run's typical round median less often than
+95% (the rerun has noise of its own): 91% with three rounds, 83% with many; the prediction interval is
+the one built to cover it 95%.
 """
 
 from __future__ import annotations
@@ -49,8 +50,8 @@ def _run(like: Path, runs: Path, run_id: str, rounds: int) -> Path:
 
 
 def round_intervals(round_medians_ms: np.ndarray) -> dict[str, float]:
-    """The t interval of the mean of round medians and the prediction interval of the next run's mean of as
-    many rounds (bench.core.stats); empty with fewer than two rounds."""
+    """The t interval of the typical round median and the prediction interval of the next run's (as many
+    rounds), both on the log scale (bench.core.stats); empty with fewer than two rounds."""
     if len(round_medians_ms) < 2:
         return {}
     (t_low, t_high), (p_low, p_high) = stats.t_interval(round_medians_ms), stats.rerun_interval(round_medians_ms)
