@@ -154,7 +154,7 @@ def worker_ended(run_dir: Path, workdir: Path) -> None:
 
 
 def clear_live_worker(run_dir: Path) -> None:
-    """The loop of workers has ended and its temp folder is gone: forget both."""
+    """The loop of workers is over (its temp folder is removed next): forget both."""
     (Path(run_dir) / LIVE_WORKER_JSON).unlink(missing_ok=True)
 
 
