@@ -58,13 +58,6 @@ def round_intervals(round_medians_ms: np.ndarray) -> dict[str, float]:
     return {"t_low": t_low, "t_high": t_high, "prediction_low": p_low, "prediction_high": p_high}
 
 
-def _round_medians_ms(samples: pd.DataFrame, cell_id: str) -> np.ndarray:
-    """The median of each round's samples of one cell, in ms (one value for a run of one round)."""
-    rows = samples[samples["cell_id"] == cell_id]
-    rounds = rows["round"] if "round" in rows else pd.Series(1, index=rows.index)
-    return (rows.groupby(rounds.fillna(1))["latency_ns"].median() / 1e6).to_numpy()
-
-
 def covered(previous: Path, current: Path) -> list[dict[str, object]]:
     """Per model cell ok in both runs: is the current median inside the previous run's interval (and inside
     the round-median intervals, where the previous run had several rounds)?"""
@@ -84,7 +77,7 @@ def covered(previous: Path, current: Path) -> list[dict[str, object]]:
                "covered": bool(low <= median <= high),
                "relative_width": (high - low) / before.loc[cell_id, "latency_ms_median"],
                "compare_verdict": verdicts.get(cell_id, "")}  # fmt: skip
-        extra = round_intervals(_round_medians_ms(earlier.samples, cell_id))
+        extra = round_intervals(stats.round_medians(earlier.samples_by_round(cell_id)))
         for kind in ("t", "prediction"):
             if extra:
                 row[f"{kind}_low"], row[f"{kind}_high"] = extra[f"{kind}_low"], extra[f"{kind}_high"]
