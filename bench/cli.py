@@ -69,6 +69,11 @@ def build_parser() -> argparse.ArgumentParser:
                       "such as jax:tuned (README \"Implementation variants\")")  # fmt: skip
     what.add_argument("--precision", metavar="LIST", help="fp32 (default), bf16, fp64 or a comma list (fp32,fp64)")
     what.add_argument("--device", help="auto (default: gpu when one is visible), cpu or gpu")
+    what.add_argument("--devices", metavar="LIST",
+                      help="data-parallel device counts, e.g. 1,2 (default 1): above 1 the forward_backward phase "
+                           "runs in each framework's own engine (torch DDP, tf.distribute.MirroredStrategy, "
+                           "jax.sharding); --batch-size is then the global batch, and without it each device "
+                           "gets the default batch (README \"Data parallelism\")")  # fmt: skip
     what.add_argument("--protocol", help="default, or seed: the seed's loop (batch 16, 10 burn-in, 100 timed)")
     how = run.add_argument_group("how to measure")
     how.add_argument("--warmup", metavar="N", help="untimed calls after the separately timed first call")

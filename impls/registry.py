@@ -36,6 +36,14 @@ IMPL_CHANGES: dict[tuple[str, str], str] = {
     ("jax", "tuned"): "1x1 stride-1 convolutions as dot_general over channels (PointwiseConv)",
 }
 
+# The execution modes each framework's data-parallel engine runs (impls/<framework>_data_parallel.py, its
+# EXECUTIONS), default first; kept here so the runner plans multi-device cells without importing a framework.
+DATA_PARALLEL_EXECUTIONS: dict[str, tuple[str, ...]] = {
+    "torch": ("eager",),
+    "tensorflow": ("function", "xla"),
+    "jax": ("jit",),
+}
+
 # The module each framework needs importable, and the extra that installs it.
 _REQUIRED_MODULES: dict[str, tuple[str, ...]] = {
     "torch": ("torch",),
@@ -93,3 +101,9 @@ def load(framework: str) -> ModuleType:
             f"framework {name!r} is not installed (missing: {', '.join(missing)}); install it with: {install_command(name)}"
         )
     return importlib.import_module(_IMPL_MODULES[name])
+
+
+def load_data_parallel(framework: str) -> ModuleType:
+    """Import and return the data-parallel module of `framework` (impls/<framework>_data_parallel.py)."""
+    load(framework)  # the same installed check and message
+    return importlib.import_module(_IMPL_MODULES[canonical_name(framework)].replace("_hourglass", "_data_parallel"))

@@ -18,7 +18,10 @@ over "framework/execution/phase" ("torch/*/forward_backward"). Kinds:
     noprofile the module has no profile
     badprofile  profile() returns stage times that sum to more than the step they partition
     recompile profile() reports 2 recompilations in the timed loop
+    dpdisagree  the data-parallel loss_and_grads() returns gradients 1e-6 off its shard-by-shard reference
 crash, sigkill, exit, oom, hang and error also hit profile() (before its first step).
+`load_data_parallel(framework)` stands in for impls/<framework>_data_parallel.py: its step is the
+single-device fake step (the faults above strike it alike), its gradients the shard-by-shard reference's.
 Like the real modules, a benchmark step and the calibration probes allocate their inputs for the batch
 size they are given (impls.spec), so a huge batch or input size fails with the same MemoryError.
 HGBENCH_FAKE_THREADS=torch=4 makes runtime_info report 4 intra-op threads for torch (default 1).
@@ -39,7 +42,8 @@ import numpy as np
 
 from impls.base import AbstractHourglassModel
 from impls.config import HourglassConfig
-from impls.registry import IMPLS
+from impls.data_parallel import check_data_parallel_args, shardwise_reference
+from impls.registry import DATA_PARALLEL_EXECUTIONS, IMPLS
 from impls.spec import conv_probe_arrays, gemm_probe_arrays, init_weights, random_batch, trainable_names
 
 EXECUTIONS: dict[str, tuple[str, ...]] = {
@@ -246,3 +250,45 @@ def load(framework: str) -> SimpleNamespace:
     if "noprofile" not in _faults(framework):
         module.profile = _fake_profile(framework)
     return module
+
+
+class FakeDataParallel:
+    """A data-parallel look-alike over a FakeModel: the reference's own arithmetic, so it agrees unless told not to."""
+
+    def __init__(self, single: FakeModel, devices: int) -> None:
+        self.single, self.devices = single, devices
+
+    def num_params(self) -> int:
+        return self.single.num_params()
+
+    def loss_and_grads(self, x: np.ndarray, target: np.ndarray) -> tuple[float, dict[str, np.ndarray]]:
+        loss, grads = shardwise_reference(self.single, x, target, self.devices)
+        if "dpdisagree" in _faults(self.single.framework, self.single.execution):
+            grads = {name: g * (1 + 1e-6) for name, g in grads.items()}
+        return loss, grads
+
+    def benchmark_step(self, phase: str, batch_size: int, seed: int = 0) -> Callable[[], None]:
+        check_data_parallel_args(self.devices, phase, batch_size)
+        return self.single.benchmark_step(phase, batch_size, seed)
+
+    def close(self) -> None:
+        pass
+
+
+def load_data_parallel(framework: str) -> SimpleNamespace:
+    """An impls/<framework>_data_parallel.py look-alike."""
+
+    def build_data_parallel(config: HourglassConfig, weights: dict[str, np.ndarray] | None = None, *, devices: int,
+                            device: str = "cpu", precision: str = "fp32",
+                            execution: str = DATA_PARALLEL_EXECUTIONS[framework][0],
+                            impl: str = "idiomatic") -> FakeDataParallel:  # fmt: skip
+        single = load(framework).build(config, weights, device=device, precision=precision, execution=execution, impl=impl)
+        return FakeDataParallel(single, devices)
+
+    return SimpleNamespace(
+        FRAMEWORK=framework,
+        EXECUTIONS=DATA_PARALLEL_EXECUTIONS[framework],
+        configure_devices=lambda devices, device: None,
+        available_devices=lambda device: os.cpu_count() or 1,
+        build_data_parallel=build_data_parallel,
+    )

@@ -18,7 +18,7 @@ IMPLS = Path(__file__).resolve().parent.parent / "impls"
 FRAMEWORKS = ("torch", "tensorflow", "jax")
 FRAMEWORK_MODULES = {IMPLS / f"{fw}_hourglass.py" for fw in FRAMEWORKS} | {
     IMPLS / "profilers" / f"{fw}_profiling.py" for fw in FRAMEWORKS
-}
+} | {IMPLS / f"{fw}_data_parallel.py" for fw in FRAMEWORKS}
 
 
 def _imported_modules(path: Path) -> set[str]:
@@ -35,6 +35,11 @@ def _imported_modules(path: Path) -> set[str]:
 @pytest.mark.parametrize("framework", FRAMEWORKS)
 def test_profiler_module_imports_exactly_its_framework(framework: str) -> None:
     assert _imported_frameworks(IMPLS / "profilers" / f"{framework}_profiling.py") == {framework}
+
+
+@pytest.mark.parametrize("framework", FRAMEWORKS)
+def test_data_parallel_module_imports_exactly_its_framework(framework: str) -> None:
+    assert _imported_frameworks(IMPLS / f"{framework}_data_parallel.py") == {framework}
 
 
 def test_every_other_impls_module_imports_no_framework() -> None:

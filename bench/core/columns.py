@@ -27,14 +27,16 @@ LOGS_DIR = "logs"
 LIVE_WORKER_JSON = "live_worker.json"
 
 # impl: the implementation variant (impls.registry.IMPLS); runs made before variants existed have none, and
-# read as the default one.
-CELL_COLUMNS = ["cell_id", "kind", "framework", "impl", "execution", "precision", "batch_size", "phase"]
+# read as the default one. devices: data-parallel replicas of the cell (batch_size is the global batch);
+# runs made before --devices existed have none, and read as 1.
+CELL_COLUMNS = ["cell_id", "kind", "framework", "impl", "execution", "precision", "batch_size", "phase", "devices"]
 CONFIG_COLUMNS = ["preset", "num_stacks", "depth", "channels", "num_keypoints", "input_height", "input_width"]
 SUMMARY_COLUMNS = [
     *CELL_COLUMNS,
     "device",  # where the cell actually ran
     "device_fallback",  # True: the run is on the GPU but this framework could not see it and ran on the CPU
     "fp32_math",  # ieee or tf32: how fp32 convolutions and matmuls ran (a CPU: ieee)
+    "per_device_batch",  # batch_size / devices: the images each replica computes per step
     "status",
     "error",
     "n_samples",
@@ -57,6 +59,9 @@ SUMMARY_COLUMNS = [
     "noisy",
     "first_call_ms",
     "throughput_img_per_s",
+    # throughput at N devices / (N x throughput at 1 device) for the same framework, variant, execution,
+    # precision and per-device batch, from this run's 1-device cell (empty where that cell is missing)
+    "scaling_efficiency",
     "gflop_per_step",
     "achieved_gflop_per_s",
     "conv_ceiling_gflop_per_s",
@@ -91,9 +96,10 @@ SAMPLE_COLUMNS = [*CELL_COLUMNS, "round", "iteration", "latency_ns"]  # round: 1
 SUMMARY_TEXT_COLUMNS = frozenset(
     {*CELL_COLUMNS, "device", "status", "error", "noisy", "equivalent", "gradients_equivalent", "preset", "ci_level",
      "nvml_process_lookup", "device_fallback", "fp32_math"}
-    - {"batch_size"}
+    - {"batch_size", "devices"}
 )
-SUMMARY_REQUIRED = [*(c for c in CELL_COLUMNS if c != "impl"), "status"]  # impl: absent from runs before variants
+# impl and devices: absent from runs made before variants and data parallelism existed
+SUMMARY_REQUIRED = [*(c for c in CELL_COLUMNS if c not in ("impl", "devices")), "status"]
 SAMPLES_REQUIRED = ["cell_id", "latency_ns"]
 
 # ---------------------------------------------------------------- bench profile: stages, ops, flops, compile

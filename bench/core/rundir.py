@@ -190,6 +190,8 @@ def _read_summary(path: Path) -> pd.DataFrame:
         if column not in cols.SUMMARY_TEXT_COLUMNS:
             # Statistics may be inf only where a worker reported one (never in a finished cell's latency).
             frame[column] = _numbers(path, frame, column, _FIX_RUN, finite=column.startswith("latency_ms"))
+    frame["devices"] = frame["devices"].fillna(1.0)  # before data parallelism: one device
+    frame["per_device_batch"] = frame["per_device_batch"].fillna(frame["batch_size"] / frame["devices"])
     unknown = sorted(set(frame["status"].astype(str)) - set(cols.FINAL_STATUSES))
     if unknown:
         raise RunDirError(f"{path}: unknown status {unknown[0]!r} (expected one of "

@@ -8,14 +8,22 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from bench.core import nvml
 from impls import FRAMEWORKS, PHASES, ConfigError, HourglassConfig, get_preset, install_command, is_installed
-from impls.base import FP32_MATH, PRECISIONS
-from impls.registry import DEFAULT_IMPL, EXECUTIONS, IMPLS, UnknownFrameworkError, canonical_name
+from impls.base import FP32_MATH, PRECISIONS, smallest_train_batch
+from impls.registry import (
+    DATA_PARALLEL_EXECUTIONS,
+    DEFAULT_IMPL,
+    EXECUTIONS,
+    IMPLS,
+    UnknownFrameworkError,
+    canonical_name,
+)
 
 DEVICES: tuple[str, ...] = ("auto", "cpu", "gpu")
 PROTOCOLS: tuple[str, ...] = ("default", "seed")
@@ -29,6 +37,7 @@ CONFIG_FLAGS: dict[str, str] = {  # CLI option -> HourglassConfig field
 MAX_ITERS = 10_000  # cap on timed iterations when only --min-time bounds the loop
 MIN_ITERS = 5  # a time budget still collects this many samples, so the spread means something
 EQUIVALENCE_RTOL = 1e-3  # fp32 heatmaps of the seed preset agree to ~1e-5; 1e-3 flags real disagreement
+DATA_PARALLEL_PHASE = "forward_backward"  # data parallelism measures the training step
 
 
 @dataclass(frozen=True)
@@ -92,13 +101,23 @@ class Cell:
     batch_size: int
     phase: str
     impl: str = DEFAULT_IMPL
+    devices: int = 1  # data-parallel replicas; batch_size is the global batch, split evenly over them
 
     @property
     def cell_id(self) -> str:
-        """Stable key of the cell in CSVs, logs and resume. The default variant is not named, so cells of runs
-        made before variants existed keep their ids and stay comparable: "tensorflow-function-fp32-b1-forward"
-        is the idiomatic variant, "tensorflow-tuned-function-fp32-b1-forward" the tuned one."""
-        return f"{variant_key(self.framework, self.impl)}-{self.execution}-{self.precision}-b{self.batch_size}-{self.phase}"
+        """Stable key of the cell in CSVs, logs and resume. The default variant and one device are not named,
+        so cells of runs made before variants and data parallelism existed keep their ids and stay
+        comparable: "tensorflow-function-fp32-b1-forward" is the idiomatic variant on one device,
+        "tensorflow-tuned-function-fp32-b1-forward" the tuned one, "torch-eager-fp32-d2-b4-forward_backward"
+        a global batch of 4 over 2 devices."""
+        devices = f"d{self.devices}-" if self.devices > 1 else ""
+        return (f"{variant_key(self.framework, self.impl)}-{self.execution}-{self.precision}-{devices}"
+                f"b{self.batch_size}-{self.phase}")  # fmt: skip
+
+    @property
+    def per_device_batch(self) -> int:
+        """Images each replica computes per step."""
+        return self.batch_size // self.devices
 
     def to_dict(self) -> dict[str, object]:
         """Plain dict for JSON and CSV rows."""
@@ -142,21 +161,33 @@ class RunSettings:
     # Implementation variants per framework, in that framework's order (impls.registry.IMPLS). Runs recorded
     # before variants existed measured the default one, which an empty mapping stands for.
     impls: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    # Data-parallel device counts (--devices). One device measures every phase as before; more measure the
+    # forward_backward phase in each framework's own data-parallel engine, in the executions it supports there.
+    devices: tuple[int, ...] = (1,)
+    # True when --batch-size was not given and some count is above 1: batch_sizes are then per-device batches
+    # and a cell on N devices takes a global batch of N x that (weak scaling, so scaling_efficiency has its
+    # 1-device twin); False: batch_sizes are global batches, each split over N.
+    batch_per_device: bool = False
 
     def impls_of(self, framework: str) -> tuple[str, ...]:
         """The variants measured for `framework`: its entry in `impls`, else the default variant alone."""
         return tuple(self.impls.get(framework, (DEFAULT_IMPL,)))
 
     def cells(self) -> list[Cell]:
-        """Every cell of the run, in a stable order: framework, variant, execution, precision, batch, phase."""
-        return [
-            Cell(fw, ex, pr, bs, ph, impl)
-            for fw in self.frameworks
-            for impl in self.impls_of(fw)
-            for ex, pr, bs, ph in itertools.product(
-                self.executions[fw], self.precisions, self.batch_sizes, self.phases
-            )
-        ]
+        """Every cell of the run, in a stable order: devices, framework, variant, execution, precision, batch,
+        phase. On more than one device only the forward_backward phase, in the executions the framework's
+        data-parallel engine supports (impls.registry.DATA_PARALLEL_EXECUTIONS)."""
+        cells = []
+        for n in self.devices:
+            phases = self.phases if n == 1 else tuple(ph for ph in self.phases if ph == DATA_PARALLEL_PHASE)
+            batches = tuple(b * n for b in self.batch_sizes) if self.batch_per_device else self.batch_sizes
+            for fw in self.frameworks:
+                executions = self.executions[fw] if n == 1 else tuple(
+                    ex for ex in self.executions[fw] if ex in DATA_PARALLEL_EXECUTIONS[fw])
+                for impl in self.impls_of(fw):
+                    cells += [Cell(fw, ex, pr, bs, ph, impl, n)
+                              for ex, pr, bs, ph in itertools.product(executions, self.precisions, batches, phases)]
+        return cells
 
     def placement(self) -> dict[str, Any]:
         """What every worker of this run is told besides its own cell: the network, where, the seed, the math."""
@@ -186,7 +217,9 @@ class RunSettings:
         fields["executions"] = {fw: tuple(ex) for fw, ex in fields["executions"].items()}
         fields["impls"] = {fw: tuple(v) for fw, v in fields.get("impls", {}).items()}
         fields.pop("variant_executions", None)  # recorded (always empty) by commits 7f180ee-56bbce8, since dropped
-        for key in ("frameworks", "batch_sizes", "phases", "precisions"):
+        for key in ("frameworks", "batch_sizes", "phases", "precisions", "devices"):
+            if key not in fields:  # "devices": runs recorded before data parallelism
+                continue
             fields[key] = tuple(fields[key])
         return cls(**fields)
 
@@ -351,6 +384,47 @@ def resolve_device(requested: str) -> str:
     return "gpu" if present else "cpu"
 
 
+def offered_devices(device: str) -> int:
+    """Data-parallel devices this machine can offer: its GPUs that NVML sees, or on a CPU one per usable core
+    (each replica of a CPU run is a process or device with its own share of the cores)."""
+    if device == "gpu":
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        count = len(nvml.gpus())
+        return min(count, len([v for v in visible.split(",") if v.strip()])) if visible else count
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def check_devices(counts: tuple[int, ...], device: str, phases: tuple[str, ...], batch_sizes: tuple[int, ...],
+                  config: HourglassConfig, *, given_batch: bool) -> bool:  # fmt: skip
+    """SettingsError for device counts this run cannot measure; returns whether batch sizes are per device
+    (RunSettings.batch_per_device: no --batch-size given and a count above 1)."""
+    several = [n for n in counts if n > 1]
+    if not several:
+        return False
+    listed = ",".join(map(str, counts))
+    if DATA_PARALLEL_PHASE not in phases:
+        raise SettingsError(f"--devices {listed} measures data-parallel training (the forward_backward phase), but "
+                            f"--phase is {','.join(phases)}; add --phase forward_backward or --phase all")  # fmt: skip
+    offered = offered_devices(device)
+    if max(several) > offered:
+        what = "GPUs" if device == "gpu" else "CPU devices (one per usable core)"
+        raise SettingsError(f"--devices {listed}: this machine offers {offered} {what}, not {max(several)}; "
+                            f"use at most --devices {offered}")  # fmt: skip
+    if given_batch:
+        for n in several:
+            bad = [b for b in batch_sizes if b % n]
+            if bad:
+                raise SettingsError(f"--batch-size {bad[0]} is the global batch and does not split over {n} devices; "
+                                    f"use a multiple of {n} (per-device batch = global / devices)")  # fmt: skip
+    smallest = smallest_train_batch(config)
+    per_device = min(b // n for n in several for b in batch_sizes) if given_batch else min(batch_sizes)
+    if per_device < smallest:
+        raise SettingsError(f"a per-device batch of {per_device} leaves train-mode batch norm one value per channel "
+                            f"at the innermost level of this network; give each device at least {smallest} images "
+                            "(--batch-size is the global batch)")  # fmt: skip
+    return not given_batch
+
+
 # ---------------------------------------------------------------- the whole run
 
 
@@ -379,6 +453,7 @@ def build_settings(
     autotune: str | None = None,
     out: str = "results",
     protocol: str = "default",
+    devices: str | None = None,
 ) -> RunSettings:
     """RunSettings from the `run` command's option strings (None = not given); raises SettingsError."""
     frameworks = parse_frameworks(framework)
@@ -445,13 +520,20 @@ def build_settings(
     else:
         impls = {fw: tuple(v for v in defaults.impls.get(fw, (DEFAULT_IMPL,)) if v in IMPLS[fw]) for fw in frameworks}
 
+    phases = parse_choices("--phase", phase, PHASES) if phase is not None else PHASES
+    device_counts = parse_int_list("--devices", devices) if devices is not None else (1,)
+    batch_per_device = check_devices(device_counts, resolved_device, phases, batch_sizes, config,  # type: ignore[arg-type]
+                                     given_batch=batch_size is not None or protocol == "seed")  # fmt: skip
+
     return RunSettings(
         frameworks=frameworks,
         framework_selection=framework if explicit else "all",
         preset=preset_name,
         config=config,
         batch_sizes=batch_sizes,  # type: ignore[arg-type]
-        phases=parse_choices("--phase", phase, PHASES) if phase is not None else PHASES,
+        phases=phases,
+        devices=tuple(sorted(device_counts)),
+        batch_per_device=batch_per_device,
         executions=executions,
         impls=impls,
         precisions=parse_choices("--precision", precision, PRECISIONS) if precision is not None else ("fp32",),

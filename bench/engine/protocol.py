@@ -131,6 +131,9 @@ class CellSpec(WorkerSpec):
     # A run's own compilation cache, shared by the rounds of its cells: round 1 finds it empty (a cold first
     # call), later rounds reuse what round 1 compiled. Empty: every compilation cache off (WORKER_ENV).
     compile_cache_dir: str = ""
+    # Data-parallel replicas (batch_size is the global batch): above 1 the worker builds the framework's
+    # data-parallel model (impls/<framework>_data_parallel.py) instead of the single-device one.
+    devices: int = 1
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -405,3 +408,38 @@ class GradientCheckResult(WorkerResult):
 
 SPEC_TYPES[GradientCheckSpec.MODE] = GradientCheckSpec
 RESULT_TYPES[GradientCheckSpec.MODE] = GradientCheckResult
+
+
+# ---------------------------------------------------------------- data-parallel check (before timing)
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataParallelCheckSpec(WorkerSpec):
+    """`data_parallel_check`: one data-parallel training step of the canonical weights on `devices` replicas
+    (impls.spec.random_batch(config, batch_size, seed), the global batch), and the same step computed shard
+    by shard on one device (impls.data_parallel.shardwise_reference); both gradients saved as .npz."""
+
+    MODE: ClassVar[str] = "data_parallel_check"
+    execution: str
+    precision: str
+    batch_size: int
+    devices: int
+    output_npz: str  # the data-parallel step's gradients: canonical parameter name -> gradient
+    reference_npz: str  # the shard-by-shard reference's
+
+
+@dataclass(kw_only=True)
+class DataParallelCheckResult(WorkerResult):
+    """Both losses; the gradients are in the spec's files."""
+
+    loss: float | None = None
+    reference_loss: float | None = None
+
+
+SPEC_TYPES[DataParallelCheckSpec.MODE] = DataParallelCheckSpec
+RESULT_TYPES[DataParallelCheckSpec.MODE] = DataParallelCheckResult
+
+
+def spec_devices(spec: WorkerSpec) -> int:
+    """The data-parallel replicas a spec asks for (1 for every mode without any)."""
+    return int(getattr(spec, "devices", 1))

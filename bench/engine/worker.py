@@ -10,6 +10,10 @@ The only module of `bench` that loads a framework (through `impls.load`). The pa
 - `overhead`: the harness's loop against a bare loop on the same model (`python -m bench overhead`).
 - `profile`: the framework's own profile of one cell (`profile()`, impls/profiling.py; `python -m bench profile`).
 - `gradient_check`: one train-mode step's loss and gradients (fp64 in `bench run`), saved as .npz.
+- `data_parallel_check`: one data-parallel step's gradients and the shard-by-shard reference's, as .npz.
+
+A spec with `devices` above 1 (a data-parallel cell or check) also loads impls/<framework>_data_parallel.py
+and calls its configure_devices first thing after the import, before the framework starts its runtime.
 
 A Python exception becomes a result with status failed or oom and the traceback's tail; a hard crash
 writes nothing and the parent reads the exit status and stderr instead. Progress markers go to stderr
@@ -70,6 +74,16 @@ def load_backend(framework: str) -> ModuleType:
     import impls
 
     return impls.load(framework)
+
+
+def load_data_parallel(framework: str) -> ModuleType:
+    """The framework's data-parallel module, or the test override's stand-in for it."""
+    override = os.environ.get(BACKEND_OVERRIDE_ENV)
+    if override:
+        return importlib.import_module(override).load_data_parallel(framework)
+    from impls.registry import load_data_parallel as load_module
+
+    return load_module(framework)
 
 
 def classify_exception(err: BaseException) -> str:
@@ -169,7 +183,9 @@ def _timed(loop: LoopSettings, step: Callable[[], None], on_stage: Callable[[str
 
 
 def run_cell(backend: ModuleType, spec: CellSpec) -> dict[str, Any]:
-    """Build, time and measure one cell."""
+    """Build, time and measure one cell (on several devices: run_data_parallel_cell)."""
+    if spec.devices > 1:
+        return run_data_parallel_cell(backend, spec)
     config = _config(spec)
     probe = _MemoryProbe(spec.device)  # before anything of this process is on the GPU
     device = _device(backend, spec)
@@ -225,6 +241,86 @@ def run_cell(backend: ModuleType, spec: CellSpec) -> dict[str, Any]:
     if slowdown:
         result["injected_slowdown"] = slowdown
     return result
+
+
+def _slowest_rank(result: dict[str, Any], model: Any) -> None:
+    """Where the replicas are processes of their own (torch DDP), a step ends on each rank at its own time:
+    keep, per step, the slowest rank's duration (the first call's too). The other ranks report every call
+    they made: the first, the warm-up ones and the timed ones, in order."""
+    rank_step_ns = getattr(model, "rank_step_ns", None)
+    if rank_step_ns is None:
+        return
+    samples = result["samples_ns"]
+    for calls in rank_step_ns():
+        if len(calls) < len(samples) + 1:
+            raise RuntimeError(f"a data-parallel rank reported {len(calls)} steps, fewer than the "
+                               f"{len(samples) + 1} rank 0 made")  # fmt: skip
+        samples = [max(own, other) for own, other in zip(samples, calls[-len(samples):], strict=True)]
+        result["first_call_ms"] = max(result["first_call_ms"], calls[0] / 1e6)
+    result["samples_ns"] = samples
+
+
+def run_data_parallel_cell(backend: ModuleType, spec: CellSpec) -> dict[str, Any]:
+    """Build the framework's data-parallel model on spec.devices replicas, then time its training step as
+    run_cell does. A step ends when every replica's gradients are all-reduced (the module's contract); for
+    rank processes the slowest rank's time is the step's. Device memory is not read: the replicas' memory is
+    spread over devices and processes (host_peak_rss_bytes is this process's, rank 0's)."""
+    dp = load_data_parallel(spec.framework)
+    config = _config(spec)
+    device = _device(backend, spec)
+    runtime = runtime_record(backend)
+    stage("build")
+    t0 = time.perf_counter()
+    model = dp.build_data_parallel(config, devices=spec.devices, device=device, precision=spec.precision,
+                                   execution=spec.execution, impl=spec.impl)  # fmt: skip
+    build_s = time.perf_counter() - t0
+    try:
+        stage("setup")
+        t0 = time.perf_counter()
+        step = model.benchmark_step(spec.phase, spec.batch_size, spec.seed)
+        setup_s = time.perf_counter() - t0
+        slowdown = proto.injected_slowdown(os.environ)
+        result = _timed(spec.loop, slowed(step, slowdown), stage)
+        _slowest_rank(result, model)
+        result.update(device=device, build_s=build_s, setup_s=setup_s, runtime_info=runtime,
+                      num_params=model.num_params())  # fmt: skip
+        if slowdown:
+            result["injected_slowdown"] = slowdown
+        return result
+    finally:
+        stage("close")
+        model.close()
+
+
+def run_data_parallel_check(backend: ModuleType, spec: Any) -> dict[str, Any]:
+    """The data-parallel step's loss and gradients on the global batch, and the shard-by-shard reference's
+    on one device (per-replica batch norm in both), each saved for the parent to compare."""
+    from impls import init_weights
+    from impls.data_parallel import shardwise_reference
+    from impls.spec import random_batch
+
+    dp = load_data_parallel(spec.framework)
+    config = _config(spec)
+    device = _device(backend, spec)
+    weights = init_weights(config, seed=0)
+    x, target = random_batch(config, spec.batch_size, spec.seed)  # (N, H, W, 3), (N, H/4, W/4, K): global
+    stage("build")
+    model = dp.build_data_parallel(config, weights, devices=spec.devices, device=device, precision=spec.precision,
+                                   execution=spec.execution, impl=spec.impl)  # fmt: skip
+    try:
+        stage("loss_and_grads")
+        loss, grads = model.loss_and_grads(x, target)
+    finally:
+        stage("close")
+        model.close()
+    stage("reference")
+    single = backend.build(config, weights, device=device, precision=spec.precision, execution=spec.execution,
+                           impl=spec.impl)  # fmt: skip
+    reference_loss, reference = shardwise_reference(single, x, target, spec.devices)
+    np.savez(spec.output_npz, **{name: np.asarray(g) for name, g in grads.items()})
+    np.savez(spec.reference_npz, **{name: np.asarray(g) for name, g in reference.items()})
+    return {"device": device, "loss": float(loss), "reference_loss": float(reference_loss),
+            "runtime_info": runtime_record(backend)}  # fmt: skip
 
 
 def run_equivalence(backend: ModuleType, spec: EquivalenceSpec) -> dict[str, Any]:
@@ -381,6 +477,8 @@ def execute(spec: WorkerSpec) -> proto.WorkerResult:
         stage("import")
         t0 = time.perf_counter()
         backend = load_backend(spec.framework)
+        if proto.spec_devices(spec) > 1:  # before the framework starts its runtime (host or logical devices)
+            load_data_parallel(spec.framework).configure_devices(proto.spec_devices(spec), spec.device)
         envelope["import_s"] = time.perf_counter() - t0
         envelope["math"] = _configure_math(backend, spec)
         payload = MODES[spec.MODE](backend, spec)
@@ -427,6 +525,7 @@ def run_gradient_check(backend: ModuleType, spec: GradientCheckSpec) -> dict[str
 
 
 MODES[GradientCheckSpec.MODE] = run_gradient_check
+MODES[proto.DataParallelCheckSpec.MODE] = run_data_parallel_check
 
 
 if __name__ == "__main__":

@@ -47,7 +47,7 @@ from bench.engine.protocol import (
     injected_slowdown,
 )
 from bench.engine.session import INTERRUPTED_EXIT_CODES, WorkerSession, run_guarded
-from bench.run import gradients
+from bench.run import data_parallel, gradients, scaling
 from bench.run.devices import gpu_fallbacks
 from bench.run.equivalence import compare
 from bench.run.plan import round_order
@@ -390,7 +390,7 @@ class Runner:
         cache = str(self.session.workdir / "compile-cache") if s.rounds > 1 else ""
         spec = CellSpec(framework=cell.framework, execution=cell.execution, precision=cell.precision,
                         batch_size=cell.batch_size, phase=cell.phase, loop=s.loop(), compile_cache_dir=cache,
-                        impl=cell.impl, **self._placement())  # fmt: skip
+                        impl=cell.impl, devices=cell.devices, **self._placement())  # fmt: skip
         name = cell.cell_id if s.rounds == 1 else f"{cell.cell_id}-round{round_number}"
         outcome = self.session.call(spec, name)
         result = outcome.result
@@ -416,9 +416,12 @@ class Runner:
         equivalence = self.record.get("equivalence", {}).get("frameworks", {}).get(key, {})
         row["equivalence_max_rel_err"] = equivalence.get("max_rel_err")
         row["equivalent"] = equivalence.get("equivalent")
-        gradient = (self.record.get("gradient_check") or {}).get("frameworks", {}).get(key, {})
+        # On several devices the gradients that matter are the data-parallel step's (bench.run.data_parallel).
+        checks = self.record.get("data_parallel_check" if cell.devices > 1 else "gradient_check") or {}
+        gradient = checks.get("frameworks", {}).get(data_parallel.entry_key(key, cell.devices) if cell.devices > 1 else key, {})
         row["gradient_max_rel_err"] = gradient.get("max_rel_err")
         row["gradients_equivalent"] = gradient.get("equivalent")
+        row["per_device_batch"] = cell.per_device_batch
         best = ceilings(self.store.rows())
         if row.get("achieved_gflop_per_s") is not None:
             for who, rate_column, share_column in (("*", "conv_ceiling_gflop_per_s", "ceiling_fraction"),
@@ -462,6 +465,10 @@ class Runner:
                 self.check_equivalence(progress, task)
                 self.check_gradients(progress, task)
                 self._warn_threads()
+            if s.checks and not self.record.get("data_parallel_check") and any(n > 1 for n in s.devices):
+                self.record["data_parallel_check"] = data_parallel.check(self, progress, task)
+                self._save_record()
+                data_parallel.announce(self.console, self.record["data_parallel_check"])
             for fw in calibrations:
                 progress.update(task, description=f"{fw}: conv and GEMM calibration")
                 self.calibrate(fw)
@@ -477,6 +484,7 @@ class Runner:
                 if row["status"] != "ok":
                     progress.console.print(f"[red]{row['status']}[/] {label}")
                 progress.advance(task)
+        self._fill_scaling()
         self.record["bench_wall_s"] = self.record.get("bench_wall_s", 0.0) + time.perf_counter() - started
         self.record["status"] = "complete"
         self.record["load_average_at_end"] = envinfo.load_average()
@@ -489,7 +497,15 @@ class Runner:
             self.console.print("one round per cell: intervals know the noise within one worker process only "
                                "(use --rounds 3 or more for intervals that include the process-to-process noise)")  # fmt: skip
         self.console.print(f"wall time {self.record['bench_wall_s']:.0f} s; results: {escape(str(self.store.run_dir))}")
-        return exit_code(rows, {**self.record.get("equivalence", {}).get("frameworks", {}), **self._gradient_entries()})
+        return exit_code(rows, {**self.record.get("equivalence", {}).get("frameworks", {}), **self._gradient_entries(),
+                                **data_parallel.entries(self.record)})
+
+    def _fill_scaling(self) -> None:
+        """scaling_efficiency of every multi-device cell whose 1-device twin this run measured (bench.run.scaling)."""
+        found = scaling.efficiencies(self.store.rows())
+        for row in self.store.rows():
+            if str(row["cell_id"]) in found:
+                self.store.add({**row, "scaling_efficiency": found[str(row["cell_id"])]}, self.store.rounds_of(str(row["cell_id"])))
 
     def _todo(self) -> list[tuple[int, Cell]]:
         """(round, cell) still to measure, in the run's interleaved order (a resumed run skips what is done)."""
