@@ -85,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
                      "applied alike in every framework; a CPU computes fp32 in IEEE anyway")  # fmt: skip
     how.add_argument("--autotune", metavar="on|off", help="on a GPU: cuDNN/XLA autotuning in every framework (default on)")
     how.add_argument("--rounds", metavar="N",
-                     help="worker processes per cell, interleaved over all cells (default: 1); intervals "
+                     help="worker processes per cell, interleaved over all cells (default: 1 on a CPU, 3 on a GPU); intervals "
                      "include the process-to-process noise only with 2 or more")  # fmt: skip
     how.add_argument("--timing-only", action="store_true", default=None,
                      help="measure the cells only: no equivalence or gradient check and no calibration first "

@@ -106,6 +106,22 @@ def test_a_devices_run_checks_the_data_parallel_gradients_and_fills_scaling(
     assert len(samples) == 3 and set(samples["devices"].astype(int)) == {2}
 
 
+def test_the_report_and_compare_of_a_devices_run_show_and_match_the_multi_device_cells(
+    fake: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ["--framework", "jax", "--execution", "default", "--devices", "1,2", "--phase", "forward_backward"]
+    assert run(tmp_path / "a", *args)[0] == 0 and run(tmp_path / "b", *args)[0] == 0
+    (first,), (second,) = (tmp_path / "a").iterdir(), (tmp_path / "b").iterdir()
+    assert cli.main(["report", str(first), "--out", str(tmp_path / "report")]) == 0
+    page = (tmp_path / "report" / "report.md").read_text()
+    assert "## Data parallelism (--devices)" in page and "jax-jit-fp32-d2-b2-forward_backward" in page
+    assert "not how it scales on separate devices" in page and "| jax d2 | ok | jit | 2 |" in page
+    assert (tmp_path / "report" / "scaling.png").stat().st_size > 10_000
+    capsys.readouterr()
+    cli.main(["compare", str(first), str(second)])  # its verdict on fake timings is beside the point
+    assert "jax-jit-fp32-d2-b2-forward_backward" in capsys.readouterr().out
+
+
 def test_data_parallel_gradients_off_their_reference_fail_the_run(fake: pytest.MonkeyPatch, tmp_path: Path,
                                                                   capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
     fake.setenv("HGBENCH_FAKE_FAULTS", "dpdisagree@jax")

@@ -20,6 +20,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from bench.core.numbers import num
 from impls.registry import DEFAULT_IMPL
 
 _STATUS_STYLE = {"ok": "green", "skipped": "yellow", "failed": "bold red", "oom": "bold red", "timeout": "bold red"}
@@ -58,22 +59,14 @@ def alarm(console: Console, title: str, text: str) -> None:
     console.print(Panel(escape(text), title=escape(title), style="bold red"))
 
 
-def _num(value: Any) -> float:
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        return math.nan
-    return number
-
-
 def _fmt(value: Any, spec: str, scale: float = 1.0) -> str:
-    number = _num(value)
+    number = num(value)
     return "" if math.isnan(number) else format(number * scale, spec)
 
 
 def _memory(row: Mapping[str, Any]) -> str:
     for column in ("gpu_allocator_peak_bytes", "host_peak_rss_bytes"):
-        number = _num(row.get(column))
+        number = num(row.get(column))
         if not math.isnan(number):
             label = "gpu" if column.startswith("gpu") else "rss"
             return f"{number / 2**20:,.0f} MiB {label}"
@@ -101,8 +94,8 @@ def summary_table(rows: Iterable[Mapping[str, Any]], title: str) -> Table:
         table.add_column(name, justify="left" if name in ("cell", "status") else "right", no_wrap=True)
     for row in rows:
         status = str(row.get("status", ""))
-        median = _num(row.get("latency_ms_median"))
-        iqr_pct = _num(row.get("latency_ms_iqr")) / median * 100 if median else math.nan
+        median = num(row.get("latency_ms_median"))
+        iqr_pct = num(row.get("latency_ms_iqr")) / median * 100 if median else math.nan
         low, high = (
             _fmt(row.get("latency_ms_median_ci95_low"), ".2f"),
             _fmt(row.get("latency_ms_median_ci95_high"), ".2f"),
@@ -111,7 +104,10 @@ def summary_table(rows: Iterable[Mapping[str, Any]], title: str) -> Table:
         phase = str(row.get("phase", ""))
         impl = row.get("impl")
         variant = f"{row.get('framework')}" + (f" {impl}" if impl and impl != DEFAULT_IMPL else "")
-        cell = f"{variant} {row.get('execution')} {row.get('precision')} b{row.get('batch_size')} {_PHASE_SHORT.get(phase, phase)}"
+        devices = num(row.get("devices"))
+        where = f" d{int(devices)}" if devices > 1 else ""  # data parallel: devices, then the global batch
+        cell = (f"{variant} {row.get('execution')} {row.get('precision')}{where} b{row.get('batch_size')} "
+                f"{_PHASE_SHORT.get(phase, phase)}")  # fmt: skip
         table.add_row(
             cell,
             f"[{_STATUS_STYLE.get(status, 'default')}]{status}[/]",

@@ -67,8 +67,11 @@ _DEFAULTS: dict[str, _Defaults] = {
         min_time_s=3.0,
         rounds=1,
     ),
-    # GPU: the seed's batch of 16, every execution, a warm-up long enough for autotuning.
-    "gpu": _Defaults(batch_sizes=(16,), executions=dict(EXECUTIONS), warmup=10, iters=500, min_time_s=3.0, rounds=1),
+    # GPU: the seed's batch of 16, every execution, a warm-up long enough for autotuning, and three rounds:
+    # on an H200 (results/20261130-h200-*) one process's 95% interval missed what the next process measured
+    # (torch eager forward_backward 65.2-67.5 ms in one process, 76.9-83.9 ms medians in four others; JAX
+    # jit forward 17.4-18.4 ms, then 19.1 and 19.3), while a worker there costs seconds, not minutes.
+    "gpu": _Defaults(batch_sizes=(16,), executions=dict(EXECUTIONS), warmup=10, iters=500, min_time_s=3.0, rounds=3),
 }
 
 # `--protocol seed`: the seed's loop exactly: batch 16, 10 untimed burn-in calls (our first call plus 9

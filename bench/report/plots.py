@@ -45,6 +45,7 @@ FIGURE_PX: dict[str, tuple[int, int]] = {
     "efficiency": (1400, 700),
     "stage_shares": (1400, 700),
     "maxbatch": (1400, 900),
+    "scaling": (1400, 650),
 }
 _FAILED_COLOR = "#B00020"
 
@@ -107,6 +108,8 @@ def _cell_label(row: pd.Series, multi_run: bool, show_batch: bool, show_precisio
     parts = [variant_label(row), str(row["execution"])]
     if show_precision:
         parts.append(str(row["precision"]))
+    if row.get("devices", 1) > 1:
+        parts.append(f"d{int(row['devices'])}")
     if show_batch:
         parts.append(f"b{row['batch_size']}")
     if multi_run:
@@ -489,3 +492,37 @@ def maxbatch(probes: pd.DataFrame, path: Path, title: str) -> Path:
     fig.suptitle(title)
     return _save(fig, path)
 
+
+
+def scaling(frame: pd.DataFrame, path: Path, title: str) -> Path:
+    """Data-parallel images/s against the device count, one line per framework, variant, execution, precision and
+    per-device batch, beside perfect scaling (N x the 1-device images/s, dashed); one panel per phase."""
+    ok = frame[(frame["status"] == "ok") & frame["throughput_img_per_s"].notna()].assign(
+        per_device=lambda f: f["batch_size"].astype(int) // f["devices"].astype(int))
+    phases = [p for p in _phases(frame) if (frame.loc[frame["phase"] == p, "devices"] > 1).any()]
+    if ok.empty or not phases:
+        return _empty("scaling", path, title, "no data-parallel cell was measured")
+    fig, axes = _figure("scaling", ncols=len(phases))
+    keys = ["run", "framework", "impl", "execution", "precision", "per_device"]
+    for ax, phase in zip(axes, phases, strict=True):
+        for key, group in ok[ok["phase"] == phase].groupby(keys, sort=True):
+            line = group.sort_values("devices")
+            if line["devices"].nunique() < 2 and (line["devices"] == 1).all():
+                continue
+            row = line.iloc[0]
+            label = f"{_cell_label(row, _multi_run(frame), False, ok['precision'].nunique() > 1)} b{key[-1]}/device"
+            ax.plot(line["devices"], line["throughput_img_per_s"], marker="o", color=framework_color(row["framework"]),
+                    linestyle=EXECUTION_LINESTYLE.get(row["execution"], "-"), label=label)  # fmt: skip
+            one = line[line["devices"] == 1]
+            if not one.empty:
+                counts = np.array(sorted(set(line["devices"])))
+                ax.plot(counts, counts * float(one["throughput_img_per_s"].iloc[0]), color=framework_color(row["framework"]),
+                        linestyle=(0, (1, 3)), alpha=0.5)  # fmt: skip
+        ax.set_xticks(sorted(set(ok["devices"].astype(int))))
+        ax.set_xlabel("devices (data-parallel replicas)")
+        ax.set_ylabel("images/s (global batch / step time)")
+        ax.set_title(f"{PHASE_TITLE.get(phase, phase)}: dotted = perfect scaling from 1 device")
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    fig.suptitle(title)
+    return _save(fig, path)

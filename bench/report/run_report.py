@@ -27,6 +27,7 @@ from bench.core.numbers import fmt
 from bench.core.rundir import RunData, is_profile_dir, read_profile, read_run
 from bench.core.settings import EXECUTIONS, execution_rank
 from bench.core.stats import CI_WITHIN, ratio_of_medians
+from bench.report import data_parallel_section as dp_section
 from bench.report import plots, profile_section, render
 from impls import FRAMEWORKS
 from impls.registry import DEFAULT_IMPL, IMPL_CHANGES
@@ -39,6 +40,7 @@ FIGURES: dict[str, str] = {
     "distribution": "Every timed iteration per cell",
     "compile_cost": "First call against steady state, and when compiling pays back",
     "efficiency": "Achieved GFLOP/s and share of the measured conv/GEMM ceiling",
+    "scaling": "Data-parallel throughput against devices, beside perfect scaling",
 }
 
 
@@ -85,7 +87,7 @@ def model_table(runs: Sequence[RunData]) -> pd.DataFrame:
         eager = table[(table["run"] == row["run"]) & (table["framework"] == row["framework"])
                       & (table["impl"] == row["impl"]) & (table["execution"] == "eager") & (table["precision"] == row["precision"])
                       & (table["batch_size"] == row["batch_size"]) & (table["phase"] == row["phase"])
-                      & (table["status"] == "ok")]  # fmt: skip
+                      & (table["devices"] == row["devices"]) & (table["status"] == "ok")]  # fmt: skip
         if eager.empty:
             has_eager = "eager" in EXECUTIONS.get(str(row["framework"]), ())
             table.at[i, "payback_note"] = "no eager cell to compare" if has_eager else "no eager mode"
@@ -109,7 +111,8 @@ def best_per_framework(table: pd.DataFrame, baseline: str, samples: pd.DataFrame
     A framework with no ok cell keeps a row that says why, so nothing is silently dropped.
     """
     rows = []
-    for (run_index, run, phase), group in table.groupby(["run_index", "run", "phase"], sort=True):
+    # One device: a data-parallel cell's throughput is several devices' (the scaling section shows those).
+    for (run_index, run, phase), group in table[table["devices"] == 1].groupby(["run_index", "run", "phase"], sort=True):
         ok = group[(group["status"] == "ok") & group["throughput_img_per_s"].notna()]
         base = ok[ok["framework"] == baseline]
         base_rate = base["throughput_img_per_s"].max() if not base.empty else math.nan
@@ -196,6 +199,12 @@ def collect_warnings(runs: Sequence[RunData], table: pd.DataFrame, best: pd.Data
                              "is not the same computation")  # fmt: skip
             elif entry.get("status") not in (None, "ok"):
                 notes.append(f"{prefix}{fw}'s gradient check {entry.get('status')}: {_last_line(entry.get('error'))}")
+        for name, entry in ((run.record.get("data_parallel_check") or {}).get("frameworks") or {}).items():
+            if entry.get("status") != "ok":
+                notes.append(f"{prefix}{name}: the data-parallel check {entry.get('status')}: {_last_line(entry.get('error'))}")
+            elif entry.get("equivalent") is False:
+                notes.append(f"{prefix}{name}: the data-parallel GRADIENTS DISAGREE (largest error "
+                             f"{entry.get('max_rel_err'):.3g}); its timings do not measure the same computation")  # fmt: skip
     for _, row in table.iterrows():
         prefix = f"[{row['run']}] " if len(runs) > 1 else ""
         cell = f"{row['cell_id']}"
@@ -295,7 +304,7 @@ def variant_gap(table: pd.DataFrame) -> pd.DataFrame:
     Every framework's variants are one computation (the equivalence checks), so the ratio is what the
     formulation alone is worth: the gap between the network as the framework's users write it and at its best.
     """
-    keys = ["run_index", "run", "framework", "execution", "precision", "batch_size", "phase"]
+    keys = ["run_index", "run", "framework", "execution", "precision", "devices", "batch_size", "phase"]
     ok = table[table["status"] == "ok"]
     rows = []
     for key, group in ok.groupby(keys, sort=True):
@@ -422,6 +431,9 @@ def build_report(run_dirs: Sequence[str | Path], out_dir: str | Path, baseline: 
     figures["distribution"] = plots.distribution(table, samples, out / "distribution.png", title)
     figures["compile_cost"] = plots.compile_cost(table, out / "compile_cost.png", title)
     figures["efficiency"] = plots.efficiency(table, out / "efficiency.png", title, _ceilings(runs))
+    parallel = not table.empty and bool((table["devices"] > 1).any())
+    if parallel:
+        figures["scaling"] = plots.scaling(table, out / "scaling.png", title)
 
     best = best_per_framework(table, baseline, samples) if not table.empty else pd.DataFrame()
     multi = len(runs) > 1
@@ -431,6 +443,8 @@ def build_report(run_dirs: Sequence[str | Path], out_dir: str | Path, baseline: 
         "cells": _cells_display(table, multi) if not table.empty else pd.DataFrame(),
         "equivalence": _equivalence_display(runs),
         "environment": render.environment_display(runs),
+        "scaling": dp_section.scaling_display(table, multi) if parallel else pd.DataFrame(),
+        "data_parallel_check": dp_section.check_display(runs),
     }
     notes = collect_warnings(runs, table, best, baseline)
     banners = _failure_banners(runs, table)
@@ -465,6 +479,9 @@ def _markdown(heading: str, title: str, baseline: str, banners: list[str], figur
     if not sections["variants"].empty:
         parts += ["## Implementation variants (each against the framework's idiomatic one, same cell)\n",
                   _VARIANTS_NOTE + "\n", render.md_table(sections["variants"])]
+    if not sections["scaling"].empty or not sections["data_parallel_check"].empty:
+        parts += [f"## {dp_section.TITLE}\n", dp_section.note(sections) + "\n", render.md_table(sections["scaling"]),
+                  f"### {dp_section.CHECK_TITLE}\n", render.md_table(sections["data_parallel_check"])]
     parts += ["## Warnings\n", render.warnings_md(notes)]
     parts.append("## Figures\n")
     for name, path in figures.items():
@@ -486,6 +503,10 @@ def _html(heading: str, title: str, baseline: str, banners: list[str], figures: 
     if not sections["variants"].empty:
         body += ["<h2>Implementation variants (each against the framework's idiomatic one, same cell)</h2>",
                  f"<p>{esc(_VARIANTS_NOTE)}</p>", render.html_table(sections["variants"], "variants-table")]
+    if not sections["scaling"].empty or not sections["data_parallel_check"].empty:
+        body += [f"<h2>{esc(dp_section.TITLE)}</h2>", f"<p>{esc(dp_section.note(sections))}</p>",
+                 render.html_table(sections["scaling"], "scaling-table"), f"<h3>{esc(dp_section.CHECK_TITLE)}</h3>",
+                 render.html_table(sections["data_parallel_check"], "data-parallel-check-table")]  # fmt: skip
     body += ["<h2>Warnings</h2>", render.warnings_html(notes), "<h2>Figures</h2>"]
     body += [render.figure_html(name, FIGURES[name], path) for name, path in figures.items()]
     body += ["<h2>Cells</h2>", render.html_table(sections["cells"], "cells-table")]
