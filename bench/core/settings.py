@@ -7,6 +7,7 @@ the CLI prints it on one line and exits 2. Defaults depend on the device (see `_
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import itertools
 import os
 from collections.abc import Mapping
@@ -38,6 +39,9 @@ MAX_ITERS = 10_000  # cap on timed iterations when only --min-time bounds the lo
 MIN_ITERS = 5  # a time budget still collects this many samples, so the spread means something
 EQUIVALENCE_RTOL = 1e-3  # fp32 heatmaps of the seed preset agree to ~1e-5; 1e-3 flags real disagreement
 DATA_PARALLEL_PHASE = "forward_backward"  # data parallelism measures the training step
+EXECUTORS: tuple[str, ...] = ("local", "ray")  # where workers run (bench.engine.executor)
+RAY_INSTALL = "pip install '.[ray]'"
+RAY_MISSING = f"--executor ray needs Ray, which is not installed; install it with: {RAY_INSTALL}"
 
 
 @dataclass(frozen=True)
@@ -171,6 +175,10 @@ class RunSettings:
     # and a cell on N devices takes a global batch of N x that (weak scaling, so scaling_efficiency has its
     # 1-device twin); False: batch_sizes are global batches, each split over N.
     batch_per_device: bool = False
+    # Where the workers run: "local" (this machine, one at a time) or "ray" (tasks of a Ray cluster, one per
+    # measurement slot: bench.engine.ray_executor). Runs recorded before executors existed ran locally.
+    executor: str = "local"
+    ray_address: str = ""  # --ray-address as given ("" = Ray's own rule, else a local cluster)
 
     def impls_of(self, framework: str) -> tuple[str, ...]:
         """The variants measured for `framework`: its entry in `impls`, else the default variant alone."""
@@ -370,6 +378,26 @@ def _parse_on_off(flag: str, text: str) -> bool:
     raise SettingsError(f"{flag} must be on or off, got {text!r}")
 
 
+def ray_installed() -> bool:
+    """Whether Ray can be imported (asked without importing it; the one place to ask, and to patch in tests)."""
+    return importlib.util.find_spec("ray") is not None
+
+
+def parse_executor(executor: str | None, ray_address: str | None) -> tuple[str, str]:
+    """--executor and --ray-address -> (executor, address); Ray asked for but not installed is bad input."""
+    chosen = (executor or "local").strip()
+    if chosen not in EXECUTORS:
+        raise SettingsError(f"--executor must be one of {', '.join(EXECUTORS)}, got {executor!r}")
+    address = (ray_address or "").strip()
+    if ray_address is not None and chosen != "ray":
+        raise SettingsError(f"--ray-address {ray_address!r} names a Ray cluster, but the run is local; add --executor ray")
+    if ray_address is not None and not address:
+        raise SettingsError("--ray-address must be HOST:PORT of a Ray cluster's head, auto or local, got ''")
+    if chosen == "ray" and not ray_installed():
+        raise SettingsError(RAY_MISSING)
+    return chosen, address
+
+
 def install_hint(framework: str) -> str:
     """The pip command for `framework` on this machine: its CUDA extra when NVML sees a GPU, else its CPU one."""
     return install_command(framework, gpu=nvml.gpu_present())
@@ -457,9 +485,12 @@ def build_settings(
     out: str = "results",
     protocol: str = "default",
     devices: str | None = None,
+    executor: str | None = None,
+    ray_address: str | None = None,
 ) -> RunSettings:
     """RunSettings from the `run` command's option strings (None = not given); raises SettingsError."""
     frameworks = parse_frameworks(framework)
+    executor_name, address = parse_executor(executor, ray_address)
     explicit = [i.strip().lower() for i in framework.split(",")] != ["all"]
     if explicit:
         missing = [fw for fw in frameworks if not is_installed(fw)]
@@ -552,4 +583,6 @@ def build_settings(
         checks=not timing_only,
         out_dir=out,
         protocol=protocol,
+        executor=executor_name,
+        ray_address=address,
     )

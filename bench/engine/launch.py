@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,11 +46,19 @@ class WorkerOutcome:
     result: WorkerResult
     wall_s: float = math.nan
     stage: str = ""  # the last stage the worker announced (where a crash or timeout struck)
+    host: str = ""  # the machine the worker ran on (socket.gethostname() there)
+    node_id: str = ""  # which node of the executor ran it: "local", or a Ray node's id (bench.core.nodes)
 
 
-def worker_env() -> dict[str, str]:
-    """The worker's environment: ours, plus the allocator knobs and the repository on the import path."""
+def worker_env(changes: Mapping[str, str | None] | None = None) -> dict[str, str]:
+    """The worker's environment: ours with `changes` applied (None removes a variable), plus the allocator
+    knobs and the repository on the import path."""
     env = dict(os.environ)
+    for key, value in (changes or {}).items():
+        if value is None:
+            env.pop(key, None)
+        else:
+            env[key] = value
     env.update(WORKER_ENV)
     env[procs.PARENT_PID_ENV] = str(os.getpid())  # the worker exits at once when its parent is already gone
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
@@ -118,10 +127,11 @@ def _wait(proc: subprocess.Popen[bytes], timeout_s: float, watch: _Watch) -> int
 
 
 def run_worker(spec: WorkerSpec, *, workdir: Path, name: str, log_path: Path, timeout_s: float,
-               run_dir: Path | None = None) -> WorkerOutcome:  # fmt: skip
+               run_dir: Path | None = None, env_changes: Mapping[str, str | None] | None = None) -> WorkerOutcome:  # fmt: skip
     """Run `python -m bench.engine.worker` on `spec` in a fresh process group; never raises for worker faults.
 
     With `run_dir`, the live worker is recorded in RUN/live_worker.json while it runs (bench.engine.procs).
+    `env_changes` adjust the worker's environment (worker_env): how a Ray task passes the driver's switches on.
     """
     spec_path, result_path = workdir / f"{name}.spec.json", workdir / f"{name}.result.json"
     write_json_atomic(spec_path, spec_to_json(spec))
@@ -132,7 +142,7 @@ def run_worker(spec: WorkerSpec, *, workdir: Path, name: str, log_path: Path, ti
         proc = subprocess.Popen(
             [sys.executable, "-m", "bench.engine.worker", str(spec_path), str(result_path)],
             cwd=REPO_ROOT,
-            env=worker_env(),
+            env=worker_env(env_changes),
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,

@@ -2,7 +2,8 @@
 
 A `WorkerSession` holds what every such loop needs: which frameworks are installed (a missing one is a
 skipped row with the install command), a temporary folder for the workers' spec and result files, one
-worker call per cell (log in RUN/logs/<name>.log, the run's timeout), each framework's runtime record kept
+worker call per cell (log in RUN/logs/<name>.log, the run's timeout) through the run's executor (this
+machine, or a Ray cluster that also runs a batch of cells at once: bench.engine.executor), each framework's runtime record kept
 once in run.json, warnings on the console and in run.json, and a progress bar. `run_guarded` turns Ctrl-C,
 SIGTERM, SIGHUP and a full disk into run.json status "interrupted", the resume hint and an exit code of
 its own (INTERRUPTED_EXIT_CODES, DISK_FULL_EXIT_CODE), with every row already written kept.
@@ -13,7 +14,7 @@ from __future__ import annotations
 import signal
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -27,7 +28,8 @@ from bench.core import envinfo, settings
 from bench.core.columns import LOGS_DIR
 from bench.core.files import DISK_FULL_EXIT_CODE, is_disk_full
 from bench.engine import procs
-from bench.engine.launch import WorkerOutcome, run_worker
+from bench.engine.executor import AbstractExecutor, Job, LocalExecutor
+from bench.engine.launch import WorkerOutcome
 from bench.engine.procs import WORKDIR_PREFIX
 from bench.engine.protocol import WorkerResult, WorkerSpec
 
@@ -50,8 +52,9 @@ class WorkerSession:
     """One run's workers: installed frameworks, the temp folder, the worker call, runtime records, warnings."""
 
     def __init__(self, run_dir: Path, record: dict[str, Any], frameworks: Sequence[str], timeout_s: float,
-                 console: Console | None = None) -> None:  # fmt: skip
+                 console: Console | None = None, executor: AbstractExecutor | None = None) -> None:  # fmt: skip
         self.run_dir = Path(run_dir)
+        self.executor = executor or LocalExecutor()
         self.record = record  # run.json being built; the caller saves it
         self.timeout_s = timeout_s
         self.console = console or out.make_console()
@@ -74,12 +77,27 @@ class WorkerSession:
             raise RuntimeError("WorkerSession used outside `with session.workers(...)`")
         return self._workdir
 
+    @property
+    def concurrent(self) -> bool:
+        """Whether the executor runs several workers at once (then the runner hands it a round at a time)."""
+        return self.executor.concurrent
+
     def call(self, spec: WorkerSpec, name: str) -> WorkerOutcome:
         """Run one worker on `spec` (inside `workers()`); its runtime record is kept once per framework."""
-        outcome = run_worker(spec, workdir=self.workdir, name=name, log_path=self.run_dir / LOGS_DIR / f"{name}.log",
-                             timeout_s=self.timeout_s, run_dir=self.run_dir)  # fmt: skip
+        outcome = self.executor.call(Job(spec, name), workdir=self.workdir, logs_dir=self.run_dir / LOGS_DIR,
+                                     timeout_s=self.timeout_s, run_dir=self.run_dir)  # fmt: skip
         self.note_runtime(spec.framework, outcome.result)
         return outcome
+
+    def run_many(self, jobs: Sequence[Job]) -> Iterator[tuple[int, WorkerOutcome]]:
+        """(index into `jobs`, outcome) as each worker finishes (inside `workers()`); whatever stops the caller
+        early (Ctrl-C, SIGTERM) stops the workers still running."""
+        outcomes = self.executor.run_many(jobs, workdir=self.workdir, logs_dir=self.run_dir / LOGS_DIR,
+                                          timeout_s=self.timeout_s, run_dir=self.run_dir)  # fmt: skip
+        with closing(outcomes):
+            for index, outcome in outcomes:
+                self.note_runtime(jobs[index].spec.framework, outcome.result)
+                yield index, outcome
 
     def note_runtime(self, framework: str, result: WorkerResult) -> None:
         """Keep the framework's runtime_info() in run.json the first time a worker reports it."""
