@@ -20,16 +20,36 @@ jax.sharding under jax.jit). Semantics, the same in all three:
 - the loss is the mean over replicas of each replica's loss (sum over stacks of the mean squared error on
   its shard), and the gradient the mean over replicas of each replica's gradient: what DDP's all-reduce
   average gives. `shardwise_reference` computes the same thing shard by shard on one device.
+
+`allreduce_profile(batch_size, seed=0, steps=5)` profiles `steps` of those steps (after PROFILE_WARMUP_STEPS
+untimed ones, on benchmark_step's inputs) with the framework's own profiler and returns an AllreduceProfile:
+how long the gradient all-reduce ops ran per step, beside the profiled steps' wall clock. The pieces every
+framework shares (argument checks, which event names are all-reduces, interval overlap, the result) are
+below; reading each profiler's trace is the framework module's.
 """
 
 from __future__ import annotations
 
-from typing import Protocol
+import math
+from collections.abc import Iterable, Sequence
+from typing import Protocol, TypedDict
 
 import numpy as np
 
 from impls.base import DEVICES, AbstractHourglassModel, check_step_args, check_train_batch, smallest_train_batch
 from impls.config import HourglassConfig
+
+PROFILE_WARMUP_STEPS = 2  # untimed steps allreduce_profile runs before the profiled ones (first-call work, caches)
+
+
+class AllreduceProfile(TypedDict):
+    """What allreduce_profile returns (a plain dict). Times are per step, in ms."""
+
+    allreduce_ms: float | None  # time in the gradient all-reduce ops: sum of their durations / steps (per replica)
+    step_ms: float  # wall clock of the profiled steps / steps, profiler on
+    allreduce_share: float | None  # allreduce_ms / step_ms: of all-reduce op time, not of exposed time
+    method: str  # one line: the profiler, the op names counted, whether they overlap compute; why None
+    ops: list[str]  # the distinct op/event names counted
 
 
 class DataParallelModel(Protocol):
@@ -51,6 +71,11 @@ class DataParallelModel(Protocol):
 
     def close(self) -> None:
         """Release every replica (ends rank processes where there are any). Idempotent."""
+
+    def allreduce_profile(self, batch_size: int, seed: int = 0, steps: int = 5) -> AllreduceProfile:
+        """`steps` data-parallel steps on benchmark_step's inputs, profiled by the framework's own profiler after
+        PROFILE_WARMUP_STEPS untimed ones: the gradient all-reduce's time per step and its share of the step.
+        Changes no state beyond what that many training steps change."""
 
 
 def check_device_count(devices: object) -> None:
@@ -140,3 +165,73 @@ def shardwise_reference(
     assert grads_sum is not None
     dtype = next(iter(grads_r.values())).dtype
     return float(np.mean(losses)), {k: (v / devices).astype(dtype) for k, v in grads_sum.items()}
+
+
+# ---------------------------------------------------------------------------------- all-reduce profiles
+
+
+def check_allreduce_profile_args(config: HourglassConfig, devices: int, batch_size: int, steps: object) -> int:
+    """ValueError naming a bad global batch (as benchmark_step's) or step count; returns the per-replica batch."""
+    per_replica = check_data_parallel_args(devices, "forward_backward", batch_size)
+    check_train_batch(config, per_replica)
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+        raise ValueError(f"steps must be a positive integer, got {steps!r}; profile at least one step")
+    return per_replica
+
+
+def is_allreduce(name: str) -> bool:
+    """Whether a profiler event or op name is an all-reduce, whatever the framework spells it: gloo:all_reduce,
+    c10d::allreduce_, nccl:all_reduce and NCCL's AllReduce kernels (torch), XLA's all-reduce.N and
+    all-reduce-start.N (JAX, TF under XLA), CollectiveReduceV2 and NcclAllReduce (TensorFlow)."""
+    flat = name.lower().replace("-", "").replace("_", "")
+    return "allreduce" in flat or flat.startswith("collectivereduce")
+
+
+def _union(intervals: Iterable[tuple[float, float]]) -> list[tuple[float, float]]:
+    """`intervals` (start, end) merged into disjoint ones, in order."""
+    merged: list[tuple[float, float]] = []
+    for start, end in sorted(intervals):
+        if merged and start <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], end))
+        else:
+            merged.append((start, end))
+    return merged
+
+
+def overlap_fraction(collective: Iterable[tuple[float, float]], compute: Iterable[tuple[float, float]]) -> float | None:
+    """The share of the time covered by `collective` intervals during which some `compute` interval ran too
+    (both (start, end) in one clock); None when the collective intervals cover no time."""
+    ours, theirs = _union(collective), _union(compute)
+    covered = sum(end - start for start, end in ours)
+    if covered <= 0:
+        return None
+    shared, j = 0.0, 0
+    for start, end in ours:
+        while j < len(theirs) and theirs[j][1] <= start:
+            j += 1
+        k = j
+        while k < len(theirs) and theirs[k][0] < end:
+            shared += min(end, theirs[k][1]) - max(start, theirs[k][0])
+            k += 1
+    return shared / covered
+
+
+def describe_overlap(fraction: float | None, whose: str) -> str:
+    """The method-line phrase "X% of that time <whose> compute ran beside them"."""
+    if fraction is None:
+        return "no all-reduce time to overlap"
+    return f"{fraction:.0%} of that time {whose} compute ran beside them"
+
+
+def allreduce_result(allreduce_ms: float | None, wall_ms: Sequence[float], method: str,
+                     ops: Iterable[str]) -> AllreduceProfile:  # fmt: skip
+    """The AllreduceProfile for all-reduce time `allreduce_ms` per step (None: not exposed by the profile) and
+    the profiled steps' wall times `wall_ms`."""
+    if not wall_ms:
+        raise ValueError("no profiled step: wall_ms is empty")
+    step_ms = sum(wall_ms) / len(wall_ms)
+    if not math.isfinite(step_ms) or step_ms <= 0:
+        raise ValueError(f"the profiled steps' wall clock is not a positive time: {list(wall_ms)} ms")
+    share = None if allreduce_ms is None else allreduce_ms / step_ms
+    return AllreduceProfile(allreduce_ms=allreduce_ms, step_ms=step_ms, allreduce_share=share, method=method,
+                            ops=sorted(set(ops)))  # fmt: skip

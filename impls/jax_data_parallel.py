@@ -31,11 +31,15 @@ MirroredStrategy's ON_READ/MEAN moving averages give (DDP instead keeps rank 0's
 from __future__ import annotations
 
 import contextlib
+import gzip
+import json
 import os
 import re
+import tempfile
 from collections.abc import Callable
+from pathlib import Path
 from types import TracebackType
-from typing import Self
+from typing import Any, Self
 
 import jax
 import jax.numpy as jnp
@@ -48,11 +52,18 @@ from impls import base, spec
 from impls.base import check_build_args, resolve_weights
 from impls.config import HourglassConfig
 from impls.data_parallel import (
+    PROFILE_WARMUP_STEPS,
+    AllreduceProfile,
+    allreduce_result,
+    check_allreduce_profile_args,
     check_data_parallel_args,
     check_device_count,
     check_device_name,
     check_global_batch,
     check_offered,
+    describe_overlap,
+    is_allreduce,
+    overlap_fraction,
 )
 from impls.jax_hourglass import (
     IMPLS,
@@ -202,6 +213,25 @@ class JaxDataParallel:
 
         return step_x64
 
+    def allreduce_profile(self, batch_size: int, seed: int = 0, steps: int = 5) -> AllreduceProfile:
+        """`steps` calls of benchmark_step's step under jax.profiler.trace, after PROFILE_WARMUP_STEPS untimed ones:
+        the time each device spends in the all-reduce ops that carry gradients, per step, averaged over the
+        devices. No state changes (benchmark_step's step updates none)."""
+        from impls.profilers.jax_profiling import _profiled_steps  # here: a benchmark run loads no profiler
+
+        check_allreduce_profile_args(self.config, self.devices, batch_size, steps)
+        step = self.benchmark_step("forward_backward", batch_size, seed)
+        for _ in range(PROFILE_WARMUP_STEPS):
+            step()
+        function, args = self.step_program(batch_size, seed)
+        with self.scope():
+            hlo = function.lower(*args).compile().as_text()  # jit's cache: the program the steps run
+        with tempfile.TemporaryDirectory(prefix="hgbench-jax-allreduce-") as trace_dir:
+            wall_ms, files, _ = _profiled_steps(step, steps, Path(trace_dir))
+            perfetto = next(Path(trace_dir, f) for f in files if f.endswith("perfetto_trace.json.gz"))
+            events = _hlo_events(perfetto)
+        return _allreduce_profile(events, _gradient_allreduces(hlo), wall_ms, steps, self.devices)
+
     def export_weights(self) -> dict[str, np.ndarray]:
         """Parameters and running statistics (identical on every replica) as canonical numpy."""
         params, stats = self._live()
@@ -248,6 +278,81 @@ class JaxDataParallel:
                                self._batch_sharding)
                 for a in (x, target)
             )  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------ all-reduce profile
+# One HLO instruction: its name, then its opcode (the first "word(" after the result shape).
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?([\w.-]+) = .*? ([\w-]+)\(")
+
+
+def _gradient_allreduces(hlo: str) -> dict[str, bool]:
+    """Every all-reduce instruction of compiled HLO text -> whether it carries gradients.
+
+    XLA's all-reduce combiner packs the step's cross-replica reductions into few tuple all-reduces: the
+    replica-mean of the gradients (their op_name metadata names the backward pass, "transpose(jvp(...))"),
+    of the loss and of the BN running statistics ("jvp(...)/reduce_sum"), in whatever mix it chooses.
+    """
+    found: dict[str, bool] = {}
+    for line in hlo.splitlines():
+        match = _INSTRUCTION.match(line)
+        if match and is_allreduce(match.group(2)):
+            found[match.group(1)] = "transpose(" in line
+    return found
+
+
+def _hlo_events(perfetto_path: Path) -> list[dict[str, Any]]:
+    """The executed HLO ops of a jax.profiler perfetto trace: {"op", "device", "start_us", "end_us"}.
+
+    As impls.profilers.jax_profiling._op_events reads it, plus the device: XLA:CPU's thunks carry a
+    device_ordinal; on a GPU the kernels lie on one /device: row per GPU, which replace the host's launches.
+    """
+    with gzip.open(perfetto_path, "rt") as file:
+        events = json.load(file)["traceEvents"]
+    device_pids = {e["pid"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"
+                   and str(e.get("args", {}).get("name", "")).startswith("/device:")}  # fmt: skip
+    ops = [e for e in events if e.get("ph") == "X" and "hlo_op" in e.get("args", {})]
+    ops = [e for e in ops if e["pid"] in device_pids] or ops
+    return [{"op": e["args"]["hlo_op"], "device": e["args"].get("device_ordinal", e["pid"]), "start_us": e["ts"],
+             "end_us": e["ts"] + e["dur"]} for e in ops]  # fmt: skip
+
+
+def _allreduce_profile(events: list[dict[str, Any]], gradient: dict[str, bool], wall_ms: list[float], steps: int,
+                       devices: int) -> AllreduceProfile:  # fmt: skip
+    """The AllreduceProfile of the trace's HLO op events over `steps` steps on `devices` devices."""
+    allreduce = [e for e in events if is_allreduce(e["op"])]
+    if not allreduce:
+        why = ("one device: the compiled step has no all-reduce" if devices == 1 else
+               f"the trace holds no all-reduce among its {len(events)} HLO op events")  # fmt: skip
+        return allreduce_result(None, wall_ms, f"jax.profiler.trace: {why}", [])
+
+    def carries_gradients(op: str) -> bool:  # all-reduce-start.3 / -done.3 are all-reduce.3's async halves
+        return gradient.get(op, gradient.get(re.sub(r"-(start|done)", "", op), False))
+
+    counted = [e for e in allreduce if carries_gradients(e["op"])]
+    left_out = sorted({e["op"] for e in allreduce} - {e["op"] for e in counted})
+    if not counted:  # no metadata to tell them apart: every all-reduce
+        counted, left_out, which = allreduce, [], "every all-reduce (HLO metadata did not say which carry gradients)"
+    else:
+        which = "the all-reduces whose operands include gradients (HLO op_name metadata)"
+    shown = len({e["device"] for e in counted})
+    overlaps = [overlap_fraction([(e["start_us"], e["end_us"]) for e in counted if e["device"] == device],
+                                 [(e["start_us"], e["end_us"]) for e in events
+                                  if e["device"] == device and not is_allreduce(e["op"])])
+                for device in {e["device"] for e in counted}]  # fmt: skip
+    overlaps = [o for o in overlaps if o is not None]
+    overlap = sum(overlaps) / len(overlaps) if overlaps else None
+    left_out_ms = sum(e["end_us"] - e["start_us"] for e in allreduce if e["op"] in left_out) / 1e3 / steps / shown
+    names = sorted({e["op"] for e in counted})
+    method = (f"jax.profiler.trace (perfetto trace): durations of the XLA ops {', '.join(names)} ({which}; "
+              f"XLA's all-reduce combiner may pack other replica-means, of the loss or BN running statistics, "
+              f"into the same op, which the trace cannot split), "
+              f"summed per device and averaged over the {shown} devices' thunk events"
+              + (f"; left out: {', '.join(left_out)} (no gradient among its operands, {left_out_ms:.3g} ms per step)"
+                 if left_out else "")
+              + "; each includes waiting at the rendezvous for the other devices; "
+              f"{describe_overlap(overlap, 'the same device')} (other HLO ops of that device)")  # fmt: skip
+    total_ms = sum(e["end_us"] - e["start_us"] for e in counted) / 1e3
+    return allreduce_result(total_ms / steps / shown, wall_ms, method, names)
 
 
 def build_data_parallel(config: HourglassConfig, weights: dict[str, np.ndarray] | None = None, *, devices: int,

@@ -38,9 +38,11 @@ parallelism.
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Callable
+from pathlib import Path
 from types import TracebackType
-from typing import Self
+from typing import Any, Self
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # must precede the import: hides TF's info logs
 
@@ -51,11 +53,16 @@ from impls import base, registry, spec
 from impls.base import check_build_args, resolve_weights
 from impls.config import HourglassConfig
 from impls.data_parallel import (
+    PROFILE_WARMUP_STEPS,
+    AllreduceProfile,
+    allreduce_result,
+    check_allreduce_profile_args,
     check_data_parallel_args,
     check_device_count,
     check_device_name,
     check_global_batch,
     check_offered,
+    is_allreduce,
     shards,
 )
 from impls.tensorflow_hourglass import IMPLS, TensorFlowHourglass, gpu_available, heatmap_loss
@@ -222,6 +229,23 @@ class TensorflowDataParallel:
 
         return step
 
+    def allreduce_profile(self, batch_size: int, seed: int = 0, steps: int = 5) -> AllreduceProfile:
+        """`steps` calls of benchmark_step's step under the TensorFlow profiler, after PROFILE_WARMUP_STEPS untimed
+        ones: the time each replica's gradient all-reduce op (CollectiveReduceV2 on CPUs) ran per step, averaged
+        over the replicas. The BN running statistics move as in that many training steps; nothing else changes."""
+        # here: a benchmark run loads no profiler
+        from impls.profilers.tensorflow_profiling import _op_events, _profiled_steps
+
+        check_allreduce_profile_args(self.config, self.devices, batch_size, steps)
+        step = self.benchmark_step("forward_backward", batch_size, seed)
+        for _ in range(PROFILE_WARMUP_STEPS):
+            step()
+        function, args = self.step_program(batch_size, seed)
+        graph = function.get_concrete_function(*args).graph  # the trace the steps ran: no retrace
+        with tempfile.TemporaryDirectory(prefix="hgbench-tf-allreduce-") as trace_dir:
+            wall_ms, _, events, _ = _profiled_steps(step, steps, Path(trace_dir))
+        return _allreduce_profile(_op_events(events), graph, wall_ms, steps, self.devices)
+
     def export_weights(self) -> dict[str, np.ndarray]:
         """Parameters (identical on every replica) and the replica-mean of the BN running statistics, as
         float32 (fp64: float64) numpy under canonical names."""
@@ -289,6 +313,39 @@ class TensorflowDataParallel:
             return self.strategy.experimental_distribute_values_from_function(on_replica)
 
         return distribute(x), distribute(target)
+
+
+# ------------------------------------------------------------------------------------ all-reduce profile
+def _allreduce_profile(ops: list[dict[str, Any]], graph: tf.Graph, wall_ms: list[float], steps: int,
+                       devices: int) -> AllreduceProfile:  # fmt: skip
+    """The AllreduceProfile of the trace's op executions (impls.profilers.tensorflow_profiling._op_events) over
+    `steps` steps on `devices` replicas; `graph` is the step's traced graph, whose all-reduce ops say how
+    each replica's gradients reach them."""
+    in_graph = [op for op in graph.get_operations() if is_allreduce(op.type)]
+    allreduce = [o for o in ops if is_allreduce(o["op"])]
+    if not allreduce:
+        if not in_graph:
+            why = "one replica: the step's graph has no all-reduce op" if devices == 1 else "the step's graph has no all-reduce op"
+        else:
+            why = (f"the step's graph has {', '.join(sorted({op.type for op in in_graph}))} ops, but the trace "
+                   f"shows no execution of them among its {len(ops)} op events")  # fmt: skip
+        return allreduce_result(None, wall_ms, f"TensorFlow profiler (tf.profiler.experimental): {why}", [])
+    names = sorted({f"{o['scope']}:{o['op']}" if o["scope"] else o["op"] for o in allreduce})
+    per_replica = len(allreduce) / steps / devices
+    packed = bool(in_graph) and all(t.op.type in ("ConcatV2", "Pack") for op in in_graph for t in op.inputs[:1])
+    if packed:
+        overlap = ("each replica's gradients are packed (ConcatV2) into one tensor before its all-reduce, so it "
+                   "starts only after that replica's whole backward: no overlap with its backward")  # fmt: skip
+    else:
+        overlap = ("each starts when its gradients are ready, so it may overlap the rest of that replica's "
+                   "backward (TensorFlow's executor runs ready ops at once)")  # fmt: skip
+    method = (f"TensorFlow profiler (tf.profiler.experimental) over {devices} replicas: durations of the op "
+              f"executions {', '.join(names)} (the collective's kernel on the collective executor's thread, from "
+              f"its start to done; its parameter resolution before it not counted), {per_replica:g} per replica "
+              f"per step, averaged over the replicas; each includes waiting for the other replicas to join it; "
+              f"{overlap}")  # fmt: skip
+    total_ms = sum(o["total_ms"] for o in allreduce)
+    return allreduce_result(total_ms / steps / devices, wall_ms, method, names)
 
 
 def build_data_parallel(config: HourglassConfig, weights: dict[str, np.ndarray] | None = None, *, devices: int,

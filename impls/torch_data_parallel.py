@@ -51,7 +51,18 @@ from torch.nn.parallel import DistributedDataParallel
 from impls import base, spec
 from impls.base import check_build_args, check_train_batch, resolve_weights
 from impls.config import HourglassConfig
-from impls.data_parallel import check_data_parallel_args, check_device_count, shards
+from impls.data_parallel import (
+    PROFILE_WARMUP_STEPS,
+    AllreduceProfile,
+    allreduce_result,
+    check_allreduce_profile_args,
+    check_data_parallel_args,
+    check_device_count,
+    describe_overlap,
+    is_allreduce,
+    overlap_fraction,
+    shards,
+)
 from impls.torch_hourglass import IMPLS, TorchHourglass, gpu_available
 
 FRAMEWORK = "torch"
@@ -81,6 +92,11 @@ _PR_SET_PDEATHSIG = 1  # linux/prctl.h
 # should listen on a network interface. A value the user set already is kept.
 _SOCKET_ENV = {"GLOO_SOCKET_IFNAME": "lo", "NCCL_SOCKET_IFNAME": "lo"}
 _STEP_MESSAGE = pickle.dumps(("step",))  # sent once per timed step: pickled once here
+# A step the ranks run without recording its time (allreduce_profile's): rank_step_ns lists benchmark steps only.
+_UNRECORDED_STEP_MESSAGE = pickle.dumps(("step", False))
+# Collective calls in torch.profiler's events ("gloo:broadcast", "c10d::allreduce_", "nccl:all_reduce"): not
+# compute, whether or not they are the all-reduce (DDP's buffer broadcast is one too).
+_COLLECTIVE_PREFIXES = ("gloo:", "c10d::", "nccl:")
 
 
 def configure_devices(devices: int, device: str) -> None:
@@ -210,6 +226,7 @@ class TorchDataParallel:
         self._broken: str | None = None  # why the ranks are out of step (a failed step): no further steps
         self._errors: dict[int, str] = {}  # rank -> the traceback it reported before it ended
         self._generation = 0  # the latest benchmark_step's number: the ranks hold only its inputs
+        self._held: tuple[int, int] | None = None  # (batch_size, seed) of the inputs the ranks hold
         self._replica: _Replica | None = None
         try:
             self._start(weights)
@@ -468,13 +485,15 @@ class TorchDataParallel:
         ranks hold only its inputs."""
         per_replica = check_data_parallel_args(self.devices, phase, batch_size)
         check_train_batch(self.config, per_replica)
+        return self._prepared_step(batch_size, seed, _STEP_MESSAGE)
+
+    def _prepared_step(self, batch_size: int, seed: int, message: bytes) -> Callable[[], None]:
+        """benchmark_step's callable (arguments checked already), telling the ranks `message` at every call."""
         self._check_usable()
         assert self._replica is not None
-        self._send_all(("prepare", batch_size, seed))  # each rank draws the same batch and keeps its shard
+        self._prepare_ranks(batch_size, seed)
         x, target = spec.random_batch(self.config, batch_size, seed)  # (N, H, W, 3), (N, H/4, W/4, K)
         x_0, target_0 = self._replica.shard_inputs(shards(x, self.devices)[0], shards(target, self.devices)[0])
-        for rank in range(1, self.devices):
-            self._expect(rank, "ok", "while placing its inputs")
         self._generation += 1
         generation, replica = self._generation, self._replica
         done = torch.cuda.Event() if replica.torch_device.type == "cuda" else None
@@ -484,7 +503,7 @@ class TorchDataParallel:
                 raise RuntimeError("this step callable was replaced by a later benchmark_step(), whose inputs the "
                                    "ranks now hold; call the latest one")  # fmt: skip
             self._check_usable()
-            self._send_all(_STEP_MESSAGE)
+            self._send_all(message)
             try:
                 replica.train_step(x_0, target_0)  # gradients stay in .grad until the next step, as single-device
             except Exception as exc:
@@ -495,6 +514,41 @@ class TorchDataParallel:
             self._wait_for_device(done)
 
         return step
+
+    def _prepare_ranks(self, batch_size: int, seed: int) -> None:
+        """Have every rank draw the global batch and keep its shard, on its device."""
+        self._send_all(("prepare", batch_size, seed))
+        for rank in range(1, self.devices):
+            self._expect(rank, "ok", "while placing its inputs")
+        self._held = (batch_size, seed)
+
+    def allreduce_profile(self, batch_size: int, seed: int = 0, steps: int = 5) -> AllreduceProfile:
+        """`steps` DDP steps on benchmark_step's inputs under torch.profiler on rank 0, after PROFILE_WARMUP_STEPS
+        untimed ones: rank 0's time in the gradient all-reduce ops per step, beside the profiled steps' wall clock.
+
+        The ranks do not record these steps (rank_step_ns is unchanged), and the callable of the latest
+        benchmark_step stays valid: its inputs are placed on the ranks again afterwards. The BN running
+        statistics move as in any training step."""
+        check_allreduce_profile_args(self.config, self.devices, batch_size, steps)
+        held, generation = self._held, self._generation
+        step = self._prepared_step(batch_size, seed, _UNRECORDED_STEP_MESSAGE)
+        for _ in range(PROFILE_WARMUP_STEPS):
+            step()
+        assert self._replica is not None
+        cuda = self._replica.torch_device.type == "cuda"
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        if cuda:
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
+        wall_ms: list[float] = []
+        with torch.profiler.profile(activities=activities, record_shapes=False) as prof:
+            for _ in range(steps):
+                t0_ns = time.perf_counter_ns()
+                step()
+                wall_ms.append((time.perf_counter_ns() - t0_ns) / 1e6)
+        if held is not None:  # the latest benchmark_step's callable works again, on its own inputs
+            self._prepare_ranks(*held)
+            self._generation = generation
+        return _allreduce_profile(prof.events(), wall_ms, steps, cuda, self.devices)
 
     def rank_step_ns(self) -> list[list[int]]:
         """For each rank 1..N-1, the duration of every benchmark step it ran so far (perf_counter_ns around its
@@ -544,6 +598,55 @@ def build_data_parallel(config: HourglassConfig, weights: dict[str, np.ndarray] 
     weights = resolve_weights(config, weights)
     return TorchDataParallel(config, weights, devices=devices, device=device, precision=precision,
                              execution=execution, impl=impl)  # fmt: skip
+
+
+def _allreduce_profile(events: Any, wall_ms: list[float], steps: int, cuda: bool, devices: int) -> AllreduceProfile:
+    """The AllreduceProfile of rank 0's torch.profiler events (FunctionEvents) over `steps` profiled steps.
+
+    Counted: the backend's collective, gloo:all_reduce on gloo's worker thread (CPU), or the NCCL AllReduce
+    kernels' device time (GPU); not c10d::allreduce_, DDP's launch of it from the autograd thread, which
+    can last as long as the collective itself and would count that time twice. Overlap: the share of the
+    counted time during which rank 0's compute ran (CPU ops outside every collective call and not enclosing
+    one, such as the AccumulateGrad whose hook launches the all-reduce; on a GPU, the other kernels).
+    """
+    from torch.autograd import DeviceType
+
+    events = list(events)
+    cpu = [e for e in events if e.device_type == DeviceType.CPU]
+    calls = sum(e.name.startswith("c10d::allreduce") for e in cpu) / steps  # DDP's launches: one per bucket
+    kernels = [e for e in events if e.device_type == DeviceType.CUDA] if cuda else []
+    allreduce = [e for e in kernels if is_allreduce(e.name)]
+    if allreduce:
+        compute = [e for e in kernels if not is_allreduce(e.name)]
+        where = "the NCCL AllReduce kernels' device time on rank 0's GPU"
+    else:
+        collectives = [e for e in cpu if e.name.startswith(_COLLECTIVE_PREFIXES)]
+        allreduce = [e for e in collectives if is_allreduce(e.name) and not e.name.startswith("c10d::")]
+        allreduce = allreduce or [e for e in collectives if is_allreduce(e.name)]  # a backend without its own event
+        enclosing = set()
+        for event in collectives:
+            parent = event.cpu_parent
+            while parent is not None:
+                enclosing.add(id(parent))
+                parent = parent.cpu_parent
+        compute = [e for e in cpu if not e.name.startswith(_COLLECTIVE_PREFIXES) and id(e) not in enclosing]
+        where = "rank 0's CPU events (the collective on the process group's worker thread)"
+    if not allreduce:
+        why = ("one device: DDP runs no all-reduce" if devices == 1
+               else f"rank 0's profile holds no all-reduce event among its {len(events)} events")  # fmt: skip
+        return allreduce_result(None, wall_ms, f"torch.profiler on rank 0: {why}", [])
+    names = sorted({e.name for e in allreduce})
+    total_us = sum(e.time_range.end - e.time_range.start for e in allreduce)
+    overlap = overlap_fraction([(e.time_range.start, e.time_range.end) for e in allreduce],
+                               [(e.time_range.start, e.time_range.end) for e in compute])  # fmt: skip
+    method = (f"torch.profiler, rank 0's view only: durations of {', '.join(names)} in {where}"
+              + (f", {calls:g} per step (one per DDP gradient bucket)" if calls else "")
+              + "; c10d::allreduce_ (the launch) and DDP's buffer broadcasts (gloo:broadcast) not counted; the "
+              "collective's time includes waiting for the other ranks to join it; DDP launches each bucket's "
+              "all-reduce from its autograd hook as soon as the bucket is full, so it may overlap the rest of "
+              f"backward: {describe_overlap(overlap, 'rank 0')}; the share is of all-reduce op time, not of "
+              "exposed (non-overlapped) time")  # fmt: skip
+    return allreduce_result(total_us / 1e3 / steps, wall_ms, method, names)
 
 
 def _init_process_group(backend: str, workdir: Path, *, rank: int, world: int) -> None:
@@ -606,12 +709,13 @@ def _serve(conn: Connection, replica: _Replica, config: HourglassConfig, rank: i
             x, target = spec.random_batch(config, batch_size, seed)  # the global batch, drawn as rank 0 does
             inputs = replica.shard_inputs(shards(x, world)[rank], shards(target, world)[rank])
             conn.send(("ok",))
-        elif command == "step":
+        elif command == "step":  # ("step",) or ("step", record): allreduce_profile's steps are not recorded
             assert inputs is not None, "step before prepare"
             t0_ns = time.perf_counter_ns()
             replica.train_step(*inputs)
             replica.sync()
-            step_ns.append(time.perf_counter_ns() - t0_ns)
+            if not args or args[0]:
+                step_ns.append(time.perf_counter_ns() - t0_ns)
         elif command == "loss":
             loss, _ = replica.loss_and_grads(*args)
             conn.send(("loss", loss))

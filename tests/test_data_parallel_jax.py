@@ -83,6 +83,9 @@ with jdp.build_data_parallel(config, weights, devices=2, precision=precision) as
     for _ in range(3):
         step()
     facts["bench_calls"] = 3
+    if precision == "fp32":  # the step compiled above: a trace of three steps and two warm-ups
+        facts["allreduce"] = dp.allreduce_profile(len(x), seed=3, steps=3)
+    # After the benchmark steps and the profile: neither updates any state.
     facts["weights_unchanged_by_bench"] = all(np.array_equal(v, dp.export_weights()[k]) for k, v in after.items())
     facts["num_params"] = dp.num_params()
     facts["errors"] = {
@@ -227,6 +230,17 @@ def test_benchmark_step_runs_without_updating_state(results) -> None:
     assert facts["bench_calls"] == 3
     assert facts["weights_unchanged_by_bench"]
     assert facts["num_params"] == facts["count_params"]
+
+
+def test_allreduce_profile_times_the_gradient_all_reduce(results) -> None:
+    """XLA:CPU's all-reduce thunks show in the jax.profiler trace, per device; the one carrying gradients counts."""
+    result = results["fp32"][0]["allreduce"]
+    assert set(result) == {"allreduce_ms", "step_ms", "allreduce_share", "method", "ops"}
+    assert np.isfinite(result["step_ms"]) and result["step_ms"] > 0
+    assert 0 < result["allreduce_share"] < 1, result
+    assert result["ops"] and all(op.startswith("all-reduce") for op in result["ops"]), result
+    assert result["allreduce_ms"] == pytest.approx(result["allreduce_share"] * result["step_ms"])
+    assert "jax.profiler" in result["method"] and "gradients" in result["method"]
 
 
 @pytest.mark.parametrize(

@@ -93,6 +93,8 @@ def _child(out: Path) -> None:
                 for _ in range(3):
                     step()
                 results[f"{key}/benchmark_calls"] = 3
+            if key == "fp32/function":  # the benchmark step's batch again: no new trace
+                results[f"{key}/allreduce"] = model.allreduce_profile(GLOBAL_BATCH, seed=0, steps=3)
             model.close()  # a second close (the with block's) must be harmless
 
             if key == "fp32/function":  # a two-device model, now closed
@@ -182,6 +184,17 @@ def test_num_params_equals_analytic_count(results: dict) -> None:
 def test_benchmark_step_runs(results: dict) -> None:
     assert results["fp64/xla/benchmark_calls"] == 3
     assert results["fp32/function/benchmark_calls"] == 3
+
+
+def test_allreduce_profile_times_collective_reduce(results: dict) -> None:
+    """The TensorFlow profiler shows each replica's CollectiveReduceV2 on logical CPUs: a share of the step."""
+    result = results["fp32/function/allreduce"]
+    assert set(result) == {"allreduce_ms", "step_ms", "allreduce_share", "method", "ops"}
+    assert np.isfinite(result["step_ms"]) and result["step_ms"] > 0
+    assert 0 < result["allreduce_share"] < 1, result
+    assert result["ops"] and all(op.endswith(":CollectiveReduceV2") for op in result["ops"]), result
+    assert result["allreduce_ms"] == pytest.approx(result["allreduce_share"] * result["step_ms"])
+    assert "tf.profiler" in result["method"] and "overlap" in result["method"]
 
 
 _EXPECTED_ERRORS = {

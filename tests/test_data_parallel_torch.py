@@ -8,6 +8,7 @@ minute there.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import select
 import signal
@@ -134,6 +135,27 @@ class TestTwoDevicesFp32:
         dp.benchmark_step("forward_backward", BATCH, seed=2)
         with pytest.raises(RuntimeError, match="replaced by a later benchmark_step"):
             old()
+
+    def test_allreduce_profile_times_gloo_all_reduce_and_keeps_the_step_usable(self, dp) -> None:
+        step = dp.benchmark_step("forward_backward", BATCH, seed=3)
+        before = dp.rank_step_ns()
+        result = dp.allreduce_profile(BATCH, seed=0, steps=3)
+        assert set(result) == {"allreduce_ms", "step_ms", "allreduce_share", "method", "ops"}
+        assert math.isfinite(result["step_ms"]) and result["step_ms"] > 0
+        # DDP's gloo collective shows in rank 0's profile: a share of the step, neither nothing nor all of it.
+        assert 0 < result["allreduce_share"] < 1, result
+        assert result["ops"] == ["gloo:all_reduce"], result
+        assert result["allreduce_ms"] == pytest.approx(result["allreduce_share"] * result["step_ms"])
+        assert "rank 0" in result["method"] and "overlap" in result["method"]
+        step()  # the earlier callable is still the latest: its inputs were placed on the ranks again
+        after = dp.rank_step_ns()
+        assert len(after[0]) == len(before[0]) + 1  # the profile's own steps are not recorded as benchmark steps
+
+    def test_allreduce_profile_rejects_bad_steps(self, dp) -> None:
+        with pytest.raises(ValueError, match="steps must be a positive integer, got 0"):
+            dp.allreduce_profile(BATCH, steps=0)
+        with pytest.raises(ValueError, match="does not split over 2 devices"):
+            dp.allreduce_profile(3)
 
     @pytest.mark.parametrize(
         ("phase", "batch_size", "message"),

@@ -247,6 +247,11 @@ class CellResult(WorkerResult):
     model_settings: dict[str, Any] | None = None
     num_params: int | None = None
     injected_slowdown: float | None = None
+    # Data-parallel cells: the gradient all-reduce's share of a step from the framework's own profiler,
+    # taken after the timed loop (impls.data_parallel.AllreduceProfile); None where it is not exposed.
+    allreduce_ms: float | None = None
+    allreduce_share: float | None = None
+    allreduce_method: str | None = None
 
 
 @dataclass(kw_only=True)

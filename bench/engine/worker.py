@@ -284,6 +284,11 @@ def run_data_parallel_cell(backend: ModuleType, spec: CellSpec) -> dict[str, Any
         _slowest_rank(result, model)
         result.update(device=device, build_s=build_s, setup_s=setup_s, runtime_info=runtime,
                       num_params=model.num_params())  # fmt: skip
+        if hasattr(model, "allreduce_profile"):  # after the timed loop: the profiler never runs while timing
+            stage("allreduce_profile")
+            profile = model.allreduce_profile(spec.batch_size, spec.seed)
+            result.update(allreduce_ms=profile["allreduce_ms"], allreduce_share=profile["allreduce_share"],
+                          allreduce_method=profile["method"])  # fmt: skip
         if slowdown:
             result["injected_slowdown"] = slowdown
         return result
