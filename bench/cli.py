@@ -90,6 +90,14 @@ def build_parser() -> argparse.ArgumentParser:
     how.add_argument("--timing-only", action="store_true", default=None,
                      help="measure the cells only: no equivalence or gradient check and no calibration first "
                      "(for repeated runs of cells another run checked, as CI's gate does after its first pair)")  # fmt: skip
+    workers = run.add_argument_group("where workers run")
+    workers.add_argument("--executor", metavar="local|ray",
+                         help="local (default): one worker at a time on this machine; ray: each worker a Ray task "
+                              "that takes a whole measurement slot of a node (pip install '.[ray]'; README \"Ray\")")  # fmt: skip
+    workers.add_argument("--ray-address", metavar="HOST:PORT",
+                         help="with --executor ray: the cluster's head (default: RAY_ADDRESS or a cluster `ray start` "
+                              "left on this machine, else a fresh local one on the loopback interface; local: always "
+                              "a fresh one)")  # fmt: skip
     where = run.add_argument_group("where results go")
     where.add_argument("--out", metavar="DIR", help="results directory (default: results/)")
     where.add_argument("--run-id", metavar="NAME", help="name the run folder OUT/NAME instead of <UTC time>-<device> (must not exist)")

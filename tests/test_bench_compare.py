@@ -450,3 +450,58 @@ def test_compare_refuses_runs_on_different_gpu_models(tmp_path: Path) -> None:
         runs.append(run_dir)
     with pytest.raises(CompareError, match=r"the runs are on different GPUs: NVIDIA H100 in .* but NVIDIA H200"):
         compare_runs(*runs)
+
+
+def _on_nodes(run_dir: Path, envs: Mapping[str, Mapping[str, Any]], placed: Mapping[str, str], device: str = "cpu") -> Path:
+    """Make a hand-built run one of a Ray cluster: run.json `nodes`, and each row's node_id (cell -> node)."""
+    record = json.loads((run_dir / "run.json").read_text())
+    record.update(executor="ray", nodes={node: dict(env) for node, env in envs.items()})
+    record["settings"]["device"] = device
+    (run_dir / "run.json").write_text(json.dumps(record))
+    table = pd.read_csv(run_dir / "summary.csv")
+    table["node_id"] = table["cell_id"].map(placed)
+    table["host"] = table["node_id"].map(lambda node: envs[node]["host"])
+    table["device"] = device
+    table.to_csv(run_dir / "summary.csv", index=False)
+    return run_dir
+
+
+def _env(host: str, cpu: str = "AMD EPYC 7B13", gpus: Sequence[str] = (), torch: str = "2.13.0") -> dict[str, Any]:
+    return {"host": host, "cpu_model": cpu, "cpu_cores_usable": 2, "python": "3.11.7",
+            "gpus": [{"name": g} for g in gpus], "packages": {"torch": torch, "numpy": "2.4.6"}}  # fmt: skip
+
+
+def test_compare_warns_about_cells_measured_on_different_node_types(tmp_path: Path) -> None:
+    cells = {FWD: _noise(30, 80), BWD: _noise(30, 81, center_ms=20.0)}
+    base = _on_nodes(write_run(tmp_path, "base", cells), {"n1": _env("a")}, {FWD: "n1", BWD: "n1"})
+    new = _on_nodes(write_run(tmp_path, "new", {FWD: _noise(30, 82), BWD: _noise(30, 83, center_ms=20.0)}),
+                    {"n2": _env("b", cpu="Intel Xeon 8481C", torch="2.14.0"), "n3": _env("c")}, {FWD: "n2", BWD: "n3"})  # fmt: skip
+    comparison = compare_runs(base, new)
+    assert comparison.exit_code == 0 and comparison.invariant_mismatches == []
+    (difference,) = comparison.node_differences
+    assert comparison.node_differences[difference] == [FWD]  # BWD ran on a node of the base's type
+    assert difference == "cpu_model 'AMD EPYC 7B13' vs 'Intel Xeon 8481C'; torch 2.13.0 vs 2.14.0"
+    assert any(w.startswith(f"1 cell(s) ran on different node types in the two runs ({difference}), e.g. {FWD}")
+               for w in comparison.warnings)  # fmt: skip
+
+
+def test_compare_treats_a_cell_measured_on_another_gpu_model_as_an_invariant_mismatch(tmp_path: Path) -> None:
+    cells = {FWD: _noise(30, 84), BWD: _noise(30, 85, center_ms=20.0)}
+    base = _on_nodes(write_run(tmp_path, "base", cells), {"n1": _env("a", gpus=["NVIDIA H100"])},
+                     {FWD: "n1", BWD: "n1"}, device="gpu")  # fmt: skip
+    new = _on_nodes(write_run(tmp_path, "new", cells),
+                    {"n2": _env("b", gpus=["NVIDIA H100"]), "n3": _env("c", gpus=["NVIDIA H200"])},
+                    {FWD: "n3", BWD: "n2"}, device="gpu")  # fmt: skip
+    comparison = compare_runs(base, new)  # the runs share a GPU model: compared, cell by cell
+    assert comparison.exit_code == 1
+    (mismatch,) = comparison.invariant_mismatches
+    assert mismatch.startswith(f"{FWD}: ran on NVIDIA H100 (base, host a) but on NVIDIA H200 (new, host c)")
+
+
+def test_compare_reads_runs_written_before_rows_named_their_node(tmp_path: Path) -> None:
+    base = write_run(tmp_path, "base", {FWD: _noise(30, 86)})
+    table = pd.read_csv(base / "summary.csv").drop(columns=["host", "node_id"])  # an older run's columns
+    table.to_csv(base / "summary.csv", index=False)
+    new = write_run(tmp_path, "new", {FWD: _noise(30, 87)})
+    comparison = compare_runs(base, new)
+    assert comparison.exit_code == 0 and comparison.node_differences == {}

@@ -375,3 +375,24 @@ def test_run_of_every_variant_checks_each_and_reports_the_gap(fake: pytest.Monke
     markdown = (tmp_path / "reports" / run_dir.name / "report.md").read_text()
     section = markdown.split("## Implementation variants")[1].split("## Warnings")[0]
     assert section.count("| tuned |") == 4 and "FusedBatchNormV3" in section
+
+
+def test_report_warns_when_a_runs_cells_ran_on_different_node_types(tmp_path: Path) -> None:
+    run_dir = copy_run(tmp_path)
+    record = json.loads((run_dir / "run.json").read_text())
+    env = record["environment"]
+    record["executor"], record["nodes"] = "ray", {"n1": env, "n2": {**env, "cpu_model": "Other CPU", "host": "other"}}
+    (run_dir / "run.json").write_text(json.dumps(record))
+    summary = pd.read_csv(run_dir / "summary.csv")
+    summary["node_id"] = ["n1" if i % 2 else "n2" for i in range(len(summary))]
+    summary.to_csv(run_dir / "summary.csv", index=False)
+    runs = report.load_runs([run_dir])
+    table = report.model_table(runs)
+    notes = report.collect_warnings(runs, table, report.best_per_framework(table, "torch"), "torch")
+    (note,) = [n for n in notes if "node types" in n]
+    assert note.startswith("cells ran on 2 different node types (") and "Other CPU, " in note
+    alone = copy_run(tmp_path, "alone")  # one node type: nothing to say
+    runs = report.load_runs([alone])
+    table = report.model_table(runs)
+    assert not [n for n in report.collect_warnings(runs, table, report.best_per_framework(table, "torch"), "torch")
+                if "node types" in n]  # fmt: skip

@@ -152,3 +152,14 @@ def test_layout_rules_catch_a_violation(tmp_path: Path) -> None:
     targets = _imports(fake, "bench.core.fake", known)
     assert targets == {"bench.report.plots"}
     assert _rank("bench.report.plots")[1] >= _rank("bench.core.fake")[1]
+
+
+def test_bench_imports_no_ray_until_a_run_asks_for_it() -> None:
+    """Ray is an optional extra: the CLI, the runner and the executors import it only inside a Ray run."""
+    import subprocess
+    import sys
+
+    code = ("import sys, bench.cli, bench.run.runner, bench.engine.ray_executor, bench.regress.compare, "
+            "bench.report.run_report; assert 'ray' not in sys.modules, 'ray was imported'")  # fmt: skip
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr

@@ -36,6 +36,11 @@ SUMMARY_COLUMNS = [
     "device",  # where the cell actually ran
     "device_fallback",  # True: the run is on the GPU but this framework could not see it and ran on the CPU
     "fp32_math",  # ieee or tf32: how fp32 convolutions and matmuls ran (a CPU: ieee)
+    # The machine that measured the cell and the executor's node id ("local", or a Ray node's id; run.json
+    # `nodes` holds each node's environment); comma lists when a cell's rounds ran on several. Runs made before
+    # executors existed have neither column and ran on the machine of run.json's environment.
+    "host",
+    "node_id",
     "per_device_batch",  # batch_size / devices: the images each replica computes per step
     "status",
     "error",
@@ -62,6 +67,11 @@ SUMMARY_COLUMNS = [
     # throughput at N devices / (N x throughput at 1 device) for the same framework, variant, execution,
     # precision and per-device batch, from this run's 1-device cell (empty where that cell is missing)
     "scaling_efficiency",
+    # data-parallel cells: the gradient all-reduce's time per step and share of the step, from the framework's
+    # own profiler after the timed loop, and how it was found (empty where the profile does not expose it)
+    "allreduce_ms",
+    "allreduce_share",
+    "allreduce_method",
     "gflop_per_step",
     "achieved_gflop_per_s",
     "conv_ceiling_gflop_per_s",
@@ -95,7 +105,7 @@ SAMPLE_COLUMNS = [*CELL_COLUMNS, "round", "iteration", "latency_ns"]  # round: 1
 # Columns of summary.csv that hold text or booleans; every other column holds a number or nothing.
 SUMMARY_TEXT_COLUMNS = frozenset(
     {*CELL_COLUMNS, "device", "status", "error", "noisy", "equivalent", "gradients_equivalent", "preset", "ci_level",
-     "nvml_process_lookup", "device_fallback", "fp32_math"}
+     "nvml_process_lookup", "device_fallback", "fp32_math", "host", "node_id", "allreduce_method"}
     - {"batch_size", "devices"}
 )
 # impl and devices: absent from runs made before variants and data parallelism existed

@@ -87,6 +87,7 @@ class WorkerSession:
         outcome = self.executor.call(Job(spec, name), workdir=self.workdir, logs_dir=self.run_dir / LOGS_DIR,
                                      timeout_s=self.timeout_s, run_dir=self.run_dir)  # fmt: skip
         self.note_runtime(spec.framework, outcome.result)
+        self._executor_notes()
         return outcome
 
     def run_many(self, jobs: Sequence[Job]) -> Iterator[tuple[int, WorkerOutcome]]:
@@ -97,7 +98,12 @@ class WorkerSession:
         with closing(outcomes):
             for index, outcome in outcomes:
                 self.note_runtime(jobs[index].spec.framework, outcome.result)
+                self._executor_notes()
                 yield index, outcome
+
+    def _executor_notes(self) -> None:
+        for text in self.executor.take_notes():
+            self.warn(text)
 
     def note_runtime(self, framework: str, result: WorkerResult) -> None:
         """Keep the framework's runtime_info() in run.json the first time a worker reports it."""

@@ -47,6 +47,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from bench.core import nodes
 from bench.core.files import atomic_write, check_output_file
 from bench.core.numbers import num
 from bench.core.rundir import RunData, read_run
@@ -107,6 +108,9 @@ class Comparison:
     missing_in_new: list[str] = field(default_factory=list)  # model cells ok in the base, absent from the new run
     not_ok_in_new: list[str] = field(default_factory=list)  # model cells ok in the base, not ok in the new run
     allow_partial: bool = False  # --allow-partial: an incomplete new run is a warning, not a failure
+    # How the node types differ between base and new (cpu_model, cores, Python, framework versions) -> the
+    # cells measured across that difference; printed as warnings (different GPUs are invariant mismatches)
+    node_differences: dict[str, list[str]] = field(default_factory=dict)
 
     @property
     def regressions(self) -> list[CellComparison]:
@@ -204,15 +208,40 @@ def _check_same_config(base: RunData, new: RunData) -> None:
         )
     if base_dev == "gpu":
         base_gpus, new_gpus = _gpu_names(base), _gpu_names(new)
-        if base_gpus and new_gpus and base_gpus != new_gpus:
+        # On one machine each, different GPUs refuse the whole comparison. A run on a cluster may have used
+        # several GPU models: refused only when the two share none; its cells are checked one by one
+        # (_node_type_checks).
+        cluster = "nodes" in base.record or "nodes" in new.record
+        if base_gpus and new_gpus and (not set(base_gpus) & set(new_gpus) if cluster else base_gpus != new_gpus):
             raise CompareError(f"the runs are on different GPUs: {', '.join(base_gpus)} in {str(base.path)!r} but "
                                f"{', '.join(new_gpus)} in {str(new.path)!r}; compare runs on the same GPU model")  # fmt: skip
 
 
 def _gpu_names(run: RunData) -> list[str]:
-    """The GPU models NVML saw when the run started (run.json's environment)."""
-    gpus = (run.record.get("environment") or {}).get("gpus") or []
-    return sorted({str(g.get("name")) for g in gpus if isinstance(g, dict) and g.get("name")})
+    """The GPU models NVML saw when the run started, on every node that took cells (run.json's environment, or
+    its nodes for a run on a Ray cluster)."""
+    return sorted({name for env in nodes.node_records(run.record).values() for name in nodes.gpu_names(env)})
+
+
+def _node_type_checks(cell_id: str, base: RunData, new: RunData, b: Mapping[str, Any], n: Mapping[str, Any],
+                      result: Comparison) -> None:  # fmt: skip
+    """A cell measured on nodes of different types in the two runs: on different GPU models an invariant
+    mismatch (as two runs on different GPUs are refused); otherwise (CPU model or cores, Python, framework
+    versions) a warning, as comparisons across two machines' CPUs always were (see --normalize)."""
+    base_env, new_env = nodes.row_environment(b, base.record), nodes.row_environment(n, new.record)
+    if base_env is None or new_env is None:  # a run folder without environment records: nothing to tell
+        return
+    if str(b.get("device")) == "gpu" and str(n.get("device")) == "gpu":
+        base_gpus, new_gpus = nodes.gpu_names(base_env), nodes.gpu_names(new_env)
+        if base_gpus and new_gpus and base_gpus != new_gpus:
+            result.invariant_mismatches.append(
+                f"{cell_id}: ran on {', '.join(base_gpus)} (base, host {b.get('host') or base_env.get('host')}) but on "
+                f"{', '.join(new_gpus)} (new, host {n.get('host') or new_env.get('host')}); compare cells measured on "
+                "the same GPU model")  # fmt: skip
+            return
+    differences = nodes.differences(base_env, new_env)
+    if differences:
+        result.node_differences.setdefault("; ".join(differences), []).append(cell_id)
 
 
 # ---------------------------------------------------------------- invariants
@@ -341,10 +370,14 @@ def compare_runs(
                 result.not_ok_in_new.append(f"{cell_id}: {n['status']} ({_last_line(n.get('error'))})")
             continue
         result.invariant_mismatches.extend(_invariant_mismatches(cell_id, base, new, b, n))
+        _node_type_checks(cell_id, base, new, b, n, result)
         cell = _compare_cell(cell_id, base, new, b, n, metric, threshold, result.machine_ratio if normalize else None, alpha)
         if cell.status == "not_ok" and cell.n_base >= 2 and cell.n_new < 2:
             result.not_ok_in_new.append(f"{cell_id}: ok but with {cell.n_new} sample(s) in samples.csv")
         result.cells.append(cell)
+    for difference, cells in result.node_differences.items():
+        result.warnings.append(f"{len(cells)} cell(s) ran on different node types in the two runs ({difference}), "
+                               f"e.g. {cells[0]}: a verdict on them measures the machines as much as the code")  # fmt: skip
     return result
 
 

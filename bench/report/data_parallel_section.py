@@ -6,7 +6,7 @@ from collections.abc import Mapping, Sequence
 
 import pandas as pd
 
-from bench.core.numbers import fmt
+from bench.core.numbers import fmt, num
 from bench.core.rundir import RunData
 from bench.report import plots
 
@@ -15,7 +15,9 @@ CHECK_TITLE = ("Data-parallel gradients before timing (fp64: each framework's da
                "shard-by-shard reference on one device, and against the other frameworks)")  # fmt: skip
 _NOTE = ("Scaling efficiency = images/s on N devices / (N x images/s of the same framework, variant, execution "
          "and precision on one device at the per-device batch); 1 is perfect scaling. Batch norm uses each "
-         "replica's own batch statistics in all three frameworks.")  # fmt: skip
+         "replica's own batch statistics in all three frameworks. All-reduce % of step = the time of the "
+         "gradient all-reduce ops in the framework's own profile of a few steps after the timed loop, over "
+         "the profiled step time: op time, which may overlap compute (the method is in summary.csv).")  # fmt: skip
 _CPU_NOTE = (" These cells ran on a CPU: the replicas share the same cores (torch's rank processes split them, "
              "TensorFlow's logical and JAX's host devices run on one thread pool), so the figures show that the "
              "data-parallel step runs and what its coordination costs here, not how it scales on separate devices.")
@@ -46,6 +48,7 @@ def scaling_display(table: pd.DataFrame, multi: bool) -> pd.DataFrame:
             "images/s": fmt(r["throughput_img_per_s"], ".1f"),
             "1 device images/s": fmt(twin["throughput_img_per_s"].iloc[0], ".1f") if not twin.empty else "not measured",
             "scaling efficiency": fmt(r.get("scaling_efficiency"), ".2f"),
+            "all-reduce % of step": fmt(num(r.get("allreduce_share")) * 100, ".0f"),
         })  # fmt: skip
     return pd.DataFrame(rows)
 

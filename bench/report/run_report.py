@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 from rich.markup import escape
 
+from bench.core import nodes
 from bench.core.columns import SAMPLE_COLUMNS, SUMMARY_COLUMNS
 from bench.core.console import make_console, warn
 from bench.core.files import check_output_dir
@@ -173,9 +174,15 @@ def _speedup_interval(samples: pd.DataFrame | None, run: str, cell: pd.Series, b
 def collect_warnings(runs: Sequence[RunData], table: pd.DataFrame, best: pd.DataFrame, baseline: str) -> list[str]:
     """Everything a reader must not miss: failed/skipped/noisy cells, thread or precision differences, disagreement."""
     notes: list[str] = []
+    types: dict[str, set[str]] = {}  # run -> node types its model cells ran on
     for run in runs:
         prefix = f"[{run.label}] " if len(runs) > 1 else ""
         notes += [prefix + str(w) for w in run.record.get("warnings", [])]
+        model = run.summary[run.summary["kind"] == "model"].to_dict("records")
+        types[run.label] = set(nodes.row_types(model, run.record))
+        mixed = nodes.mixed_types_warning(model, run.record)
+        if mixed and mixed not in run.record.get("warnings", []):
+            notes.append(prefix + mixed)
         if run.record.get("status") not in (None, "complete"):
             notes.append(f"{prefix}the run is {run.record.get('status')}, not complete; finish it with "
                          f"`python -m bench run --resume {run.path}`")  # fmt: skip
@@ -213,6 +220,10 @@ def collect_warnings(runs: Sequence[RunData], table: pd.DataFrame, best: pd.Data
         elif row["noisy"]:
             iqr = row["latency_ms_iqr"] / row["latency_ms_median"] * 100 if row["latency_ms_median"] else math.nan
             notes.append(f"{prefix}{cell} is noisy: IQR is {iqr:.0f}% of the median (> 10%); compare it with care")
+    if len(runs) > 1 and len(set().union(*types.values())) > 1:
+        detail = "; ".join(f"{label}: {' | '.join(sorted(kinds))}" for label, kinds in types.items())
+        notes.append(f"the runs were measured on different node types ({detail}); side by side they compare the "
+                     "machines as well as the frameworks")  # fmt: skip
     ok_best = best[best["status"] == "ok"] if not best.empty else best
     for (run, phase), group in ok_best.groupby(["run", "phase"]) if not ok_best.empty else []:
         if group["precision"].nunique() > 1:

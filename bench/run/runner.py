@@ -1,9 +1,12 @@
-"""Runs a planned benchmark: each cell in a fresh worker process, one at a time, rows written as they finish.
+"""Runs a planned benchmark: each cell in a fresh worker process, rows written as they finish.
 
 Order of a run: equivalence check (one worker per framework), conv calibration (one worker per
 framework), then every cell (with --timing-only, the cells alone). Faults are data: a worker that crashes, runs out of memory or passes
 --timeout becomes a row with that status and the tail of its output (see bench.engine.launch), and the run
-goes on.
+goes on. On this machine (the default executor) one worker runs at a time; on a Ray cluster
+(--executor ray, bench.engine.ray_executor) every cell of a round is handed to the cluster at once, each
+takes a whole measurement slot of a node, and rows are written as they come back. Every row names the host
+and node that measured it; run.json records every node's environment.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import math
 import os
 import time
 from collections.abc import Iterable, Mapping
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +26,7 @@ import psutil
 from rich.markup import escape
 
 from bench.core import console as out
-from bench.core import envinfo
+from bench.core import envinfo, nodes
 from bench.core import settings as settings_mod
 from bench.core.calibration import calibration_workloads, dominant_conv3x3, dominant_gemm
 from bench.core.columns import FAILED_STATUSES
@@ -32,6 +36,8 @@ from bench.core.rundir import RunDirError, RunStore, new_run_dir
 from bench.core.settings import MAX_ITERS, Cell, RunSettings, SettingsError, variant_key
 from bench.core.stats import summarize
 from bench.engine import procs
+from bench.engine.executor import AbstractExecutor, Job, LocalExecutor
+from bench.engine.launch import WorkerOutcome
 from bench.engine.protocol import (
     SLOWDOWN_ENV,
     WORKER_ENV,
@@ -46,6 +52,7 @@ from bench.engine.protocol import (
     WorkerResult,
     injected_slowdown,
 )
+from bench.engine.ray_executor import RayExecutor
 from bench.engine.session import INTERRUPTED_EXIT_CODES, WorkerSession, run_guarded
 from bench.run import data_parallel, gradients, scaling
 from bench.run.devices import gpu_fallbacks
@@ -81,6 +88,21 @@ def _base_row(cell: Cell, kind: str, settings: RunSettings) -> dict[str, Any]:
     }
 
 
+def _joined(*values: Any) -> str:
+    """Comma-joined distinct non-empty texts, in order: the hosts (or node ids) of a cell's rounds."""
+    found: list[str] = []
+    for value in values:
+        for part in str(value if value is not None else "").split(","):
+            if part and part.lower() != "nan" and part not in found:
+                found.append(part)
+    return ",".join(found)
+
+
+def _where(outcome: WorkerOutcome) -> dict[str, Any]:
+    """The row's host and node_id columns from the outcome of the worker that measured it."""
+    return {"host": outcome.host, "node_id": outcome.node_id}
+
+
 def _result_values(result: WorkerResult) -> dict[str, Any]:
     """A worker result's fields by name, for building a row."""
     return dataclasses.asdict(result)
@@ -91,7 +113,8 @@ def _measured_row(
 ) -> dict[str, Any]:
     """A row from a worker result: status, error, statistics of its samples, memory and timings."""
     row = {**base, "status": status, "error": error, "worker_wall_s": wall_s}
-    for key in ("device", "first_call_ms", "warmup_calls", "import_s", "build_s", "setup_s", "num_params", "injected_slowdown", "gpu_allocator_peak_bytes", "gpu_allocator_setup_peak_bytes",
+    for key in ("device", "first_call_ms", "warmup_calls", "import_s", "build_s", "setup_s", "num_params", "injected_slowdown",
+                "allreduce_ms", "allreduce_share", "allreduce_method", "gpu_allocator_peak_bytes", "gpu_allocator_setup_peak_bytes",
                 "gpu_allocator_timed_peak_bytes", "compiled_argument_bytes", "compiled_output_bytes", "compiled_temp_bytes",
                 "nvml_process_used_bytes", "nvml_process_lookup", "nvml_device_used_bytes", "host_peak_rss_bytes"):  # fmt: skip
         if result.get(key) is not None:
@@ -157,11 +180,13 @@ def exit_code(rows: Iterable[Mapping[str, Any]], equivalence: Mapping[str, Mappi
 class Runner:
     """One run (new or resumed): plans the remaining work, runs it and records it."""
 
-    def __init__(self, settings: RunSettings, store: RunStore, record: dict[str, Any]) -> None:
+    def __init__(self, settings: RunSettings, store: RunStore, record: dict[str, Any],
+                 executor: AbstractExecutor | None = None, args: list[str] | None = None) -> None:  # fmt: skip
         self.settings = settings
         self.store = store
         self.record = record
-        self.session = WorkerSession(store.run_dir, record, settings.frameworks, settings.timeout_s)
+        self.args = list(args or [])
+        self.session = WorkerSession(store.run_dir, record, settings.frameworks, settings.timeout_s, executor=executor)
         self.console = self.session.console
         self.active = self.session.active
 
@@ -325,7 +350,15 @@ class Runner:
                 self.session.warn(f"frameworks use different {key}: " + ", ".join(f"{fw} {n}" for fw, n in counts.items()))
 
     def _warn_busy(self) -> None:
-        """Other processes on the cores distort every figure (torch's OpenMP threads most): say so up front."""
+        """Other processes on the cores distort every figure (torch's OpenMP threads most): say so up front.
+        On a Ray cluster, of every node that takes cells (its load when it sent its environment record)."""
+        if self.record.get("executor") == "ray":
+            for node, env in (self.record.get("nodes") or {}).items():
+                load, cores = env.get("load_average"), env.get("cpu_cores_usable")
+                if load and cores and load[0] > BUSY_LOAD_PER_CORE * cores:
+                    self.session.warn(f"node {node} ({env.get('host')}) is busy (1-minute load {load[0]:.1f} on {cores} "
+                                      "cores); its timings will be slow and noisy")  # fmt: skip
+            return
         load, cores = envinfo.load_average(), self.record["environment"].get("cpu_cores_usable")
         if load and cores and load[0] > BUSY_LOAD_PER_CORE * cores:
             self.session.warn(f"the machine is busy (1-minute load {load[0]:.1f} on {cores} cores); timings will be slow and noisy")
@@ -360,6 +393,7 @@ class Runner:
                 status, error = "failed", f"not measured: the calibration worker died during {outcome.stage} ({status})"
             values = {**_result_values(result), **(dataclasses.asdict(found) if found else {})}
             row = _measured_row(base, status, error, outcome.wall_s, values, workload.flops)
+            row.update(_where(outcome))
             row["device_fallback"] = framework in self.record.get("device_fallback", {})
             self.store.add(row, found.samples_ns if found and status == "ok" else [])
             rows.append(row)
@@ -380,19 +414,38 @@ class Runner:
         The row is recomputed from every round so far; first_call_ms, import and build times are round 1's
         (the cold start). A failed round ends the cell: its row says which round failed and why.
         """
-        s = self.settings
-        base = _base_row(cell, "model", s)
         skip = self.session.skip_reason(cell.framework)
         if skip:
-            row = {**base, "status": "skipped", "error": skip}
+            row = {**_base_row(cell, "model", self.settings), "status": "skipped", "error": skip}
             self.store.add(row)
             return row
+        job = self._cell_job(cell, round_number)
+        return self._cell_row(cell, round_number, self.session.call(job.spec, job.name))
+
+    def _cell_job(self, cell: Cell, round_number: int) -> Job:
+        """The worker of one round of a cell; a later round asks for the node of the cell's first round."""
+        s = self.settings
         cache = str(self.session.workdir / "compile-cache") if s.rounds > 1 else ""
         spec = CellSpec(framework=cell.framework, execution=cell.execution, precision=cell.precision,
                         batch_size=cell.batch_size, phase=cell.phase, loop=s.loop(), compile_cache_dir=cache,
                         impl=cell.impl, devices=cell.devices, **self._placement())  # fmt: skip
         name = cell.cell_id if s.rounds == 1 else f"{cell.cell_id}-round{round_number}"
-        outcome = self.session.call(spec, name)
+        node = ""
+        if round_number > 1 and self.session.concurrent:
+            previous = next((r for r in self.store.rows() if r["cell_id"] == cell.cell_id), {})
+            first = nodes.row_node_ids(previous)[0]
+            if self.session.executor.node_alive(first):
+                node = first
+            else:
+                self.session.warn(f"{cell.cell_id}: round {round_number} cannot run on node {first}, where its earlier "
+                                  "rounds ran (the node is gone); it runs on another node, so this cell's rounds "
+                                  "are not one machine's (its row's node_id lists both)")  # fmt: skip
+        return Job(spec, name, node)
+
+    def _cell_row(self, cell: Cell, round_number: int, outcome: WorkerOutcome) -> dict[str, Any]:
+        """The cell's row and samples from one more round's outcome, stored."""
+        s = self.settings
+        base = _base_row(cell, "model", s)
         result = outcome.result
         assert isinstance(result, CellResult)
         if result.math:
@@ -406,12 +459,15 @@ class Runner:
         earlier = self.store.rounds_of(cell.cell_id) if round_number > 1 else []
         rounds = [*earlier, result.samples_ns] if outcome.status == "ok" else []
         values = _result_values(result)
+        where = _where(outcome)
         if round_number > 1:  # keep round 1's cold-start figures; the statistics below cover every round
             previous = next(r for r in self.store.rows() if r["cell_id"] == cell.cell_id)
             values.update({k: previous.get(k) for k in ("first_call_ms", "import_s", "build_s", "setup_s")})
+            where = {key: _joined(previous.get(key), value) for key, value in where.items()}
         error = outcome.error if s.rounds == 1 or outcome.status == "ok" else f"round {round_number} of {s.rounds}: {outcome.error}"
         flops = count_flops(s.config, cell.batch_size, cell.phase)
         row = _measured_row(base, outcome.status, error, outcome.wall_s, {**values, "samples_ns": rounds}, flops)
+        row.update(where)
         key = variant_key(cell.framework, cell.impl)
         equivalence = self.record.get("equivalence", {}).get("frameworks", {}).get(key, {})
         row["equivalence_max_rel_err"] = equivalence.get("max_rel_err")
@@ -456,6 +512,7 @@ class Runner:
         )
         if not s.checks:
             self.console.print("timing only (--timing-only): no equivalence or gradient check and no calibration in this run")
+        self._record_executor()
         self._warn_busy()
         for fw, why in self.record.get("device_fallback", {}).items():
             out.warn(self.console, f"{fw} runs on the CPU although the run is on the GPU: {why}")
@@ -474,7 +531,9 @@ class Runner:
                 self.calibrate(fw)
                 progress.advance(task)
             self._save_record()
-            for round_number, cell in todo:
+            if self.session.concurrent:
+                self._run_rounds_at_once(todo, progress, task)
+            for round_number, cell in [] if self.session.concurrent else todo:
                 if self._rounds_done(cell) is None:  # an earlier round of this run failed: the cell is over
                     progress.advance(task)
                     continue
@@ -485,6 +544,7 @@ class Runner:
                     progress.console.print(f"[red]{row['status']}[/] {label}")
                 progress.advance(task)
         self._fill_scaling()
+        self._warn_mixed_nodes()
         self.record["bench_wall_s"] = self.record.get("bench_wall_s", 0.0) + time.perf_counter() - started
         self.record["status"] = "complete"
         self.record["load_average_at_end"] = envinfo.load_average()
@@ -499,6 +559,63 @@ class Runner:
         self.console.print(f"wall time {self.record['bench_wall_s']:.0f} s; results: {escape(str(self.store.run_dir))}")
         return exit_code(rows, {**self.record.get("equivalence", {}).get("frameworks", {}), **self._gradient_entries(),
                                 **data_parallel.entries(self.record)})
+
+    def _run_rounds_at_once(self, todo: list[tuple[int, Cell]], progress: Any, task: Any) -> None:
+        """A concurrent executor's loop: round by round, every cell of the round handed over at once (in the
+        round's interleaved order), each row written as its worker comes back. A round waits for the one
+        before it: a cell's next round needs its earlier rounds' samples, and ends with a failed one."""
+        s = self.settings
+        for round_number in sorted({r for r, _ in todo}):
+            cells: list[Cell] = []
+            for r, cell in todo:
+                if r != round_number:
+                    continue
+                if self._rounds_done(cell) is None:  # an earlier round of this run failed: the cell is over
+                    progress.advance(task)
+                elif self.session.skip_reason(cell.framework):
+                    self.run_cell(cell, round_number)  # its skipped row
+                    progress.advance(task)
+                else:
+                    cells.append(cell)
+            jobs = [self._cell_job(cell, round_number) for cell in cells]
+            of_rounds = f"round {round_number}/{s.rounds}: " if s.rounds > 1 else ""
+            progress.update(task, description=f"{of_rounds}{len(jobs)} cells on the Ray cluster")
+            with closing(self.session.run_many(jobs)) as outcomes:
+                for index, outcome in outcomes:
+                    cell = cells[index]
+                    row = self._cell_row(cell, round_number, outcome)
+                    label = cell.cell_id if s.rounds == 1 else f"{cell.cell_id} (round {round_number}/{s.rounds})"
+                    if row["status"] != "ok":
+                        progress.console.print(f"[red]{row['status']}[/] {label} on {outcome.host or 'no node'}")
+                    progress.advance(task)
+
+    def _record_executor(self) -> None:
+        """run.json: where the workers run (executor, Ray address) and every node's environment record; a
+        warning when the nodes that take cells are not all of one type."""
+        described = self.session.executor.describe(self.args)
+        found = described.pop("nodes", None)
+        self.record.update(described)
+        if found is None:
+            return
+        self.record.setdefault("nodes", {}).update(found)  # a resumed run keeps the nodes of its earlier rows
+        hosts = ", ".join(str(env.get("host", node)) for node, env in found.items())
+        self.console.print(f"executor: Ray cluster at {self.record.get('ray_address')} "
+                           f"({self.record.get('ray_cluster')}), {len(found)} node(s) with a measurement slot: {escape(hosts)}")  # fmt: skip
+        for node, env in found.items():
+            if "error" in env:
+                self.session.warn(f"node {node} did not send its environment record ({env['error']}); its cells "
+                                  "cannot be checked for a different node type")  # fmt: skip
+        warning = nodes.cluster_warning({node: env for node, env in found.items() if "error" not in env})
+        if warning:
+            self.session.warn(warning)
+        self._save_record()
+
+    def _warn_mixed_nodes(self) -> None:
+        """Rows measured on nodes of different types are not comparable: say so (console, run.json)."""
+        model = [r for r in self.store.rows() if r.get("kind") == "model"]
+        warning = nodes.mixed_types_warning(model, self.record)
+        if warning and warning not in self.record["warnings"]:
+            self.session.warn(warning)
 
     def _fill_scaling(self) -> None:
         """scaling_efficiency of every multi-device cell whose 1-device twin this run measured (bench.run.scaling)."""
@@ -536,6 +653,12 @@ def expected_bytes(settings: RunSettings) -> int:
     return 2 * rows * (2048 + 120 * samples_per_row) + 512 * 1024
 
 
+def open_executor(settings: RunSettings) -> AbstractExecutor:
+    """Where the run's workers run: this machine, or the Ray cluster it names (connected, or a local one started:
+    SettingsError when Ray is missing, the cluster cannot be reached or offers no measurement slot)."""
+    return RayExecutor.connect(settings.ray_address) if settings.executor == "ray" else LocalExecutor()
+
+
 def check_before_measuring(settings: RunSettings, out_dir: str | Path, flag: str) -> None:
     """Before any worker starts: the test switch is well formed and the results folder writable with room."""
     try:
@@ -552,6 +675,15 @@ def start(settings: RunSettings, args: list[str], run_id: str | None = None) -> 
     --device gpu when one cannot, a recorded fallback under --device auto."""
     check_before_measuring(settings, settings.out_dir, "--out")
     fallbacks = gpu_fallbacks(settings)
+    executor = open_executor(settings)  # a bad --ray-address leaves no run folder
+    try:
+        return _start(settings, args, run_id, fallbacks, executor)
+    finally:
+        executor.close()
+
+
+def _start(settings: RunSettings, args: list[str], run_id: str | None, fallbacks: dict[str, str],
+           executor: AbstractExecutor) -> RunResult:  # fmt: skip
     run_dir = new_run_dir(settings.out_dir, settings.device, run_id)
     record: dict[str, Any] = {
         "run_id": run_dir.name,
@@ -580,7 +712,7 @@ def start(settings: RunSettings, args: list[str], run_id: str | None = None) -> 
         "device_fallback": fallbacks,
         "resumes": [],
     }
-    return _execute(Runner(settings, RunStore.create(run_dir), record))
+    return _execute(Runner(settings, RunStore.create(run_dir), record, executor, args))
 
 
 def resume(run_dir: Path, args: list[str]) -> RunResult:
@@ -593,10 +725,14 @@ def resume(run_dir: Path, args: list[str]) -> RunResult:
     notes = procs.check_stale_run(record, run_dir) + procs.reap_orphans(run_dir)
     record.setdefault("resumes", []).append({"utc_time": envinfo.utc_now(), "command_line": envinfo.command_line(args)})
     record.update(status="running", process=procs.this_process().to_dict())
-    runner = Runner(settings, store, record)
-    for note in notes:
-        runner.session.warn(note)
-    return _execute(runner)
+    executor = open_executor(settings)  # the recorded executor, as the run began
+    try:
+        runner = Runner(settings, store, record, executor, args)
+        for note in notes:
+            runner.session.warn(note)
+        return _execute(runner)
+    finally:
+        executor.close()
 
 
 def settings_from_record(recorded: Mapping[str, Any], where: str) -> RunSettings:
