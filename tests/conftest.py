@@ -212,3 +212,17 @@ def vanishing_grads(grads: dict[str, np.ndarray]) -> list[str]:
     """Names whose gradient norm is at most 1e-5 of the largest one."""
     floor = 1e-5 * max(float(np.linalg.norm(g)) for g in grads.values())
     return sorted(n for n, g in grads.items() if float(np.linalg.norm(g)) <= floor)
+
+
+@pytest.fixture
+def fake(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    """Workers load tests/fake_backend.py (HGBENCH_BACKEND_OVERRIDE, read only by the worker); no GPU; every
+    framework installed unless a test says otherwise; no fault, thread or slowdown switch left set."""
+    from bench.core import settings
+
+    monkeypatch.setenv("HGBENCH_BACKEND_OVERRIDE", "tests.fake_backend")
+    for name in ("HGBENCH_FAKE_FAULTS", "HGBENCH_FAKE_THREADS", "HGBENCH_TEST_SLOWDOWN"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(settings.nvml, "gpu_present", lambda: False)
+    monkeypatch.setattr(settings, "is_installed", lambda fw: True)
+    return monkeypatch

@@ -23,7 +23,7 @@ import psutil
 import pytest
 
 from bench import cli
-from bench.core import files, rundir, settings
+from bench.core import files, rundir
 from bench.engine import oom, procs
 from bench.engine.protocol import STAGE_PREFIX
 from bench.run import runner
@@ -33,16 +33,6 @@ TINY = ["--preset", "tiny", "--execution", "default", "--iters", "3", "--warmup"
 HANGING_CELL = "torch-eager-fp32-b1-forward_backward"
 WAIT_S = 120.0  # generous: the machine is shared; nothing here is timed
 
-
-@pytest.fixture
-def fake(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
-    """Workers load tests/fake_backend.py; no GPU; every framework installed."""
-    monkeypatch.setenv("HGBENCH_BACKEND_OVERRIDE", "tests.fake_backend")
-    monkeypatch.delenv("HGBENCH_FAKE_FAULTS", raising=False)
-    monkeypatch.delenv("HGBENCH_TEST_SLOWDOWN", raising=False)
-    monkeypatch.setattr(settings.nvml, "gpu_present", lambda: False)
-    monkeypatch.setattr(settings, "is_installed", lambda fw: True)
-    return monkeypatch
 
 
 def _run(out: Path, *args: str) -> tuple[int, Path]:

@@ -64,16 +64,6 @@ def cluster() -> Iterator[str]:
         ray.shutdown()  # stops the processes this fixture's ray.init started, and only those
 
 
-@pytest.fixture
-def fake(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
-    """Workers load tests/fake_backend.py; no GPU; every framework installed unless a test says otherwise."""
-    monkeypatch.setenv("HGBENCH_BACKEND_OVERRIDE", "tests.fake_backend")
-    monkeypatch.delenv("HGBENCH_FAKE_FAULTS", raising=False)
-    monkeypatch.delenv("HGBENCH_FAKE_THREADS", raising=False)
-    monkeypatch.setattr(settings.nvml, "gpu_present", lambda: False)
-    monkeypatch.setattr(settings, "is_installed", lambda fw: True)
-    return monkeypatch
-
 
 def run(out: Path, *args: str) -> tuple[int, Path]:
     """`python -m bench run` in this process; returns (exit code, run dir)."""
