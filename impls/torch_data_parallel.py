@@ -86,6 +86,7 @@ _LIVENESS_CHECK_NS = 1_000_000  # GPU: how often rank 0 looks at its ranks while
 # Test-only fault injection, read by the rank processes only: "crash@R" makes rank R exit with code 3 at
 # its first step (benchmark or loss_and_grads), "hang@R" makes it sleep there forever.
 FAULT_ENV = "HGBENCH_TEST_RANK_FAULT"
+SCRATCH_ENV = "HGBENCH_SCRATCH_DIR"  # where the rank folder goes (default: the system's temp folder)
 _CRASH_EXIT_CODE = 3
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
 # Bind gloo's and NCCL's sockets to the loopback interface: every rank is on this machine, and nothing
@@ -219,7 +220,11 @@ class TorchDataParallel:
         self.threads_per_rank = _threads_per_rank(devices) if device == "cpu" else self._threads_before
         self._procs: list[subprocess.Popen] = []
         self._conns: list[Connection] = []
-        self._workdir = Path(tempfile.mkdtemp(prefix="hgbench-dp-torch-"))
+        # Inside the caller's scratch folder when it names one (bench's worker: the run's temp folder, which the
+        # run removes at its end and --resume removes after a killed run), so a rank folder never outlives the
+        # run even when this process is killed before close() or its finalizer can run.
+        scratch = os.environ.get(SCRATCH_ENV) or None
+        self._workdir = Path(tempfile.mkdtemp(prefix="hgbench-dp-torch-", dir=scratch))
         self._finalizer = weakref.finalize(self, _release, self._procs, self._conns, self._workdir)
         self._env_set: list[str] = []  # the variables of _SOCKET_ENV this model set, unset again by close()
         self._closed = False

@@ -59,6 +59,9 @@ def gpu_math_env(autotune: bool, xla_flags: str) -> dict[str, str]:
 
 # Test hook: a module whose load(framework) returns a stand-in for an impls module (tests/fake_backend.py).
 BACKEND_OVERRIDE_ENV = "HGBENCH_BACKEND_OVERRIDE"
+# Set by the worker to the run's temp folder: where impls' data-parallel engines keep scratch files (rank
+# folders), so that the run's clean-up, and --resume after a killed run, removes them.
+SCRATCH_ENV = "HGBENCH_SCRATCH_DIR"
 # Test switch: lengthen every timed model step by this fraction of its own duration (busy wait), so the
 # regression checks can be shown to catch a known slowdown. Recorded in the result and flagged by the runner.
 SLOWDOWN_ENV = "HGBENCH_TEST_SLOWDOWN"

@@ -504,6 +504,9 @@ def main(argv: list[str] | None = None) -> int:
     if len(args) != 2:
         print(f"error: expected two paths, got {len(args)} argument(s); {usage}", file=sys.stderr)
         return 2
+    # The spec lies in the run's temp folder: scratch files of the frameworks' data-parallel engines go there
+    # too (impls.torch_data_parallel.SCRATCH_ENV), so the run's clean-up removes them even after a kill.
+    os.environ[proto.SCRATCH_ENV] = str(Path(args[0]).resolve().parent)
     spec = proto.spec_from_json(json.loads(Path(args[0]).read_text()))
     result = execute(spec)
     stage("write")
