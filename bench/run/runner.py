@@ -533,16 +533,8 @@ class Runner:
             self._save_record()
             if self.session.concurrent:
                 self._run_rounds_at_once(todo, progress, task)
-            for round_number, cell in [] if self.session.concurrent else todo:
-                if self._rounds_done(cell) is None:  # an earlier round of this run failed: the cell is over
-                    progress.advance(task)
-                    continue
-                label = cell.cell_id if s.rounds == 1 else f"{cell.cell_id} (round {round_number}/{s.rounds})"
-                progress.update(task, description=label)
-                row = self.run_cell(cell, round_number)
-                if row["status"] != "ok":
-                    progress.console.print(f"[red]{row['status']}[/] {label}")
-                progress.advance(task)
+            else:
+                self._run_one_at_a_time(todo, progress, task)
         self._fill_scaling()
         self._warn_mixed_nodes()
         self.record["bench_wall_s"] = self.record.get("bench_wall_s", 0.0) + time.perf_counter() - started
@@ -559,6 +551,19 @@ class Runner:
         self.console.print(f"wall time {self.record['bench_wall_s']:.0f} s; results: {escape(str(self.store.run_dir))}")
         return exit_code(rows, {**self.record.get("equivalence", {}).get("frameworks", {}), **self._gradient_entries(),
                                 **data_parallel.entries(self.record)})
+
+    def _run_one_at_a_time(self, todo: list[tuple[int, Cell]], progress: Any, task: Any) -> None:
+        """The local executor's loop: one worker at a time, in the run's interleaved order."""
+        for round_number, cell in todo:
+            if self._rounds_done(cell) is None:  # an earlier round of this run failed: the cell is over
+                progress.advance(task)
+                continue
+            label = cell.cell_id if self.settings.rounds == 1 else f"{cell.cell_id} (round {round_number}/{self.settings.rounds})"
+            progress.update(task, description=label)
+            row = self.run_cell(cell, round_number)
+            if row["status"] != "ok":
+                progress.console.print(f"[red]{row['status']}[/] {label}")
+            progress.advance(task)
 
     def _run_rounds_at_once(self, todo: list[tuple[int, Cell]], progress: Any, task: Any) -> None:
         """A concurrent executor's loop: round by round, every cell of the round handed over at once (in the
