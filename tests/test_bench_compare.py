@@ -505,3 +505,73 @@ def test_compare_reads_runs_written_before_rows_named_their_node(tmp_path: Path)
     new = write_run(tmp_path, "new", {FWD: _noise(30, 87)})
     comparison = compare_runs(base, new)
     assert comparison.exit_code == 0 and comparison.node_differences == {}
+
+
+# ---------------------------------------------------------------- one-round cells judged together; rounds, Bonferroni
+
+
+def _cells(n: int) -> list[str]:
+    """n distinct one-device cell ids (batch sizes 1..n of the torch eager forward cell)."""
+    return [f"torch-eager-fp32-b{i}-forward" for i in range(1, n + 1)]
+
+
+def test_one_round_cells_with_process_noise_alone_are_not_flagged_but_shown(tmp_path: Path, capsys) -> None:
+    """Six one-round cells of the same code, each new process 0.8x-1.25x of its base (process noise, as
+    measured on this machine): several cells look confidently slower one by one, the run level does not."""
+    offsets = [0.25, 1 / 0.8 - 1, 0.2, -0.2, 1 / 1.25 - 1, 0.0]
+    ids = _cells(len(offsets))
+    base = write_run(tmp_path, "base", {c: _noise(30, 100 + i, spread=0.01) for i, c in enumerate(ids)})
+    new = write_run(tmp_path, "new", {c: _noise(30, 200 + i, 10.0 * (1 + off), spread=0.01)
+                                      for i, (c, off) in enumerate(zip(ids, offsets, strict=True))})  # fmt: skip
+    comparison = compare_runs(base, new)
+    alone = [c for c in comparison.cells if c.verdict == "slower"]
+    assert len(alone) == 3 and not any(c.decides for c in comparison.cells)  # one process each would flag three
+    level = comparison.run_level
+    assert level.cells == 6 and level.verdict == "unchanged" and level.ci95_low < 1.0 < level.ci95_high
+    assert comparison.exit_code == 0 and comparison.regressions == []
+    assert main(["compare", str(base), str(new)]) == 0
+    out = capsys.readouterr().out
+    assert "slower (one process)" in out and "judged together" in out and "no significant regression" in out
+
+
+def test_one_round_cells_all_slower_like_a_busy_machine_are_flagged_at_the_run_level(tmp_path: Path, capsys) -> None:
+    """Every cell 1.6x-2.4x slower (both cores busy with other work): the run level says slower, exit 1."""
+    factors = [1.6, 2.4, 1.9, 2.0, 1.7, 2.2]
+    ids = _cells(len(factors))
+    base = write_run(tmp_path, "base", {c: _noise(30, 300 + i) for i, c in enumerate(ids)})
+    new = write_run(tmp_path, "new", {c: _noise(30, 400 + i, 10.0 * f) for i, (c, f) in enumerate(zip(ids, factors, strict=True))})
+    comparison = compare_runs(base, new)
+    level = comparison.run_level
+    assert level.verdict == "slower" and level.ci95_low > 1.1 and level.ratio == pytest.approx(1.95, rel=0.05)
+    assert comparison.exit_code == 1 and comparison.regressions == []  # no single cell decides
+    assert main(["compare", str(base), str(new)]) == 1
+    assert "significantly slower together" in capsys.readouterr().out
+
+
+def test_fewer_one_round_cells_than_the_run_level_needs_decide_one_by_one_and_say_so(tmp_path: Path, capsys) -> None:
+    fwd = _noise(30, 500)
+    base = write_run(tmp_path, "base", {FWD: fwd, BWD: _noise(30, 501, 30.0)})
+    new = write_run(tmp_path, "new", {FWD: fwd * 1.3, BWD: _noise(30, 502, 30.0)})
+    comparison = compare_runs(base, new)
+    assert comparison.run_level.verdict == "too_few_cells" and comparison.run_level.cells == 2
+    assert [c.cell_id for c in comparison.regressions] == [FWD] and comparison.exit_code == 1
+    main(["compare", str(base), str(new)])
+    assert "fewer than 3 to judge the run as a whole" in capsys.readouterr().out
+
+
+def test_cells_with_rounds_need_welch_p_below_alpha_over_the_number_of_cells(tmp_path: Path) -> None:
+    """A 1.2x cell with p between 0.05/6 and 0.05 is flagged alone but not among six cells with rounds."""
+    offsets_base, offsets_new = [-0.04, 0.0, 0.04], [0.0, 0.05, 0.12]
+    one = compare_runs(write_run(tmp_path, "b1", {FWD: _rounds(600, offsets_base)}),
+                       write_run(tmp_path, "n1", {FWD: _rounds(610, offsets_new, center_ms=11.0)}))  # fmt: skip
+    (cell,) = one.cells
+    assert cell.ci_level == "rounds" and 0.05 / 6 < cell.p_value < 0.05 and cell.ratio > 1.1
+    assert cell.verdict == "slower" and one.exit_code == 1
+    ids = _cells(6)
+    same = {c: _rounds(620 + 10 * i, [-0.01, 0.0, 0.01]) for i, c in enumerate(ids[1:])}
+    base = write_run(tmp_path, "b6", {ids[0]: _rounds(600, offsets_base), **same})
+    new = write_run(tmp_path, "n6", {ids[0]: _rounds(610, offsets_new, center_ms=11.0), **same})
+    six = compare_runs(base, new)
+    first = next(c for c in six.cells if c.cell_id == ids[0])
+    assert first.p_value == pytest.approx(cell.p_value) and first.verdict == "unchanged" and six.exit_code == 0
+    assert six.run_level.verdict == ""  # no one-round cells

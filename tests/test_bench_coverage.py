@@ -63,5 +63,6 @@ def test_coverage_judges_round_intervals_where_the_previous_run_had_rounds(tmp_p
     # bench compare of each pair, with its defaults: 10.5 against (9, 10, 11) is within the noise; 30
     # against a steady 10.5 is slower (same code in the experiment, so that would be a false alarm).
     assert pairs["compare_verdict"].tolist() == ["unchanged", "slower"]
+    assert pairs["compare_failed"].tolist() == [False, True] and pairs["compare_cell_decides"].all()
     overall = pd.read_csv(tmp_path / "summary.csv").set_index("cell_id").loc["all"]
     assert overall["compare_slower"] == 1 and overall["compare_faster"] == 0

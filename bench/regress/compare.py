@@ -18,8 +18,18 @@ would miss slowdowns a little above the threshold about half the time. `faster` 
 Rounds: when both runs measured the cell in several rounds (worker processes; `bench run --rounds`), the
 interval is Welch's t on the log round medians of each side (bench.core.stats.ratio_of_medians): the
 process is the unit, so the interval already carries the process-to-process drift that the rank test
-cannot see; the verdict is then rule 1 and rule 3 at that level.
-With one round on a side the one-process rule above applies and the cell is labelled within-process.
+cannot see. The verdict is then rule 3 and Welch's p below FAMILY_ALPHA / k, k the cells compared with
+rounds (Bonferroni: compare makes one decision over all its cells; at 0.05 per cell, consecutive
+same-code three-round runs were flagged in 3 of 19 pairs, reports/coverage-2026-11-30/).
+
+One round on a side (the CPU default of `bench run`): the cell's interval knows one process per side, and
+on a shared 2-core machine a cell's median moves by tens of percent from one process to the next
+(consecutive same-code one-round runs: cell ratios 0.56-2.2, 14 of 19 pairs flagged cell by cell). Such a
+cell's verdict is shown but does not decide. What decides is the run level: the cells are independent
+processes, so the geometric mean of their ratios, with a t interval over the cells (the spread between
+cells is the process noise), is judged by rule 1 and rule 3: `slower` when the geometric mean exceeds
+1 + threshold and its interval lies wholly above 1. That needs MIN_RUN_LEVEL_CELLS one-round cells; with
+fewer, their cell verdicts decide as above, labelled within-process (nothing better is known).
 
 A comparison is only as good as the new run is whole: a model cell that is ok in the base but failed,
 missing or not ok in the new run, or a new run whose run.json is not "complete" (interrupted, or still
@@ -46,6 +56,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import scipy.stats as sps
 
 from bench.core import nodes
 from bench.core.files import atomic_write, check_output_file
@@ -54,6 +65,8 @@ from bench.core.rundir import RunData, read_run
 from bench.core.stats import CI_ROUNDS, CI_WITHIN, RatioStats, ratio_of_medians
 
 ALPHA = 0.01  # Mann-Whitney significance level; strict, because CI runs are many and false alarms are costly
+FAMILY_ALPHA = 0.05  # cells with rounds: Welch's p must be below FAMILY_ALPHA / (cells with rounds)
+MIN_RUN_LEVEL_CELLS = 3  # one-round cells needed for the run-level judgement (a t interval over 2 is useless)
 DEFAULT_THRESHOLD = 0.10
 # Equivalence errors are deterministic on one machine (bit-identical between runs of the same code) but
 # differ at the ~1e-7 level across BLAS builds; 1e-5 absolute is 100x below the run's own 1e-3 tolerance.
@@ -86,6 +99,19 @@ class CellComparison:
     ci_level: str = ""  # rounds | within-process (one round on a side: the interval misses the process level)
     verdict: str = ""  # slower | faster | unchanged, empty when not compared
     note: str = ""
+    decides: bool = True  # False: a one-round cell whose verdict the run-level judgement replaces
+
+
+@dataclass
+class RunLevel:
+    """The judgement of the one-round cells together: geometric mean of their ratios new/base with a t
+    interval over the cells (each cell is its own worker process, so their spread is the process noise)."""
+
+    cells: int = 0  # one-round model cells compared
+    ratio: float = math.nan  # geometric mean of their ratios
+    ci95_low: float = math.nan
+    ci95_high: float = math.nan
+    verdict: str = ""  # slower | faster | unchanged; "too_few_cells" below MIN_RUN_LEVEL_CELLS; empty when none
 
 
 @dataclass
@@ -111,11 +137,12 @@ class Comparison:
     # How the node types differ between base and new (cpu_model, cores, Python, framework versions) -> the
     # cells measured across that difference; printed as warnings (different GPUs are invariant mismatches)
     node_differences: dict[str, list[str]] = field(default_factory=dict)
+    run_level: RunLevel = field(default_factory=RunLevel)  # the one-round cells judged together
 
     @property
     def regressions(self) -> list[CellComparison]:
-        """Model cells judged significantly slower by more than the threshold."""
-        return [c for c in self.cells if c.verdict == "slower" and c.kind == "model"]
+        """Model cells whose own verdict decides and says significantly slower by more than the threshold."""
+        return [c for c in self.cells if c.verdict == "slower" and c.kind == "model" and c.decides]
 
     @property
     def incomplete(self) -> list[str]:
@@ -131,7 +158,8 @@ class Comparison:
     def exit_code(self) -> int:
         """1 on a regression, an invariant mismatch or (without allow_partial) an incomplete new run, else 0."""
         partial = bool(self.incomplete) and not self.allow_partial
-        return 1 if self.regressions or self.invariant_mismatches or partial else 0
+        run_slower = self.run_level.verdict == "slower"
+        return 1 if self.regressions or run_slower or self.invariant_mismatches or partial else 0
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready record (NaN becomes null)."""
@@ -174,6 +202,36 @@ def verdict(stats: RatioStats, threshold: float, alpha: float = ALPHA) -> str:
     if significant and stats.ci95_high < 1.0 and stats.ratio < 1.0 / (1.0 + threshold):
         return "faster"
     return "unchanged"
+
+
+def judge_rounds_cells(cells: list[CellComparison], threshold: float, family_alpha: float = FAMILY_ALPHA) -> None:
+    """Set the verdict of every compared cell with rounds on both sides: its ratio beyond the threshold and
+    Welch's p below family_alpha / k, k the number of such cells (their 95% interval then lies beyond 1 too)."""
+    judged = [c for c in cells if c.status == "compared" and c.ci_level == CI_ROUNDS]
+    for c in judged:
+        significant = c.p_value < family_alpha / len(judged)
+        c.verdict = ("slower" if significant and c.ratio > 1.0 + threshold else
+                     "faster" if significant and c.ratio < 1.0 / (1.0 + threshold) else "unchanged")  # fmt: skip
+
+
+def judge_run_level(cells: list[CellComparison], threshold: float) -> RunLevel:
+    """The one-round cells judged together (see the module docstring). With MIN_RUN_LEVEL_CELLS or more the
+    run level decides and their own verdicts stop deciding (`decides` False); with fewer, their verdicts
+    decide and the run level says "too_few_cells"."""
+    single = [c for c in cells if c.status == "compared" and c.ci_level == CI_WITHIN and c.ratio > 0]
+    if not single:
+        return RunLevel()
+    if len(single) < MIN_RUN_LEVEL_CELLS:
+        return RunLevel(cells=len(single), verdict="too_few_cells")
+    logs = np.log([c.ratio for c in single])
+    mean, se = float(logs.mean()), float(logs.std(ddof=1) / math.sqrt(logs.size))
+    t = float(sps.t.ppf(0.975, logs.size - 1))
+    level = RunLevel(len(single), math.exp(mean), math.exp(mean - t * se), math.exp(mean + t * se))
+    level.verdict = ("slower" if level.ci95_low > 1.0 and level.ratio > 1.0 + threshold else
+                     "faster" if level.ci95_high < 1.0 and level.ratio < 1.0 / (1.0 + threshold) else "unchanged")  # fmt: skip
+    for c in single:
+        c.decides = False
+    return level
 
 
 def parse_threshold(text: str, source: str = "--threshold") -> float:
@@ -375,6 +433,9 @@ def compare_runs(
         if cell.status == "not_ok" and cell.n_base >= 2 and cell.n_new < 2:
             result.not_ok_in_new.append(f"{cell_id}: ok but with {cell.n_new} sample(s) in samples.csv")
         result.cells.append(cell)
+    if metric == "latency_ms":
+        judge_rounds_cells(result.cells, threshold)
+        result.run_level = judge_run_level(result.cells, threshold)
     for difference, cells in result.node_differences.items():
         result.warnings.append(f"{len(cells)} cell(s) ran on different node types in the two runs ({difference}), "
                                f"e.g. {cells[0]}: a verdict on them measures the machines as much as the code")  # fmt: skip
@@ -448,7 +509,7 @@ def print_comparison(comparison: Comparison) -> None:
 
     console = make_console()
     unit = "ms (new normalised)" if comparison.normalized else "ms"
-    title = f"bench compare ({comparison.metric}, threshold {comparison.threshold:.0%}, p < {comparison.alpha:g})"
+    title = f"bench compare ({comparison.metric}, threshold {comparison.threshold:.0%})"
     table = Table(title=title, header_style="bold", pad_edge=False, box=None)
     for name in ("cell", f"base {unit}", f"new {unit}", "new/base", "95% CI", "p", "n", "rounds", "verdict"):
         table.add_column(name, justify="left" if name in ("cell", "verdict") else "right", no_wrap=True)
@@ -459,14 +520,11 @@ def print_comparison(comparison: Comparison) -> None:
         p = "" if math.isnan(c.p_value) else f"{c.p_value:.2g}"
         table.add_row(
             c.cell_id, f"{c.base_value:.4g}", f"{c.new_value:.4g}", f"{c.ratio:.3f}", ci, p,
-            f"{c.n_base}/{c.n_new}", f"{c.rounds_base}/{c.rounds_new}", f"[{_VERDICT_STYLE[c.verdict]}]{c.verdict}[/]",
+            f"{c.n_base}/{c.n_new}", f"{c.rounds_base}/{c.rounds_new}",
+            f"[{_VERDICT_STYLE[c.verdict]}]{c.verdict}[/]" if c.decides else f"[dim]{c.verdict} (one process)[/dim]",
         )  # fmt: skip
     console.print(table)
-    within = [c.cell_id for c in comparison.cells if c.status == "compared" and c.ci_level == CI_WITHIN]
-    if within:
-        console.print(f"[yellow]one round on a side[/yellow] ({len(within)} cell(s)): their intervals know only the "
-                      "noise within one process, not between processes; measure with --rounds 3 or more to trust "
-                      "a verdict near the threshold")  # fmt: skip
+    _print_run_level(console, comparison)
     if comparison.normalized:
         console.print(f"normalised: the new run's samples divided by the machine ratio {comparison.machine_ratio:.3f} "
                       "(median over frameworks of new/base reference conv time)")  # fmt: skip
@@ -488,13 +546,33 @@ def print_comparison(comparison: Comparison) -> None:
     if comparison.regressions:
         console.print(f"[bold red]{len(comparison.regressions)} cell(s) significantly slower by more than "
                       f"{comparison.threshold:.0%}[/bold red]")  # fmt: skip
+    if comparison.run_level.verdict == "slower":
+        console.print(f"[bold red]the one-round cells are significantly slower together by more than "
+                      f"{comparison.threshold:.0%}[/bold red] (geometric mean {comparison.run_level.ratio:.3f})")  # fmt: skip
     if comparison.incomplete and not comparison.allow_partial:
         console.print("[bold red]the new run cannot vouch for every cell of the base[/bold red] (above): nothing shows "
                       "those cells are not slower; finish it (bench run --resume) or pass --allow-partial to compare "
                       "only what both runs measured", soft_wrap=True)  # fmt: skip
-    elif not comparison.regressions and not comparison.invariant_mismatches:
+    elif comparison.exit_code == 0:
         partial = " among the cells both runs measured" if comparison.incomplete else ""
         console.print(f"no significant regression{partial}")
+
+
+def _print_run_level(console: Any, comparison: Comparison) -> None:
+    """What decided for the one-round cells: the run level, or (too few cells) each cell's own verdict."""
+    level = comparison.run_level
+    if level.verdict == "too_few_cells":
+        console.print(f"[yellow]one round on a side[/yellow] ({level.cells} cell(s), fewer than "
+                      f"{MIN_RUN_LEVEL_CELLS} to judge the run as a whole): each verdict rests on one process per "
+                      "side and knows nothing of the process-to-process noise; measure with --rounds 3 or more to "
+                      "trust a verdict near the threshold", soft_wrap=True)  # fmt: skip
+    elif level.verdict:
+        style = _VERDICT_STYLE[level.verdict]
+        console.print(f"[yellow]one round on a side[/yellow] ({level.cells} cells): a cell's interval knows one "
+                      "process per side, so those cells are judged together: geometric mean new/base "
+                      f"{level.ratio:.3f} (95% CI {level.ci95_low:.3f}-{level.ci95_high:.3f} over the cells): "
+                      f"[{style}]{level.verdict}[/]; measure with --rounds 3 or more for cell-by-cell verdicts",
+                      soft_wrap=True)  # fmt: skip
 
 
 def run_compare(
