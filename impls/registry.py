@@ -24,13 +24,14 @@ EXECUTIONS: dict[str, tuple[str, ...]] = {
 # the fastest formulation we found and can defend (README "Implementation variants"). A variant is a build
 # option, never a different network: the equivalence tests build and check every one.
 IMPLS: dict[str, tuple[str, ...]] = {
-    "torch": ("idiomatic",),
+    "torch": ("idiomatic", "tuned"),
     "tensorflow": ("idiomatic", "tuned"),
     "jax": ("idiomatic", "tuned"),
 }
 DEFAULT_IMPL = "idiomatic"
 # What each non-default variant changes, in a line (reports print it beside the variant's ratio).
 IMPL_CHANGES: dict[tuple[str, str], str] = {
+    ("torch", "tuned"): "eval-mode batch norms folded into the convolutions they follow (forward only)",
     ("tensorflow", "tuned"): 'padding="SAME" where it equals the spec\'s pads; train-mode batch norm fused '
                              "(FusedBatchNormV3) outside XLA",
     ("jax", "tuned"): "1x1 stride-1 convolutions as dot_general over channels (PointwiseConv)",

@@ -72,7 +72,7 @@ def test_run_settings_round_trip_through_dict(cpu_only: None) -> None:
 
 
 def test_cells_cover_the_product_in_stable_order(cpu_only: None) -> None:
-    s = build_settings(framework="torch", execution="all", batch_size="1,2", phase="forward")
+    s = build_settings(framework="torch", execution="all", batch_size="1,2", phase="forward", impl="idiomatic")
     assert [c.cell_id for c in s.cells()] == [
         "torch-eager-fp32-b1-forward", "torch-eager-fp32-b2-forward",
         "torch-compile-fp32-b1-forward", "torch-compile-fp32-b2-forward",
@@ -92,11 +92,26 @@ def test_impl_variants_resolve_per_framework_and_name_only_the_non_default_cells
     assert dict(build_settings(framework="tf,jax", impl="tuned").impls) == {"tensorflow": ("tuned",), "jax": ("tuned",)}
 
 
-def test_default_impl_is_the_idiomatic_variant_and_old_records_read_as_it(cpu_only: None) -> None:
-    s = build_settings(preset="tiny")
-    assert all(s.impls_of(fw) == ("idiomatic",) for fw in s.frameworks)
+def test_the_default_run_measures_every_variant_the_tuned_ones_in_their_fastest_execution(cpu_only: None) -> None:
+    s = build_settings(preset="tiny", phase="forward")
+    assert all(s.impls_of(fw) == ("idiomatic", "tuned") for fw in s.frameworks)
+    tuned = [c.cell_id for c in s.cells() if c.impl == "tuned"]
+    assert tuned == ["torch-tuned-eager-fp32-b1-forward", "tensorflow-tuned-function-fp32-b1-forward",
+                     "jax-tuned-jit-fp32-b1-forward"]  # fmt: skip
+    idiomatic = [c for c in s.cells() if c.impl == "idiomatic"]
+    assert len(idiomatic) == sum(len(ex) for ex in settings.EXECUTIONS.values())  # every execution
+    assert RunSettings.from_dict(s.to_dict()) == s
+    # --impl all: the full matrix; an --execution without the tuned one's drops that variant
+    full = build_settings(preset="tiny", phase="forward", impl="all")
+    assert len(full.cells()) == 2 * len(idiomatic) and not full.variant_executions
+    compiled = build_settings(framework="torch", preset="tiny", phase="forward", execution="compile")
+    assert compiled.impls_of("torch") == ("idiomatic",) and len(compiled.cells()) == 1
+
+
+def test_records_made_before_variants_or_their_narrowing_read_as_they_ran(cpu_only: None) -> None:
+    s = build_settings(preset="tiny", impl="idiomatic")
     record = s.to_dict()
-    del record["impls"]  # a run.json written before variants existed
+    del record["impls"], record["variant_executions"]  # a run.json written before variants existed
     old = RunSettings.from_dict(record)
     assert [c.cell_id for c in old.cells()] == [c.cell_id for c in s.cells()]
     tuned = build_settings(framework="jax", preset="tiny", impl="all")
@@ -127,8 +142,7 @@ BAD_INPUTS = [
     (["--execution", "turbo"], "unknown execution 'turbo'"),
     (["--framework", "torch,jax", "--execution", "eager"], "gives jax nothing to run .*; add one, e.g. jax:jit"),
     (["--impl", "fastest"], "unknown variant 'fastest'; choose from idiomatic, tuned, default or all"),
-    (["--impl", "torch:tuned"], "torch has no variant 'tuned'; choose from idiomatic"),
-    (["--impl", "tuned"], "gives torch nothing to run .*; add one, e.g. torch:idiomatic"),
+    (["--impl", "torch:tuned"], "gives tensorflow nothing to run .*; add one, e.g. tensorflow:idiomatic"),
     (["--framework", "jax", "--impl", "tf:tuned"], "names tensorflow, which is not in --framework"),
     (["--device", "tpu"], "--device must be one of auto, cpu, gpu"),
     (["--device", "gpu"], "--device gpu: no GPU is visible"),

@@ -100,3 +100,30 @@ def test_tensorflow_fused_batch_norm_updates_running_statistics_with_the_biased_
         moved = after["idiomatic"][name] - before
         assert np.abs(moved).max() > 0, name  # the update happened, so the comparison below can tell
         assert_close(after["tuned"][name], after["idiomatic"][name], 1e-5, f"{name} (seed {draw.seed})")
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny_preact"])
+def test_torch_tuned_folds_every_batch_norm_that_follows_a_conv_and_only_for_eval(name: str) -> None:
+    """Every BN of the spec that normalises a conv's output directly is folded in the tuned eval forward
+    (postact: all of them; preact: all but each block's bn1, which follows the block's input); the module
+    that trains keeps them all, and the folded forward gives the idiomatic heatmaps."""
+    pytest.importorskip("torch")
+    from torch import nn
+
+    from impls import torch_hourglass as th
+
+    config = SMALL_CONFIGS[name]
+    weights = impls.init_weights(config, seed=11)
+    model = th.build(config, weights=weights, impl="tuned")
+    folded = model._eval_fn()
+    bns = [layer.name for layer in spec.layers(config) if not isinstance(layer, spec.ConvSpec)]
+    left = {n for n, m in folded.named_modules() if isinstance(m, nn.BatchNorm2d)}
+    residual_bn1 = {n for n in bns if n.endswith(".bn1")}
+    assert left == (residual_bn1 if config.block == "preact" else set()) and residual_bn1
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in model.net.modules()) == len(bns)  # training is untouched
+    assert all(c.bias is not None for c, _ in ((folded.get_submodule(a), b) for a, b in th.conv_bn_pairs(folded)))
+    x = np.random.default_rng(0).standard_normal((2, *config.input_hw, 3)).astype(np.float32)
+    idiomatic = th.build(config, weights=weights).predict(x)
+    tuned = model.predict(x)
+    assert_close(tuned, idiomatic, 1e-5, name)
+    assert np.abs(tuned - idiomatic).max() > 0  # folding really changed the arithmetic (rounding differs)

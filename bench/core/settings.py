@@ -54,8 +54,22 @@ class _Defaults:
     iters: int | None
     min_time_s: float | None
     rounds: int  # worker processes per cell, interleaved over all cells
-    impls: Mapping[str, tuple[str, ...]] = field(default_factory=lambda: {fw: (DEFAULT_IMPL,) for fw in FRAMEWORKS})
+    impls: Mapping[str, tuple[str, ...]] = field(default_factory=lambda: dict(IMPLS))
+    # The default run measures each non-default variant in its framework's fastest execution only (where the
+    # variant's changes are meant to run), so that every variant fits in a run of under 10 minutes on a
+    # 2-core CPU; `--impl all` measures every variant in every execution.
+    variant_executions: Mapping[str, tuple[str, ...]] = field(default_factory=lambda: dict(_TUNED_EXECUTIONS))
 
+
+# "framework:variant" -> the executions the default run measures it in. Torch: eager (its tuned forward folds
+# batch norms into convolutions; under torch.compile the first calls alone cost minutes on a 2-core CPU).
+# TensorFlow: function (its tuned changes act outside XLA: under jit_compile both formulations compile
+# alike, README "Implementation variants"). JAX: jit, its only execution.
+_TUNED_EXECUTIONS: dict[str, tuple[str, ...]] = {
+    "torch:tuned": ("eager",),
+    "tensorflow:tuned": ("function",),
+    "jax:tuned": ("jit",),
+}
 
 _DEFAULTS: dict[str, _Defaults] = {
     # 2-core CPU: batch 1 of the seed model is ~13.6 GFLOP forward, 0.07-0.5 s per step, and every cell pays
@@ -168,6 +182,9 @@ class RunSettings:
     # Implementation variants per framework, in that framework's order (impls.registry.IMPLS). Runs recorded
     # before variants existed measured the default one, which an empty mapping stands for.
     impls: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    # "framework:variant" -> the only executions that variant is measured in (the default run's choice, see
+    # _TUNED_EXECUTIONS); a variant not named here runs in every execution of its framework.
+    variant_executions: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     # Data-parallel device counts (--devices). One device measures every phase as before; more measure the
     # forward_backward phase in each framework's own data-parallel engine, in the executions it supports there.
     devices: tuple[int, ...] = (1,)
@@ -196,9 +213,17 @@ class RunSettings:
                 executions = self.executions[fw] if n == 1 else tuple(
                     ex for ex in self.executions[fw] if ex in DATA_PARALLEL_EXECUTIONS[fw])
                 for impl in self.impls_of(fw):
+                    chosen = self.executions_of(fw, impl, executions)
                     cells += [Cell(fw, ex, pr, bs, ph, impl, n)
-                              for ex, pr, bs, ph in itertools.product(executions, self.precisions, batches, phases)]
+                              for ex, pr, bs, ph in itertools.product(chosen, self.precisions, batches, phases)]
         return cells
+
+    def executions_of(self, framework: str, impl: str, executions: tuple[str, ...] | None = None) -> tuple[str, ...]:
+        """The executions `impl` of `framework` is measured in: `executions` (default: the framework's),
+        narrowed to variant_executions' entry for it where there is one."""
+        executions = tuple(self.executions[framework]) if executions is None else executions
+        only = self.variant_executions.get(f"{framework}:{impl}")
+        return executions if only is None else tuple(ex for ex in executions if ex in only)
 
     def placement(self) -> dict[str, Any]:
         """What every worker of this run is told besides its own cell: the network, where, the seed, the math."""
@@ -227,7 +252,8 @@ class RunSettings:
         fields["config"] = HourglassConfig(**config)
         fields["executions"] = {fw: tuple(ex) for fw, ex in fields["executions"].items()}
         fields["impls"] = {fw: tuple(v) for fw, v in fields.get("impls", {}).items()}
-        fields.pop("variant_executions", None)  # recorded (always empty) by commits 7f180ee-56bbce8, since dropped
+        # Commits 7f180ee-56bbce8 recorded an always-empty variant_executions too: empty means no narrowing.
+        fields["variant_executions"] = {key: tuple(v) for key, v in fields.get("variant_executions", {}).items()}
         for key in ("frameworks", "batch_sizes", "phases", "precisions", "devices"):
             if key not in fields:  # "devices": runs recorded before data parallelism
                 continue
@@ -549,10 +575,17 @@ def build_settings(
         executions = parse_executions(execution, frameworks)
     else:
         executions = {fw: defaults.executions[fw] for fw in frameworks}
+    variant_executions: dict[str, tuple[str, ...]] = {}
     if impl is not None:
         impls = parse_impls(impl, frameworks)
     else:
         impls = {fw: tuple(v for v in defaults.impls.get(fw, (DEFAULT_IMPL,)) if v in IMPLS[fw]) for fw in frameworks}
+        variant_executions = {key: tuple(ex) for key, ex in defaults.variant_executions.items()
+                              if key.split(":")[0] in frameworks}  # fmt: skip
+        # A variant none of whose executions was selected (--execution torch:compile) is not measured.
+        impls = {fw: tuple(v for v in variants
+                           if any(ex in variant_executions.get(f"{fw}:{v}", executions[fw]) for ex in executions[fw]))
+                 for fw, variants in impls.items()}  # fmt: skip
 
     phases = parse_choices("--phase", phase, PHASES) if phase is not None else PHASES
     device_counts = parse_int_list("--devices", devices) if devices is not None else (1,)
@@ -570,6 +603,7 @@ def build_settings(
         batch_per_device=batch_per_device,
         executions=executions,
         impls=impls,
+        variant_executions=variant_executions,
         precisions=parse_choices("--precision", precision, PRECISIONS) if precision is not None else ("fp32",),
         device=resolved_device,
         device_requested=device,

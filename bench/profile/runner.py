@@ -41,6 +41,7 @@ from bench.engine.session import WorkerSession, run_guarded
 from bench.profile import tables
 from impls.base import PRECISIONS
 from impls.profiling import ProfileContractError, check_profile
+from impls.registry import DEFAULT_IMPL
 
 DEFAULT_STEPS = 5  # profiled steps: enough for a median, few enough that trace files stay small
 DEFAULT_TOP_K = 15  # ops per cell in the op table
@@ -116,6 +117,8 @@ def build_profile_settings(
         )
     if precision is not None and len(parse_choices("--precision", precision, PRECISIONS)) > 1:
         raise SettingsError(f"--precision takes one precision for profile (fp32 or bf16), got {precision!r}")
+    # One variant per profile: the default one unless --impl names another (a run measures both by default).
+    options["impl"] = options.get("impl") or DEFAULT_IMPL
     base = build_settings(batch_size=batch_size, precision=precision, **options)
     several = [fw for fw in base.frameworks if len(base.impls_of(fw)) > 1]
     if several:
