@@ -6,11 +6,13 @@ nnx's HWIO kernels are already the canonical layout. The model is split once int
 (graphdef, params, stats); the jitted functions are pure in those and merge the module inside the trace,
 so calls pay no nnx graph traversal.
 
-Variants (impl): "idiomatic" is every convolution an nnx.Conv, as flax users write it; "tuned" writes each
-1x1 stride-1 convolution (134 of the 194 of the seed network, two thirds of its FLOPs) as a matrix product
-over channels (PointwiseConv): XLA's CPU backend keeps a 1x1 convolution a convolution, and its
-convolution kernels, above all the weight gradients, are much slower than its dot. Same parameters under
-the same names and layouts (kernel (1, 1, C_in, C_out)), same sums in exact arithmetic.
+Variants (impl): "idiomatic" is every convolution an nnx.Conv and every pool flax's, as flax users write
+it; "tuned" writes each 1x1 stride-1 convolution (134 of the 194 of the seed network, two thirds of its
+FLOPs) as a matrix product over channels (PointwiseConv): XLA's CPU backend keeps a 1x1 convolution a
+convolution, and its convolution kernels, above all the weight gradients, are much slower than its dot;
+and each 2x2 pool as a reduction over a reshape (_max_pool_reshaped), whose gradient avoids XLA:CPU's slow
+select-and-scatter. Same parameters under the same names and layouts (kernel (1, 1, C_in, C_out)), same
+sums and maxima in exact arithmetic.
 """
 
 from __future__ import annotations
@@ -112,6 +114,26 @@ def _avg_pool(x: jax.Array) -> jax.Array:
     return nnx.avg_pool(x, (2, 2), strides=(2, 2), padding="VALID")  # (N, H/2, W/2, C)
 
 
+def _windows_2x2(x: jax.Array) -> jax.Array:
+    """(N, H, W, C) -> (N, H/2, 2, W/2, 2, C): each 2x2 window's four values on axes 2 and 4 (H, W even,
+    as impls.config guarantees at every pooled level); a reshape, no copy."""
+    n, h, w, c = x.shape
+    return x.reshape(n, h // 2, 2, w // 2, 2, c)
+
+
+def _max_pool_reshaped(x: jax.Array) -> jax.Array:
+    """The tuned variant's 2x2/2 max pool: the max of the same four values, as a reduction over a reshape.
+    Its gradient is elementwise compares; reduce_window's is a select-and-scatter, which XLA:CPU runs ~5x
+    slower. On a tie the two split the gradient differently (all to the first maximum vs shared), which
+    cannot reach a parameter here: tied maxima are post-ReLU zeros, whose gradient the ReLU stops."""
+    return _windows_2x2(x).max(axis=(2, 4))  # (N, H/2, W/2, C)
+
+
+def _avg_pool_reshaped(x: jax.Array) -> jax.Array:
+    """The tuned variant's 2x2/2 average pool: the mean of the same four values, as a reduction over a reshape."""
+    return _windows_2x2(x).mean(axis=(2, 4))  # (N, H/2, W/2, C)
+
+
 def _upsample_nearest_2x(x: jax.Array) -> jax.Array:
     n, h, w, c = x.shape
     x = jnp.broadcast_to(x[:, :, None, :, None, :], (n, h, 2, w, 2, c))
@@ -165,10 +187,11 @@ class Hourglass(nnx.Module):
         self.low2 = (Hourglass(config, low_hw, depth - 1, rngs=rngs, tuned=tuned) if depth > 1
                      else Residual(config, low_hw, c, c, rngs=rngs, tuned=tuned))
         self.low3 = Residual(config, low_hw, c, c, rngs=rngs, tuned=tuned)
+        self.pool = _max_pool_reshaped if tuned else _max_pool
 
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         up1 = self.up1(x, train)  # (N, H, W, C)
-        low = self.low1(_max_pool(x), train)  # (N, H/2, W/2, C)
+        low = self.low1(self.pool(x), train)  # (N, H/2, W/2, C)
         low = self.low3(self.low2(low, train), train)
         return up1 + _upsample_nearest_2x(low)
 
@@ -183,7 +206,10 @@ class Stem(nnx.Module):
         self.conv = _conv(config, config.input_hw, 3, c_stem, 7, stride=2, bias=config.conv_bias, rngs=rngs)
         self.bn = _bn(c_stem, rngs=rngs)
         self.res1 = Residual(config, conv_hw, c_stem, c_half, rngs=rngs, tuned=tuned)
-        self.pool = _avg_pool if config.stem_pool == "avg" else _max_pool
+        if tuned:
+            self.pool = _avg_pool_reshaped if config.stem_pool == "avg" else _max_pool_reshaped
+        else:
+            self.pool = _avg_pool if config.stem_pool == "avg" else _max_pool
         self.res2 = Residual(config, hw, c_half, c_half, rngs=rngs, tuned=tuned)
         self.res3 = Residual(config, hw, c_half, config.channels, rngs=rngs, tuned=tuned)
 

@@ -68,7 +68,8 @@ def make_repo(root: Path) -> str:
 
 def make_baseline(out: Path, commit: str | None, dirty: bool | None = False) -> Path:
     """A one-cell run (fake jax, forward) whose run.json names `commit` as the code that made it."""
-    assert cli.main(["run", *TINY, "--framework", "jax", "--phase", "forward", "--out", str(out), "--no-report"]) == 0
+    assert cli.main(["run", *TINY, "--framework", "jax", "--impl", "idiomatic", "--phase", "forward", "--out", str(out),
+                     "--no-report"]) == 0
     (run_dir,) = [p for p in out.iterdir() if p.is_dir()]
     record = json.loads((run_dir / "run.json").read_text())
     record["environment"]["git"] = {"commit": commit, "dirty": dirty}

@@ -7,7 +7,8 @@ busy (K processes spinning on the CPU for the whole run, started just before it 
 "both cores busy with other work" on a 2-core machine with K = 2), quiet again; then judges each pair with
 `bench compare` and its defaults: quiet -> quiet must pass (same code, same quiet machine: a failure is a
 false alarm), quiet -> busy must fail (a detection). Without `--like` each run is the default run, `bench
-run --framework all --timing-only`; with it, `bench run --like RUN --timing-only` (fewer cells, cheaper).
+run --framework all --timing-only`; with it, `bench run --like RUN --timing-only` (fewer cells, cheaper);
+`--checks` drops `--timing-only`, so a quiet run is exactly the default run and its wall time that run's cost.
 Writes DIR/runs/ (not committed), DIR/verdicts.csv (one row per judged pair) and each comparison's JSON.
 The burners are plain Python busy loops, so the experiment needs nothing but this checkout.
 """
@@ -31,22 +32,22 @@ from bench.regress.compare import CompareError, compare_runs, write_json
 _BURNER = "while True: pass"
 
 
-def _run(runs: Path, run_id: str, like: Path | None) -> tuple[Path, float]:
+def _run(runs: Path, run_id: str, like: Path | None, checks: bool) -> tuple[Path, float]:
     """One `bench run` into runs/run_id; its wall time in s."""
     spec = ["--like", str(like)] if like is not None else ["--framework", "all"]
     command = [sys.executable, "-m", "bench", "run", *spec, "--out", str(runs), "--run-id", run_id,
-               "--no-report", "--timing-only"]  # fmt: skip
+               "--no-report", *([] if checks else ["--timing-only"])]  # fmt: skip
     print(f"+ {' '.join(command[1:])}", flush=True)
     start = time.monotonic()
     subprocess.run(command, check=False, stdout=subprocess.DEVNULL)
     return runs / run_id, time.monotonic() - start
 
 
-def _busy_run(runs: Path, run_id: str, like: Path | None, burners: int) -> tuple[Path, float]:
+def _busy_run(runs: Path, run_id: str, like: Path | None, checks: bool, burners: int) -> tuple[Path, float]:
     """The same run with `burners` busy loops beside it (each its own process group, killed afterwards)."""
     procs = [subprocess.Popen([sys.executable, "-c", _BURNER], start_new_session=True) for _ in range(burners)]
     try:
-        return _run(runs, run_id, like)
+        return _run(runs, run_id, like, checks)
     finally:
         for proc in procs:
             os.killpg(proc.pid, signal.SIGKILL)
@@ -73,6 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="folder for the runs and the CSV (new or empty)")
     parser.add_argument("--like", default=None, help="repeat this run's cells instead of the default run")
     parser.add_argument("--repeats", default="1", help="quiet, busy, quiet triples (default %(default)s)")
+    parser.add_argument("--checks", action="store_true",
+                        help="runs with the equivalence and gradient checks (as a plain bench run), not --timing-only")
     parser.add_argument("--burners", default="2", help="busy-loop processes during the busy run (default %(default)s)")
     args = parser.parse_args(argv)
     try:
@@ -87,9 +90,9 @@ def main(argv: list[str] | None = None) -> int:
         runs.mkdir(parents=True, exist_ok=True)
         rows, walls = [], []
         for index in range(repeats):
-            quiet_1, wall_1 = _run(runs, f"{index:02d}-quiet-1", like)
-            busy, wall_b = _busy_run(runs, f"{index:02d}-busy", like, burners)
-            quiet_2, wall_2 = _run(runs, f"{index:02d}-quiet-2", like)
+            quiet_1, wall_1 = _run(runs, f"{index:02d}-quiet-1", like, args.checks)
+            busy, wall_b = _busy_run(runs, f"{index:02d}-busy", like, args.checks, burners)
+            quiet_2, wall_2 = _run(runs, f"{index:02d}-quiet-2", like, args.checks)
             walls += [(quiet_1.name, wall_1), (busy.name, wall_b), (quiet_2.name, wall_2)]
             rows += [_judge(out, quiet_1, quiet_2, "pass"), _judge(out, quiet_1, busy, "fail"),
                      _judge(out, busy, quiet_2, "faster: pass")]  # fmt: skip
