@@ -29,6 +29,12 @@ IMPLS: dict[str, tuple[str, ...]] = {
     "jax": ("idiomatic", "tuned"),
 }
 DEFAULT_IMPL = "idiomatic"
+# The phases in which a non-default variant differs from the default one. In the other phases it runs the
+# default variant's code, so no run measures it there: its cell would time the idiomatic code again under
+# another name, and the gap shown would be noise. A variant not named here differs in every phase.
+IMPL_PHASES: dict[tuple[str, str], tuple[str, ...]] = {
+    ("torch", "tuned"): ("forward",),  # folded batch norms are eval-mode only; training is torch.nn's own
+}
 # What each non-default variant changes, in a line (reports print it beside the variant's ratio).
 IMPL_CHANGES: dict[tuple[str, str], str] = {
     ("torch", "tuned"): "eval-mode batch norms folded into the convolutions they follow (forward only)",

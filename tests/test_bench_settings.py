@@ -11,7 +11,7 @@ import pytest
 
 from bench import cli
 from bench.core import settings
-from bench.core.settings import RunSettings, build_settings
+from bench.core.settings import RunSettings, SettingsError, build_settings
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -36,8 +36,8 @@ def test_default_settings_on_cpu_measure_seed_at_batch_one_with_time_budget(cpu_
     assert s.batch_sizes == (1,) and s.phases == ("forward", "forward_backward")
     assert s.min_time_s is not None and s.iters is not None
     # Every framework with its compiled modes: comparing one framework's best against another's eager
-    # mode would be unfair.
-    assert dict(s.executions) == settings.EXECUTIONS
+    # mode would be unfair. TensorFlow's eager mode (a debugging mode) is left out of the CPU default.
+    assert dict(s.executions) == {**settings.EXECUTIONS, "tensorflow": ("function", "xla")}
 
 
 def test_default_settings_on_gpu_use_the_seed_batch_and_every_execution(with_gpu: None) -> None:
@@ -99,7 +99,10 @@ def test_the_default_run_measures_every_variant_the_tuned_ones_in_their_fastest_
     assert tuned == ["torch-tuned-eager-fp32-b1-forward", "tensorflow-tuned-function-fp32-b1-forward",
                      "jax-tuned-jit-fp32-b1-forward"]  # fmt: skip
     idiomatic = [c for c in s.cells() if c.impl == "idiomatic"]
-    assert len(idiomatic) == sum(len(ex) for ex in settings.EXECUTIONS.values())  # every execution
+    # every execution but TensorFlow's eager (a debugging mode: `--execution all` adds it)
+    assert len(idiomatic) == sum(len(ex) for ex in settings.EXECUTIONS.values()) - 1
+    assert "tensorflow-eager-fp32-b1-forward" not in {c.cell_id for c in idiomatic}
+    assert "eager" in build_settings(preset="tiny", execution="all").executions["tensorflow"]
     assert RunSettings.from_dict(s.to_dict()) == s
     # --impl all: the full matrix; an --execution without the tuned one's drops that variant
     full = build_settings(preset="tiny", phase="forward", impl="all")
@@ -213,3 +216,15 @@ def test_fp32_math_and_autotune_are_parsed_and_recorded(cpu_only: None) -> None:
 def test_fp32_math_and_autotune_reject_bad_values(cpu_only: None, capsys, flag: str, value: str, message: str) -> None:
     assert cli.main(["run", "--preset", "tiny", flag, value]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_a_variant_is_measured_only_in_the_phases_where_its_code_differs(cpu_only: None) -> None:
+    """Torch's tuned variant folds eval-mode batch norms: its training step is the idiomatic one, so no run
+    times it again under another name; asking for it alone there is bad input."""
+    s = build_settings(framework="torch", preset="tiny", execution="eager")
+    assert [c.cell_id for c in s.cells()] == ["torch-eager-fp32-b1-forward", "torch-eager-fp32-b1-forward_backward",
+                                              "torch-tuned-eager-fp32-b1-forward"]  # fmt: skip
+    training = build_settings(framework="torch", preset="tiny", phase="forward_backward")
+    assert training.impls_of("torch") == ("idiomatic",)
+    with pytest.raises(SettingsError, match="differs from its idiomatic one in the forward phase only"):
+        build_settings(framework="torch", preset="tiny", phase="forward_backward", impl="tuned")

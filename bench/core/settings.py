@@ -21,6 +21,7 @@ from impls.registry import (
     DATA_PARALLEL_EXECUTIONS,
     DEFAULT_IMPL,
     EXECUTIONS,
+    IMPL_PHASES,
     IMPLS,
     UnknownFrameworkError,
     canonical_name,
@@ -77,9 +78,12 @@ _DEFAULTS: dict[str, _Defaults] = {
     # ones included, so no framework is compared without its fastest mode: on an idle 2-core machine
     # torch.compile's first call costs ~30 s (forward) and ~110 s (forward_backward), XLA's 5-22 s, and the
     # whole default run takes about 6 minutes, leaving room for a busy machine within 10.
+    # TensorFlow's eager mode is left out of the CPU default (`--execution all` or tensorflow:eager measures
+    # it): TensorFlow users run their models as tf.function graphs (Keras compiles them), eager is a
+    # debugging mode 3-5x slower here, and its ~40 s made room for the tuned variants within 10 minutes.
     "cpu": _Defaults(
         batch_sizes=(1,),
-        executions=dict(EXECUTIONS),
+        executions={fw: tuple(ex for ex in EXECUTIONS[fw] if (fw, ex) != ("tensorflow", "eager")) for fw in EXECUTIONS},
         warmup=2,
         iters=30,
         min_time_s=3.0,
@@ -214,8 +218,10 @@ class RunSettings:
                     ex for ex in self.executions[fw] if ex in DATA_PARALLEL_EXECUTIONS[fw])
                 for impl in self.impls_of(fw):
                     chosen = self.executions_of(fw, impl, executions)
+                    differs = IMPL_PHASES.get((fw, impl), phases)  # phases where the variant's code is its own
                     cells += [Cell(fw, ex, pr, bs, ph, impl, n)
-                              for ex, pr, bs, ph in itertools.product(chosen, self.precisions, batches, phases)]
+                              for ex, pr, bs, ph in itertools.product(chosen, self.precisions, batches, phases)
+                              if ph in differs]  # fmt: skip
         return cells
 
     def executions_of(self, framework: str, impl: str, executions: tuple[str, ...] | None = None) -> tuple[str, ...]:
@@ -588,6 +594,14 @@ def build_settings(
                  for fw, variants in impls.items()}  # fmt: skip
 
     phases = parse_choices("--phase", phase, PHASES) if phase is not None else PHASES
+    for fw, variants in impls.items():  # a variant with no code of its own in these phases has nothing to measure
+        idle = [v for v in variants if not set(IMPL_PHASES.get((fw, v), phases)) & set(phases)]
+        if idle and impl is not None:
+            only = ", ".join(IMPL_PHASES[(fw, idle[0])])
+            raise SettingsError(f"--impl {impl!r}: {fw}'s {idle[0]} variant differs from its {DEFAULT_IMPL} one in the "
+                                f"{only} phase only, so it has nothing to measure in {', '.join(phases)}; add "
+                                f"--phase {only} or choose {fw}:{DEFAULT_IMPL}")  # fmt: skip
+        impls[fw] = tuple(v for v in variants if v not in idle)
     device_counts = parse_int_list("--devices", devices) if devices is not None else (1,)
     batch_per_device = check_devices(device_counts, resolved_device, phases, batch_sizes, config,  # type: ignore[arg-type]
                                      given_batch=batch_size is not None or protocol == "seed")  # fmt: skip
