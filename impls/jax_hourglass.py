@@ -124,8 +124,9 @@ def _windows_2x2(x: jax.Array) -> jax.Array:
 def _max_pool_reshaped(x: jax.Array) -> jax.Array:
     """The tuned variant's 2x2/2 max pool: the max of the same four values, as a reduction over a reshape.
     Its gradient is elementwise compares; reduce_window's is a select-and-scatter, which XLA:CPU runs ~5x
-    slower. On a tie the two split the gradient differently (all to the first maximum vs shared), which
-    cannot reach a parameter here: tied maxima are post-ReLU zeros, whose gradient the ReLU stops."""
+    slower. On a tie the two route the gradient differently (all to the first maximum vs shared); tied
+    maxima here are post-ReLU zeros, whose gradient the ReLU stops, or equal by chance (rare in fp32 and
+    fp64, less rare in bf16)."""
     return _windows_2x2(x).max(axis=(2, 4))  # (N, H/2, W/2, C)
 
 

@@ -23,7 +23,7 @@ from bench.run import scaling
 from impls import get_preset
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-TINY = ["--preset", "tiny", "--iters", "3", "--warmup", "1", "--no-report", "--device", "cpu"]
+TINY = ["--preset", "tiny", "--iters", "3", "--warmup", "1", "--no-report", "--device", "cpu", "--impl", "idiomatic"]
 
 
 @pytest.fixture

@@ -29,7 +29,7 @@ from bench.engine.protocol import STAGE_PREFIX
 from bench.run import runner
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-TINY = ["--preset", "tiny", "--execution", "default", "--iters", "3", "--warmup", "1", "--no-report"]
+TINY = ["--preset", "tiny", "--execution", "default", "--iters", "3", "--warmup", "1", "--no-report", "--impl", "idiomatic"]
 HANGING_CELL = "torch-eager-fp32-b1-forward_backward"
 WAIT_S = 120.0  # generous: the machine is shared; nothing here is timed
 

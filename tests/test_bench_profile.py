@@ -81,7 +81,7 @@ def test_profile_writes_every_csv_run_json_and_a_trace_per_cell(
 
 
 def test_profile_stage_rows_partition_the_step(fake: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    code, run_dir = profile(tmp_path, "--framework", "tensorflow", "--phase", "forward_backward")
+    code, run_dir = profile(tmp_path, "--framework", "tensorflow", "--phase", "forward_backward", "--execution", "all")
     stages = read(run_dir, "stages.csv")
     assert code == 0 and len(stages.groupby("execution")) == 3
     for execution, rows in stages.groupby("execution"):

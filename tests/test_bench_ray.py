@@ -31,7 +31,7 @@ from bench.core.settings import SettingsError, build_settings  # noqa: E402
 from bench.engine import ray_executor  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-TINY = ["--preset", "tiny", "--iters", "3", "--warmup", "1", "--no-report", "--device", "cpu"]
+TINY = ["--preset", "tiny", "--iters", "3", "--warmup", "1", "--no-report", "--device", "cpu", "--impl", "idiomatic"]
 CLUSTER_START_S = 120  # a cold start takes ~5 s on two idle cores; past this the fixture gives up
 WAIT_S = 60.0
 # What a Ray run must reproduce of a local one: every column that does not measure time, memory or the machine.

@@ -240,7 +240,7 @@ def fake(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
     return monkeypatch
 
 
-FAKE_RUN = "run --preset tiny --iters 3 --warmup 1 --framework torch --execution default".split()
+FAKE_RUN = "run --preset tiny --iters 3 --warmup 1 --framework torch --execution default --impl idiomatic".split()
 
 
 def test_run_writes_its_report_beside_the_results(fake: pytest.MonkeyPatch, tmp_path: Path) -> None:

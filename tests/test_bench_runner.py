@@ -23,7 +23,7 @@ from bench.core.columns import SUMMARY_COLUMNS
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 # --no-report: these tests are about the runner; the report at the end of a run is tested in test_bench_report.py.
-TINY = ["--preset", "tiny", "--iters", "3", "--warmup", "1", "--no-report"]
+TINY = ["--preset", "tiny", "--iters", "3", "--warmup", "1", "--no-report", "--impl", "idiomatic"]  # variants: test_bench_settings
 
 
 
@@ -113,7 +113,7 @@ def test_runner_skips_frameworks_not_installed_under_all(fake: pytest.MonkeyPatc
     code, run_dir = run(tmp_path, "--framework", "all", "--phase", "forward")
     rows = summary(run_dir)
     assert code == 0
-    skipped = rows.loc["tensorflow-eager-fp32-b1-forward"]
+    skipped = rows.loc["tensorflow-function-fp32-b1-forward"]
     assert skipped["status"] == "skipped"
     assert skipped["error"] == "framework 'tensorflow' is not installed; install it with: pip install '.[tensorflow]'"
     assert rows.loc["jax-jit-fp32-b1-forward", "status"] == "ok"

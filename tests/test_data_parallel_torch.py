@@ -198,7 +198,7 @@ def test_one_device_equals_single_device_model(weights, batch) -> None:
         ({"devices": 10_000}, r"devices=10000 but this machine offers \d+ cpu cores"),
         ({"devices": 1, "execution": "compile"}, "unknown execution 'compile' for torch data parallelism; choose one of: eager"),
         ({"devices": 1, "precision": "fp16"}, "unknown precision 'fp16'"),
-        ({"devices": 1, "impl": "tuned"}, "unknown impl 'tuned' for torch"),
+        ({"devices": 1, "impl": "fastest"}, "unknown impl 'fastest' for torch"),
     ],
 )
 def test_bad_build_args_raise_value_error_before_any_process_starts(kwargs, message) -> None:
