@@ -40,7 +40,8 @@ IMPL_CHANGES: dict[tuple[str, str], str] = {
     ("torch", "tuned"): "eval-mode batch norms folded into the convolutions they follow (forward only)",
     ("tensorflow", "tuned"): 'padding="SAME" where it equals the spec\'s pads; train-mode batch norm fused '
                              "(FusedBatchNormV3) outside XLA",
-    ("jax", "tuned"): "1x1 stride-1 convolutions as dot_general over channels (PointwiseConv)",
+    ("jax", "tuned"): "1x1 stride-1 convolutions as dot_general over channels (PointwiseConv); 2x2 pools as "
+                      "reductions over a reshape",
 }
 
 # The execution modes each framework's data-parallel engine runs (impls/<framework>_data_parallel.py, its
