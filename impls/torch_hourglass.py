@@ -10,7 +10,7 @@ eval-mode batch norm that directly follows a convolution folded into that convol
 (torch.nn.utils.fusion.fuse_conv_bn_weights, what torch.ao's conv-BN fusion and inference exporters do):
 w' = w * gamma / sqrt(var + eps), b' = (b - mean) * gamma / sqrt(var + eps) + beta, the same affine map in
 exact arithmetic, one op fewer per pair. Training normalises with batch statistics, which cannot be folded,
-so the tuned training step is the idiomatic one (measured no slower; nothing cheaper was found in eager).
+so the tuned training step is the idiomatic one (impls.registry.IMPL_PHASES: no run measures it twice).
 """
 
 from __future__ import annotations
@@ -360,12 +360,16 @@ class TorchHourglass(AbstractHourglassModel):
             heatmaps = fn(self._input(x))  # (S, N, K, h, w)
         return _to_canonical("heatmaps", heatmaps.permute(0, 1, 3, 4, 2), self._io_dtype)  # (S, N, h, w, K)
 
+    def eval_module(self) -> StackedHourglass:
+        """The module an eval-mode forward runs: the network itself, or for the tuned variant a copy with the
+        batch norms folded into the convs, from the weights and running statistics as they are now."""
+        return fold_batch_norms(self.net, self._memory_format) if self.impl == "tuned" else self.net
+
     def _eval_fn(self) -> Callable[[torch.Tensor], torch.Tensor]:
-        """The eval-mode forward: the module itself, or for the tuned variant a copy with the batch norms folded
-        into the convs, from the weights and running statistics as they are now (compiled like the module)."""
+        """The eval-mode forward as the execution runs it (eval_module, compiled under "compile")."""
         if self.impl != "tuned":
             return self._fn
-        folded = fold_batch_norms(self.net, self._memory_format)
+        folded = self.eval_module()
         return torch.compile(folded) if self.execution == "compile" else folded
 
     def _train_step(self, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

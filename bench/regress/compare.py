@@ -156,7 +156,8 @@ class Comparison:
 
     @property
     def exit_code(self) -> int:
-        """1 on a regression, an invariant mismatch or (without allow_partial) an incomplete new run, else 0."""
+        """1 on a regression (a deciding cell, or the one-round cells together), an invariant mismatch or
+        (without allow_partial) an incomplete new run, else 0."""
         partial = bool(self.incomplete) and not self.allow_partial
         run_slower = self.run_level.verdict == "slower"
         return 1 if self.regressions or run_slower or self.invariant_mismatches or partial else 0

@@ -154,7 +154,8 @@ def _staged_calls(model: TorchHourglass, phase: str, target: torch.Tensor) -> li
     train = phase == "forward_backward"
     plan = stage_plan(model.config, phase)
     network = [stage for stage in plan if stage.name != LOSS]
-    compiled = {stage.name: torch.compile(getattr(model.net, stage.name)) for stage in network}
+    net = model.net if train else model.eval_module()  # the tuned variant's forward has its batch norms folded
+    compiled = {stage.name: torch.compile(getattr(net, stage.name)) for stage in network}
 
     def forward(name: str, inputs: tuple[str, ...], outputs: tuple[str, ...]) -> Callable[[Any], Any]:
         def call(state: Any) -> dict[str, torch.Tensor]:
@@ -212,7 +213,7 @@ def _flop_count(model: TorchHourglass, request: ProfileRequest) -> FlopCount:
     with FlopCounterMode(display=False) as counter:
         if phase == "forward":
             with torch.inference_mode():
-                model.net(x)
+                model.eval_module()(x)  # the tuned variant's forward has its batch norms folded
         else:
             model.net.zero_grad(set_to_none=True)
             heatmap_loss(model.net(x), target).backward()
