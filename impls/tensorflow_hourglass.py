@@ -8,10 +8,11 @@ Variants (impl): "idiomatic" writes every convolution with its explicit padding 
 tf.nn.batch_normalization over moments, as Keras 3 does; "tuned" is the same computation as TensorFlow
 runs it fastest: padding="SAME" wherever the spec's padding is SAME's (every conv of padding="same"
 configs; TensorFlow sends explicit-padding backward convolutions to its generic Eigen kernels instead of
-oneDNN's), and in training, outside XLA, the fused batch-norm op (FusedBatchNormV3: one op forward and
-one backward per BN instead of dozens). Measured on the seed preset (README "Implementation variants"),
-the fused op made eval-mode steps and every XLA step slower, so those keep the unfused batch norm. The
-fused op has no float64 kernel, so an fp64 tuned model keeps the unfused batch norm too.
+oneDNN's), and outside XLA the fused batch-norm op (FusedBatchNormV3): in training one op forward and one
+backward per BN instead of dozens; in eval mode Grappler's remapper folds each conv, its BN and the ReLU
+after it into one oneDNN convolution. Under XLA the fused op measured slower (README "Implementation
+variants"), so XLA keeps the unfused batch norm. The fused op has no float64 kernel, so an fp64 tuned model
+keeps the unfused batch norm too.
 """
 
 from __future__ import annotations
@@ -95,11 +96,11 @@ class BatchNorm2d(tf.Module):
         self.bias = ctx.variable(f"{name}.bias")
         self.mean = ctx.variable(f"{name}.mean", trainable=False)
         self.var = ctx.variable(f"{name}.var", trainable=False)
-        self.fused = ctx.fused_bn  # in training only: see the module docstring
+        self.fused = ctx.fused_bn  # outside XLA and float64: see the module docstring
 
     def __call__(self, x: tf.Tensor, train: bool) -> tf.Tensor:
-        if self.fused and train:
-            return self._fused_train(x)
+        if self.fused:
+            return self._fused_train(x) if train else self._fused_eval(x)
         if train:
             mean, var = batch_moments(x)  # (C,) each; the biased variance, as tf.nn.moments gives
             # new = 0.9 * old + 0.1 * batch (Keras momentum 0.9 = PyTorch momentum 0.1)
@@ -108,6 +109,19 @@ class BatchNorm2d(tf.Module):
         else:
             mean, var = self.mean, self.var
         return tf.nn.batch_normalization(x, mean, var, self.bias, self.scale, spec.BN_EPSILON)
+
+    def _fused_eval(self, x: tf.Tensor) -> tf.Tensor:
+        """The same eval-mode batch norm as one FusedBatchNormV3 op over the running statistics (x (N, H, W, C)).
+
+        Grappler's remapper folds a conv, this op and a following ReLU into one oneDNN convolution
+        (_FusedConv2D with FusedBatchNorm, Relu), as torch's tuned variant folds BN into the conv weights.
+        """
+        f32 = lambda t: tf.cast(t, tf.float32)  # noqa: E731 -- a no-op for float32 variables
+        y, *_ = tf.raw_ops.FusedBatchNormV3(
+            x=x, scale=f32(self.scale), offset=f32(self.bias), mean=f32(self.mean), variance=f32(self.var),
+            epsilon=spec.BN_EPSILON, exponential_avg_factor=1.0, data_format="NHWC", is_training=False,
+        )  # fmt: skip
+        return y
 
     def _fused_train(self, x: tf.Tensor) -> tf.Tensor:
         """The same train-mode batch norm as one FusedBatchNormV3 op (x (N, H, W, C); its gradient is one op too).
@@ -457,8 +471,8 @@ class TensorFlowHourglass(AbstractHourglassModel):
     def _batch_norm_kind(self) -> str:
         """How this model's batch norms run, for settings()."""
         if self.net.stem.bn.fused:
-            return ("train mode: fused, tf.raw_ops.FusedBatchNormV3 (one op per BN and per gradient); eval mode: "
-                    "tf.nn.batch_normalization over the running statistics")
+            return ("fused, tf.raw_ops.FusedBatchNormV3: train mode one op per BN and per gradient; eval mode over "
+                    "the running statistics, folded with the conv before it (and a ReLU after) by Grappler's remapper")
         return "batch statistics reduced one axis at a time (batch_moments) + tf.nn.batch_normalization (unfused ops)"
 
     def _padding_kind(self) -> str:

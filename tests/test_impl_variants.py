@@ -81,6 +81,28 @@ def test_tensorflow_tuned_names_same_padding_and_fuses_batch_norm(name: str) -> 
     assert _same_padded(config) == len(spec.convs(config)) - (config.padding == "symmetric")
 
 
+@pytest.mark.parametrize("train", [False, True])
+def test_tensorflow_tuned_graph_runs_every_batch_norm_as_the_fused_op(train: bool) -> None:
+    """The traced graph of the tuned fp32 function has one FusedBatchNormV3 per BN, in the mode asked for
+    (eval: over the running statistics, which Grappler's remapper folds into the conv), and the idiomatic
+    graph none: the flag on the layers is really what the graph runs."""
+    pytest.importorskip("tensorflow")
+    import tensorflow as tf
+
+    from impls import tensorflow_hourglass as tfh
+
+    config = SMALL_CONFIGS["tiny"]
+    num_bns = sum(isinstance(layer, spec.BatchNormSpec) for layer in spec.layers(config))
+    x_spec = tf.TensorSpec([1, *config.input_hw, 3], tf.float32)
+    for impl in ("idiomatic", "tuned"):
+        model = tfh.build(config, impl=impl, execution="function")
+        forward = model._forward_train if train else model._forward_eval
+        ops = forward.get_concrete_function(x_spec).graph.get_operations()
+        fused = [op for op in ops if op.type == "FusedBatchNormV3"]
+        assert len(fused) == (num_bns if impl == "tuned" else 0), impl
+        assert all(op.get_attr("is_training") == train for op in fused)
+
+
 def test_tensorflow_fused_batch_norm_updates_running_statistics_with_the_biased_variance(draw: Draw) -> None:
     """FusedBatchNormV3 returns the batch variance times n/(n-1); the spec's running variance takes the biased
     one (as tf.nn.moments and flax do), so the tuned model must undo that factor before the update."""
