@@ -38,8 +38,8 @@ IMPL_PHASES: dict[tuple[str, str], tuple[str, ...]] = {
 # What each non-default variant changes, in a line (reports print it beside the variant's ratio).
 IMPL_CHANGES: dict[tuple[str, str], str] = {
     ("torch", "tuned"): "eval-mode batch norms folded into the convolutions they follow (forward only)",
-    ("tensorflow", "tuned"): 'padding="SAME" where it equals the spec\'s pads; train-mode batch norm fused '
-                             "(FusedBatchNormV3) outside XLA",
+    ("tensorflow", "tuned"): 'padding="SAME" where it equals the spec\'s pads; batch norm fused '
+                             "(FusedBatchNormV3) outside XLA, folded into the conv in eval mode",
     ("jax", "tuned"): "1x1 stride-1 convolutions as dot_general over channels (PointwiseConv); 2x2 pools as "
                       "reductions over a reshape",
 }
