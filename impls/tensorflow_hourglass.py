@@ -472,7 +472,8 @@ class TensorFlowHourglass(AbstractHourglassModel):
         """How this model's batch norms run, for settings()."""
         if self.net.stem.bn.fused:
             return ("fused, tf.raw_ops.FusedBatchNormV3: train mode one op per BN and per gradient; eval mode over "
-                    "the running statistics, folded with the conv before it (and a ReLU after) by Grappler's remapper")
+                    "the running statistics, which Grappler's remapper (tf.function graphs) folds into the conv "
+                    "before it and a ReLU after")
         return "batch statistics reduced one axis at a time (batch_moments) + tf.nn.batch_normalization (unfused ops)"
 
     def _padding_kind(self) -> str:
